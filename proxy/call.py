@@ -1,0 +1,222 @@
+"""The objects that travel through the unit pipeline: `Call`, `Reply`, `SSEEvent`.
+
+A `Call` is created once per `/v1` request from the raw body bytes. Units read
+and change it on the way in; the terminal unit turns it into a `Reply`. A
+`Reply` is a complete JSON body or an async iterator of SSE events; a unit that
+changes the response wraps that iterator. Untouched events and bodies keep
+their original bytes, so nothing is re-serialised unless a unit changed it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import orjson
+from multidict import CIMultiDictProxy
+
+CHAT = "chat.completions"
+RESPONSES = "responses"
+
+
+@dataclass(slots=True, frozen=True)
+class Principal:
+    """Who is calling: the authenticated key and its tenant."""
+
+    tenant: str
+    key_id: str
+    name: str = ""
+    models: frozenset[str] = frozenset()  # empty: every model
+    rpm: int | None = None
+    max_concurrency: int | None = None
+    expires_at: float | None = None
+
+    def may_use(self, model: str) -> bool:
+        return not self.models or model in self.models
+
+
+# Used when the pipeline has no auth unit (the passthrough profile).
+ANONYMOUS = Principal(tenant="anonymous", key_id="anonymous")
+
+
+class SSEEvent:
+    """One server-sent event, kept as the exact bytes the provider sent.
+
+    `raw` includes the terminating blank line. Parsing is lazy and cached, so an
+    event nobody looks at costs nothing beyond being split out of the stream.
+    """
+
+    __slots__ = ("raw", "_data", "_json", "_parsed")
+
+    def __init__(self, raw: bytes) -> None:
+        self.raw = raw
+        self._data: bytes | None = None
+        self._json: Any = None
+        self._parsed = False
+
+    @classmethod
+    def from_json(cls, obj: Any, event: str | None = None) -> SSEEvent:
+        data = orjson.dumps(obj)
+        head = b"event: " + event.encode() + b"\n" if event else b""
+        ev = cls(head + b"data: " + data + b"\n\n")
+        ev._data = data
+        ev._json = obj
+        ev._parsed = True
+        return ev
+
+    @property
+    def data(self) -> bytes | None:
+        """The joined `data:` field values, or None for a comment-only event."""
+        if self._data is None:
+            parts = []
+            for line in self.raw.splitlines():
+                if line.startswith(b"data:"):
+                    value = line[5:]
+                    parts.append(value[1:] if value.startswith(b" ") else value)
+            self._data = b"\n".join(parts) if parts else b""
+        return self._data or None
+
+    @property
+    def is_done(self) -> bool:
+        return self.data == b"[DONE]"
+
+    def json(self) -> Any:
+        """The parsed JSON payload, or None when the data is absent, [DONE] or not JSON."""
+        if not self._parsed:
+            self._parsed = True
+            data = self.data
+            if data and data != b"[DONE]":
+                try:
+                    self._json = orjson.loads(data)
+                except orjson.JSONDecodeError:
+                    self._json = None
+        return self._json
+
+    def __repr__(self) -> str:
+        return f"SSEEvent({self.raw[:80]!r})"
+
+
+DONE_EVENT = b"data: [DONE]\n\n"
+
+
+class Call:
+    """One `/v1` request as the units see it."""
+
+    __slots__ = (
+        "endpoint",
+        "body",
+        "raw",
+        "headers",
+        "request_id",
+        "principal",
+        "response_headers",
+        "state",
+        "started_at",
+        "upstream",
+        "upstream_latency",
+        "usage",
+        "usage_source",
+        "credits",
+    )
+
+    def __init__(
+        self,
+        endpoint: str,
+        body: dict[str, Any],
+        raw: bytes | None,
+        headers: CIMultiDictProxy[str],
+        request_id: str,
+        started_at: float = 0.0,
+    ) -> None:
+        self.endpoint = endpoint
+        self.body = body
+        # The original bytes; dropped as soon as a unit changes the body.
+        self.raw = raw
+        self.headers = headers
+        self.request_id = request_id
+        self.principal: Principal = ANONYMOUS
+        # Headers the units want on the client's response (e.g. X-Session-ID).
+        self.response_headers: dict[str, str] = {}
+        # A slot per unit: hold id, session id, usage, ... keyed by unit name.
+        self.state: dict[str, Any] = {}
+        self.started_at = started_at
+        # Filled on the way for logs and metrics.
+        self.upstream: str | None = None  # name of the upstream that answered
+        self.upstream_latency: float | None = None  # seconds until its headers
+        self.usage: dict[str, Any] | None = None  # chat-shaped usage, when known
+        self.usage_source: str | None = None  # "reported" or "estimated"
+        self.credits: int | None = None  # credits charged
+
+    @property
+    def model(self) -> Any:
+        return self.body.get("model")
+
+    @property
+    def stream(self) -> bool:
+        return self.body.get("stream") is True
+
+    def replace_body(self, body: dict[str, Any]) -> None:
+        """Install a changed body; the raw bytes no longer describe it."""
+        self.body = body
+        self.raw = None
+
+    def set(self, key: str, value: Any) -> None:
+        """Change one top-level field of the body."""
+        if self.body.get(key, _MISSING) is value:
+            return
+        self.body[key] = value
+        self.raw = None
+
+    def body_bytes(self) -> bytes:
+        if self.raw is None:
+            self.raw = orjson.dumps(self.body)
+        return self.raw
+
+
+_MISSING = object()
+
+
+@dataclass(slots=True, eq=False)
+class Reply:
+    """What comes back through the pipeline: a JSON body or an SSE event stream.
+
+    Stream wrappers must close the iterator they wrap (use
+    ``contextlib.aclosing``), so that closing the outermost one on a client
+    disconnect reaches the provider connection.
+    """
+
+    status: int = 200
+    headers: dict[str, str] = field(default_factory=dict)
+    body: bytes | None = None
+    events: AsyncIterator[SSEEvent] | None = None
+    _json: Any = None
+
+    @classmethod
+    def from_json(cls, obj: Any, status: int = 200, headers: dict[str, str] | None = None) -> Reply:
+        return cls(status=status, headers=headers or {}, body=None, _json=obj)
+
+    @property
+    def is_stream(self) -> bool:
+        return self.events is not None
+
+    def json(self) -> Any:
+        """The parsed body (cached); None when the body is not JSON."""
+        if self._json is None and self.body is not None:
+            try:
+                self._json = orjson.loads(self.body)
+            except orjson.JSONDecodeError:
+                return None
+        return self._json
+
+    def set_json(self, obj: Any) -> None:
+        self._json = obj
+        self.body = None
+
+    def body_bytes(self) -> bytes:
+        if self.body is None:
+            self.body = orjson.dumps(self._json)
+        return self.body
+
+
+Next = Callable[[Call], Awaitable[Reply]]

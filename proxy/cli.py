@@ -1,0 +1,98 @@
+"""The `sovereign` command: serve, demo, mock-upstream, check-config, tenants, keys."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+import yaml
+
+from .logs import configure_logging
+from .settings import ConfigError, Settings, load_settings
+
+
+def _load(args: argparse.Namespace) -> Settings:
+    try:
+        return load_settings(getattr(args, "config", None))
+    except ConfigError as exc:
+        print(f"sovereign: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    configure_logging(settings.logging.level)
+    from .server import serve
+
+    serve(settings)
+    return 0
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    settings = _load(args)
+    # Building the pipeline validates every unit's settings too.
+    try:
+        from .gateway import Gateway
+
+        Gateway(settings)
+    except ConfigError as exc:
+        print(f"sovereign: {exc}", file=sys.stderr)
+        return 2
+    print(yaml.safe_dump(settings.masked(), sort_keys=False), end="")
+    return 0
+
+
+def cmd_mock_upstream(args: argparse.Namespace) -> int:
+    from .mock_upstream import options_from_args, run_mock_upstream
+
+    run_mock_upstream(args.host, args.port, options_from_args(args))
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from .demo import run_demo
+
+    return run_demo(args)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="sovereign", description="OpenAI-compatible multi-tenant metered gateway.")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    serve = sub.add_parser("serve", help="run the gateway")
+    serve.add_argument("--config", help="YAML config file (default: $SOVEREIGN_CONFIG, else the shipped default)")
+    serve.set_defaults(func=cmd_serve)
+
+    check = sub.add_parser("check-config", help="print the effective config with secrets masked")
+    check.add_argument("--config")
+    check.set_defaults(func=cmd_check_config)
+
+    from .mock_upstream import add_cli_arguments
+
+    mock = sub.add_parser("mock-upstream", help="run the simulated chat-completions provider")
+    add_cli_arguments(mock)
+    mock.set_defaults(func=cmd_mock_upstream)
+
+    demo = sub.add_parser("demo", help="simulated provider + gateway + demo tenant, on one machine")
+    demo.add_argument("--port", type=int, default=8080, help="gateway port (default 8080)")
+    demo.add_argument("--upstream-port", type=int, default=9100, help="simulated provider port (default 9100)")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.set_defaults(func=cmd_demo)
+
+    try:
+        from .manage import add_management_commands
+    except ImportError:  # tenants/keys commands arrive with the admin layer
+        pass
+    else:
+        add_management_commands(sub, _load)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    return int(args.func(args) or 0)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

@@ -1,0 +1,28 @@
+-- Shared helpers, pasted into scripts by `--! include prelude`.
+-- Tenant data layout (all in the tenant's hash slot, {tenant}):
+--   tenant        HASH  id, balance, reserved, created_at
+--   holds         ZSET  hold id -> expiry (unix ms)
+--   hold_amounts  HASH  hold id -> credits held
+--   ledger        LIST  JSON entries, newest first
+--   ledger_ids    SET   ids of applied entries (idempotency: "topup:<key>", "req:<request id>")
+
+-- Drop holds whose expiry has passed and give their credits back.
+local function sweep_holds(tenant_key, holds_key, amounts_key, now_ms)
+  local expired = redis.call('ZRANGEBYSCORE', holds_key, '-inf', now_ms)
+  if #expired == 0 then return 0 end
+  local freed = 0
+  for _, hold in ipairs(expired) do
+    freed = freed + (tonumber(redis.call('HGET', amounts_key, hold)) or 0)
+    redis.call('HDEL', amounts_key, hold)
+  end
+  redis.call('ZREMRANGEBYSCORE', holds_key, '-inf', now_ms)
+  local reserved = redis.call('HINCRBY', tenant_key, 'reserved', -freed)
+  if reserved < 0 then redis.call('HSET', tenant_key, 'reserved', 0) end
+  return freed
+end
+
+-- Append a ledger entry: `prefix` is a JSON object missing its closing brace;
+-- the balance after the change is added here, inside the same atomic script.
+local function ledger_push(ledger_key, prefix, balance)
+  redis.call('LPUSH', ledger_key, prefix .. ',"balance_after":' .. balance .. '}')
+end

@@ -1,0 +1,51 @@
+"""Prometheus metrics, one registry per gateway (so tests can run several).
+
+Names follow Prometheus conventions with the ``sovereign_`` prefix. Tenant
+labels are off unless ``metrics.tenant_labels`` is set, because the number of
+tenants is unbounded.
+"""
+
+from __future__ import annotations
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client.exposition import CONTENT_TYPE_LATEST
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+
+
+class Metrics:
+    content_type = CONTENT_TYPE_LATEST
+
+    def __init__(self, tenant_labels: bool = False) -> None:
+        self.tenant_labels = tenant_labels
+        r = self.registry = CollectorRegistry(auto_describe=True)
+        request_labels = ["route", "model", "status"] + (["tenant"] if tenant_labels else [])
+        self.requests = Counter("sovereign_requests", "Requests served, by route, model and status.", request_labels, registry=r)
+        self.duration = Histogram(
+            "sovereign_request_duration_seconds", "Total time to serve a request.", ["route"], buckets=LATENCY_BUCKETS, registry=r
+        )
+        self.upstream_latency = Histogram(
+            "sovereign_upstream_latency_seconds",
+            "Time until the provider's response headers.",
+            ["upstream"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.ttfb = Histogram(
+            "sovereign_time_to_first_byte_seconds",
+            "Time until the first byte of the response body reached the client's socket.",
+            ["route"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.open_streams = Gauge("sovereign_open_streams", "Streams being relayed now.", registry=r)
+        self.tokens = Counter("sovereign_tokens", "Tokens metered, by direction (input/output) and model.", ["direction", "model"], registry=r)
+        self.credits = Counter("sovereign_credits_charged", "Credits charged, by model and usage source.", ["model", "source"], registry=r)
+        self.holds_open = Gauge("sovereign_credit_holds_open", "Credit holds this process has open now.", registry=r)
+        self.insufficient_credits = Counter("sovereign_insufficient_credits", "Requests refused with 402.", registry=r)
+        self.rate_limited = Counter("sovereign_rate_limited", "Requests refused with 429 by the gateway's limits.", registry=r)
+        self.store_errors = Counter("sovereign_store_errors", "Store operations that failed (unreachable or timed out).", registry=r)
+        self.upstream_errors = Counter("sovereign_upstream_errors", "Provider failures, by upstream.", ["upstream"], registry=r)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

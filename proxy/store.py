@@ -1,0 +1,136 @@
+"""The store: async Redis (or Redis Cluster, or the embedded emulation) plus Lua scripts.
+
+``redis://`` and ``rediss://`` URLs talk to a real Redis (add ``?cluster=true``
+for Redis Cluster); ``memory://`` runs the same scripts on fakeredis inside
+this process, which is convenient for one process and loses everything at exit.
+
+Keys: every key of a tenant is ``<prefix>:{<tenant>}:<part>…``. The braces are
+the hash tag, so all keys one script touches live in one cluster slot.
+
+Scripts live in ``proxy/lua/<name>.lua``, are loaded once and run by SHA
+(EVALSHA, reloading on NOSCRIPT after a Redis restart).
+
+Connection failures surface as redis' ConnectionError/TimeoutError; the HTTP
+layer turns those into 503 ``store_unavailable``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.retry import Retry
+
+from .settings import StoreSettings
+
+LUA_DIR = Path(__file__).resolve().parent / "lua"
+TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# The errors that mean "the store is unreachable", as opposed to a bug.
+STORE_DOWN_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+_INCLUDE = re.compile(r"^--! include (\w+)$", re.MULTILINE)
+
+
+def load_lua(name: str) -> str:
+    """A script's source with ``--! include <name>`` lines replaced by that file (Lua has no includes)."""
+    source = (LUA_DIR / f"{name}.lua").read_text()
+    return _INCLUDE.sub(lambda m: (LUA_DIR / f"{m.group(1)}.lua").read_text(), source)
+
+
+class Script:
+    """A Lua script run by SHA, loaded again if the server forgot it."""
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    async def __call__(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+class Store:
+    """One connection pool and the loaded scripts, shared by the whole process."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.settings = settings
+        self.prefix = settings.prefix
+        self.url = settings.url
+        self.durable = not self.url.startswith("memory://")
+        self.redis: Any = None
+        self._scripts: dict[str, Script] = {}
+
+    # -- lifecycle -------------------------------------------------------
+    async def connect(self) -> None:
+        if self.redis is not None:
+            return
+        if not self.durable:
+            import fakeredis  # imported lazily: only the embedded store needs it
+
+            self.redis = fakeredis.FakeAsyncRedis(decode_responses=True, lua_modules=set())
+            return
+        split = urlsplit(self.url)
+        query = dict(parse_qsl(split.query))
+        cluster = query.pop("cluster", "").lower() in {"1", "true", "yes"}
+        url = urlunsplit(split._replace(query=urlencode(query)))
+        common = dict(
+            decode_responses=True,
+            socket_timeout=self.settings.timeout,
+            socket_connect_timeout=self.settings.timeout,
+            # One immediate retry replaces a pooled connection that died with a
+            # Redis restart; more would only delay the 503 during an outage.
+            retry=Retry(NoBackoff(), 1),
+        )
+        if cluster:
+            self.redis = RedisCluster.from_url(url, **common)
+            await self.redis.initialize()
+        else:
+            self.redis = aioredis.Redis.from_url(url, max_connections=self.settings.max_connections, **common)
+
+    async def close(self) -> None:
+        if self.redis is not None:
+            await self.redis.aclose()
+            self.redis = None
+
+    async def ping(self) -> bool:
+        """True when the store answers; never raises."""
+        try:
+            await self.connect()
+            return bool(await self.redis.ping())
+        except Exception:
+            return False
+
+    # -- keys ------------------------------------------------------------
+    def tenant_key(self, tenant: str, *parts: str) -> str:
+        """A key in the tenant's hash slot: ``prefix:{tenant}:parts``."""
+        return f"{self.prefix}:{{{tenant}}}:" + ":".join(parts)
+
+    def global_key(self, *parts: str) -> str:
+        """A key outside any tenant (e.g. the key-hash index)."""
+        return f"{self.prefix}:" + ":".join(parts)
+
+    # -- scripts ---------------------------------------------------------
+    def script(self, name: str) -> Script:
+        script = self._scripts.get(name)
+        if script is None:
+            script = Script(name, load_lua(name))
+            self._scripts[name] = script
+        return script
+
+    async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
+        return await self.script(name)(self.redis, keys, args)

@@ -1,0 +1,52 @@
+"""Fixtures shared by the whole suite: a simulated provider, gateways, Redis prefixes."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.mock_upstream import MockUpstream
+from tests.support import REDIS_URL, RunningGateway, cleanup_redis_prefix, make_settings, start_gateway, unique_prefix
+
+
+@pytest.fixture
+async def mock():
+    """The simulated provider on a real loopback socket."""
+    upstream = MockUpstream()
+    upstream.url = await upstream.start()
+    yield upstream
+    await upstream.close()
+
+
+@pytest.fixture
+async def redis_prefix():
+    """A key prefix on the real Redis, deleted after the test."""
+    prefix = unique_prefix()
+    yield prefix
+    await cleanup_redis_prefix(prefix)
+
+
+@pytest.fixture
+async def gateway_factory():
+    """Start gateways from settings; all are closed after the test."""
+    started: list[RunningGateway] = []
+
+    async def start(settings) -> RunningGateway:
+        running = await start_gateway(settings)
+        started.append(running)
+        return running
+
+    yield start
+    for running in reversed(started):
+        await running.close()
+
+
+@pytest.fixture
+async def passthrough(mock, gateway_factory) -> RunningGateway:
+    """A gateway with no units in front of the simulated provider."""
+    return await gateway_factory(make_settings(mock.url))
+
+
+@pytest.fixture(params=["redis", "memory"])
+def store_url(request, redis_prefix):
+    """Parity: the same test on the real Redis and on the embedded store."""
+    return REDIS_URL if request.param == "redis" else "memory://"

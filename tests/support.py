@@ -1,0 +1,184 @@
+"""Test harness: settings builders, in-process gateways, and real subprocesses.
+
+Everything here talks over real sockets. Redis state of a test lives under a
+unique key prefix and is deleted afterwards, so tests share the machine's Redis
+(``SOVEREIGN_TEST_REDIS_URL``) without seeing each other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import openai
+import yaml
+from aiohttp import web
+from aiohttp.test_utils import TestServer
+
+from proxy.app import create_app
+from proxy.gateway import GATEWAY, Gateway
+from proxy.http import AccessLogger
+from proxy.settings import Settings, deep_merge
+
+REDIS_URL = os.environ.get("SOVEREIGN_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+REPO = Path(__file__).resolve().parent.parent
+ADMIN_TOKEN = "test-admin-token-0123456789"
+
+
+def unique_prefix() -> str:
+    return f"sovtest-{uuid.uuid4().hex[:12]}"
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def settings_data(
+    upstream_url: str,
+    *,
+    store_url: str = "memory://",
+    prefix: str | None = None,
+    pipeline: list[str] | None = None,
+    units: dict[str, Any] | None = None,
+    admin_token: str | None = ADMIN_TOKEN,
+    **overrides: Any,
+) -> dict[str, Any]:
+    """Plain settings data for a test gateway in front of `upstream_url`."""
+    data: dict[str, Any] = {
+        "server": {"host": "127.0.0.1", "port": 0},
+        "logging": {"level": "warning", "access_log": False},
+        "store": {"url": store_url, "prefix": prefix or unique_prefix()},
+        "admin": {"token": admin_token},
+        "upstreams": {"default": {"url": upstream_url, "api_key": "sk-upstream-secret-test-key-0123456789", "model": "mock-model"}},
+        "models": {
+            "sovereign-alpha": {"upstream": "default", "price": {"input_per_million": 1_000_000, "output_per_million": 2_000_000}},
+        },
+        "pipeline": list(pipeline) if pipeline is not None else [],
+        "units": units or {},
+    }
+    return deep_merge(data, overrides)
+
+
+def make_settings(upstream_url: str, **kwargs: Any) -> Settings:
+    return Settings.model_validate(settings_data(upstream_url, **kwargs))
+
+
+@dataclass
+class RunningGateway:
+    """A gateway served on a real loopback socket inside the test's event loop."""
+
+    server: TestServer
+    app: web.Application
+    base_url: str  # http://127.0.0.1:PORT
+    clients: list[Any] = field(default_factory=list)
+
+    @property
+    def gateway(self) -> Gateway:
+        return self.app[GATEWAY]
+
+    @property
+    def v1(self) -> str:
+        return self.base_url + "/v1"
+
+    def openai(self, api_key: str = "sk-sov-live-none", **kwargs: Any) -> openai.AsyncOpenAI:
+        client = openai.AsyncOpenAI(base_url=self.v1, api_key=api_key, max_retries=0, timeout=30, **kwargs)
+        self.clients.append(client)
+        return client
+
+    async def close(self) -> None:
+        for client in self.clients:
+            await client.close()
+        await self.server.close()
+
+
+async def start_gateway(settings: Settings) -> RunningGateway:
+    app = create_app(settings)
+    server = TestServer(
+        app, host="127.0.0.1", port=0, handler_cancellation=True, access_log_class=AccessLogger
+    )
+    await server.start_server()
+    return RunningGateway(server=server, app=app, base_url=f"http://127.0.0.1:{server.port}")
+
+
+async def cleanup_redis_prefix(prefix: str, url: str = REDIS_URL) -> None:
+    import redis.asyncio as aioredis
+
+    client = aioredis.Redis.from_url(url, decode_responses=True)
+    try:
+        keys = [key async for key in client.scan_iter(match=f"{prefix}:*", count=1000)]
+        for i in range(0, len(keys), 500):
+            await client.delete(*keys[i : i + 500])
+    except Exception:
+        pass  # a test that stopped Redis cleans nothing; its prefix is unique anyway
+    finally:
+        await client.aclose()
+
+
+class Process:
+    """A real `sovereign …` subprocess, with its output kept for assertions."""
+
+    def __init__(self, args: list[str], env: dict[str, str] | None = None, log_path: Path | None = None) -> None:
+        self.log_path = log_path
+        out = open(log_path, "wb") if log_path else subprocess.DEVNULL
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "proxy", *args],
+            cwd=REPO,
+            env={**os.environ, **(env or {})},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+        )
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path else ""
+
+    def signal(self, sig: int) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(sig)
+
+    def wait(self, timeout: float) -> int:
+        return self.proc.wait(timeout)
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(10)
+
+
+async def wait_http(url: str, timeout: float = 15.0, proc: Process | None = None) -> None:
+    """Poll `url` until it answers (any status)."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as session:
+        while time.monotonic() < deadline:
+            if proc is not None and proc.proc.poll() is not None:
+                raise RuntimeError(f"process exited early:\n{proc.output()[-3000:]}")
+            try:
+                async with session.get(url) as resp:
+                    await resp.read()
+                    return
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
+    raise TimeoutError(f"{url} did not answer within {timeout}s")
+
+
+async def spawn_gateway(data: dict[str, Any], tmp_path: Path, name: str = "gw") -> tuple[Process, str]:
+    """Run `sovereign serve` on a free port with `data` as its config file."""
+    port = free_port()
+    data = deep_merge(data, {"server": {"port": port, "host": "127.0.0.1"}})
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(yaml.safe_dump(data))
+    proc = Process(["serve", "--config", str(config)], log_path=tmp_path / f"{name}.log")
+    base = f"http://127.0.0.1:{port}"
+    await wait_http(base + "/healthz", proc=proc)
+    return proc, base

@@ -240,7 +240,11 @@ class Accounts:
 
     async def lookup(self, plaintext: str) -> KeyRecord | None:
         """The record for a presented key, or None (unknown). Revocation is the caller's check."""
-        data = await self.store.redis.hgetall(self._key_record_key(hash_key(plaintext)))
+        return await self.lookup_digest(hash_key(plaintext))
+
+    async def lookup_digest(self, digest: str) -> KeyRecord | None:
+        """Like `lookup`, from the key's SHA-256 hex digest (callers that already hashed it)."""
+        data = await self.store.redis.hgetall(self._key_record_key(digest))
         return KeyRecord.from_hash(data) if data else None
 
     async def get_key(self, key_id: str) -> KeyRecord | None:

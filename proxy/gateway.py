@@ -39,6 +39,7 @@ class Gateway:
         self.router = UpstreamRouter(settings.upstreams, settings.routing)
         self.draining = False
         self.started = False
+        self.in_flight = 0  # pipeline requests being served now (drain waits for them)
         self._background: set[asyncio.Task[Any]] = set()
         # Set by the auth unit; routes outside the pipeline use it too.
         self.authenticator: Authenticator | None = None
@@ -108,6 +109,13 @@ class Gateway:
 
     async def handle(self, call: Call) -> Reply:
         return await self.handler(call)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no pipeline request is in flight; False if the grace ran out."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight == 0
 
 
 # The application key under which the gateway lives.

@@ -11,6 +11,7 @@ provider connection) and a provider that fails mid-stream (one
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from contextlib import suppress
 
 from aiohttp import web
@@ -48,7 +49,11 @@ async def send_json(reply: Reply, call: Call) -> web.Response:
 
 
 async def send_stream(
-    request: web.Request, reply: Reply, call: Call, keepalive: float | None = None
+    request: web.Request,
+    reply: Reply,
+    call: Call,
+    keepalive: float | None = None,
+    on_first_byte: Callable[[], None] | None = None,
 ) -> web.StreamResponse:
     assert reply.events is not None
     headers = _headers(reply, call)
@@ -62,6 +67,9 @@ async def send_stream(
             events = _with_keepalive(events, keepalive)
         async for event in events:
             await response.write(event.raw if isinstance(event, SSEEvent) else event)
+            if on_first_byte is not None:
+                on_first_byte()
+                on_first_byte = None
     except ApiError as error:
         # The provider failed after the stream started: tell the client in-band.
         request[STREAM_OUTCOME] = "upstream_error"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 from typing import Any
 
 import orjson
@@ -46,6 +47,13 @@ async def read_json_body(request: web.Request, gateway: Gateway) -> tuple[bytes,
 def pipeline_endpoint(endpoint: str):
     async def handler(request: web.Request) -> web.StreamResponse:
         gateway: Gateway = request.app[GATEWAY]
+        gateway.in_flight += 1
+        try:
+            return await _serve(request, gateway)
+        finally:
+            gateway.in_flight -= 1
+
+    async def _serve(request: web.Request, gateway: Gateway) -> web.StreamResponse:
         raw, body = await read_json_body(request, gateway)
         call = Call(endpoint, body, raw, request.headers, request[REQUEST_ID], request[STARTED])
         request[CALL] = call
@@ -53,11 +61,19 @@ def pipeline_endpoint(endpoint: str):
         if isinstance(model, str):
             request[PUBLIC_MODEL] = model
         reply = await gateway.handle(call)
+        ttfb = gateway.metrics.ttfb.labels(endpoint)
+
+        def first_byte() -> None:
+            ttfb.observe(time.monotonic() - call.started_at)
+
         if reply.events is None:
+            first_byte()
             return await relay.send_json(reply, call)
         gateway.metrics.open_streams.inc()
         try:
-            return await relay.send_stream(request, reply, call, gateway.settings.server.sse_keepalive_seconds)
+            return await relay.send_stream(
+                request, reply, call, gateway.settings.server.sse_keepalive_seconds, first_byte
+            )
         finally:
             gateway.metrics.open_streams.dec()
 

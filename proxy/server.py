@@ -36,7 +36,8 @@ def runner_for(app: web.Application, settings: Settings) -> web.AppRunner:
         handler_cancellation=True,  # a client that goes away cancels its request, upstream included
         access_log_class=AccessLogger,
         keepalive_timeout=settings.server.keepalive_timeout,
-        shutdown_timeout=settings.server.drain_seconds,
+        # Open requests were already given drain_seconds before cleanup runs.
+        shutdown_timeout=1.0,
     )
 
 
@@ -50,7 +51,7 @@ async def serve_async(settings: Settings, ready: asyncio.Event | None = None) ->
     if settings.admin.token is not None and settings.admin.port is not None:
         from .admin import create_admin_app
 
-        admin_app = create_admin_app(gateway)
+        admin_app = create_admin_app(gateway, standalone=True)
         admin_runner = web.AppRunner(admin_app, access_log_class=AccessLogger)
         await admin_runner.setup()
         sites.append(web.TCPSite(admin_runner, settings.admin.host, settings.admin.port))
@@ -70,10 +71,14 @@ async def serve_async(settings: Settings, ready: asyncio.Event | None = None) ->
     if ready is not None:
         ready.set()
     await stop.wait()
+    # Keep listening while draining: new requests get a clean 503 (and
+    # /readyz fails) instead of a refused connection, while open streams finish.
     gateway.draining = True
-    log.info("gateway.draining", grace_seconds=settings.server.drain_seconds)
-    # runner.cleanup stops accepting, waits up to shutdown_timeout for open
-    # requests, then runs on_cleanup, which flushes pending settlements.
+    log.info("gateway.draining", grace_seconds=settings.server.drain_seconds, in_flight=gateway.in_flight)
+    if not await gateway.wait_idle(settings.server.drain_seconds):
+        log.warning("gateway.drain_timeout", cut_requests=gateway.in_flight)
+    # cleanup closes the listeners and connections, then runs on_cleanup,
+    # which flushes pending settlements before the process exits.
     if admin_runner is not None:
         await admin_runner.cleanup()
     await runner.cleanup()

@@ -242,13 +242,14 @@ def format_validation_error(error: ValidationError) -> str:
 
 def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     """Nested settings data from SOVEREIGN_* variables (aliases and __ paths)."""
+    _TOP_LEVEL = _top_level_fields()
     data: dict[str, Any] = {}
     for name, value in env.items():
         if not name.startswith(ENV_PREFIX) or name in _NOT_SETTINGS:
             continue
         if name in ENV_ALIASES:
             path = ENV_ALIASES[name]
-        elif "__" in name:
+        elif "__" in name or name[len(ENV_PREFIX):].lower() in _TOP_LEVEL:
             path = tuple(name[len(ENV_PREFIX):].lower().split("__"))
         else:
             continue
@@ -257,6 +258,10 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
             node = node.setdefault(part, {})
         node[path[-1]] = _parse_env_value(value)
     return data
+
+
+def _top_level_fields() -> frozenset[str]:
+    return frozenset(Settings.model_fields)
 
 
 def _parse_env_value(value: str) -> Any:

@@ -43,7 +43,7 @@ async def gateway_factory():
 @pytest.fixture
 async def passthrough(mock, gateway_factory) -> RunningGateway:
     """A gateway with no units in front of the simulated provider."""
-    return await gateway_factory(make_settings(mock.url))
+    return await gateway_factory(make_settings(mock.url, admin_token=None))
 
 
 @pytest.fixture(params=["redis", "memory"])

@@ -105,10 +105,9 @@ class RunningGateway:
 
 async def start_gateway(settings: Settings) -> RunningGateway:
     app = create_app(settings)
-    server = TestServer(
-        app, host="127.0.0.1", port=0, handler_cancellation=True, access_log_class=AccessLogger
-    )
-    await server.start_server()
+    server = TestServer(app, host="127.0.0.1", port=0)
+    # Runner options go to start_server: the same as `sovereign serve` uses.
+    await server.start_server(access_log_class=AccessLogger)  # TestServer already cancels handlers on disconnect
     return RunningGateway(server=server, app=app, base_url=f"http://127.0.0.1:{server.port}")
 
 

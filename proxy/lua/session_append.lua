@@ -1,0 +1,61 @@
+-- Append one finished turn to a session, trim it, refresh its expiry and index it (atomic,
+-- so concurrent turns on one session never lose each other).
+-- KEYS: meta (HASH), messages (LIST), index (ZSET of the tenant's sessions by updated_at ms)
+-- ARGV: id, now_ms, ttl_seconds, max_messages, max_tokens, system ('' = keep the stored one),
+--       then the turn's messages as JSON, each serialised with "role" as its first key.
+-- Layout: meta holds id, created_at, updated_at (ms), message_count, tokens (estimate of the
+-- list), system (the session's system message, JSON, never trimmed), title, title_state.
+-- Returns {message_count, first}: first is 1 for the session's first stored turn (start a title).
+local meta, list, index = KEYS[1], KEYS[2], KEYS[3]
+local now, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
+local max_messages, max_tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
+local system = ARGV[6]
+
+-- Same estimate as elsewhere in the gateway: ~4 bytes of JSON per token plus framing.
+local function estimate(message) return math.floor(#message / 4) + 4 end
+
+if redis.call('HSETNX', meta, 'created_at', now) == 1 then
+  redis.call('HSET', meta, 'id', ARGV[1], 'tokens', 0)
+end
+if system ~= '' then
+  redis.call('HSET', meta, 'system', system)
+else
+  system = redis.call('HGET', meta, 'system') or ''
+end
+
+local tokens = tonumber(redis.call('HGET', meta, 'tokens')) or 0
+local added = #ARGV - 6
+for i = 7, #ARGV do
+  redis.call('RPUSH', list, ARGV[i])
+  tokens = tokens + estimate(ARGV[i])
+end
+
+local len = redis.call('LLEN', list)
+local message_budget, token_budget = max_messages, max_tokens
+if system ~= '' then
+  message_budget = message_budget - 1
+  token_budget = token_budget - estimate(system)
+end
+-- Drop whole turns, oldest first: a turn runs from one message up to the next user message,
+-- so an assistant's tool calls are never separated from their tool results. The turn just
+-- appended is never dropped, even when it alone exceeds the bounds.
+while (len > message_budget or tokens > token_budget) and len > added do
+  tokens = tokens - estimate(redis.call('LPOP', list))
+  len = len - 1
+  while len > added and string.sub(redis.call('LINDEX', list, 0), 1, 14) ~= '{"role":"user"' do
+    tokens = tokens - estimate(redis.call('LPOP', list))
+    len = len - 1
+  end
+end
+
+local count = len
+if system ~= '' then count = count + 1 end
+redis.call('HSET', meta, 'updated_at', now, 'tokens', tokens, 'message_count', count)
+local first = redis.call('HSETNX', meta, 'title_state', 'pending')
+redis.call('EXPIRE', meta, ttl)
+redis.call('EXPIRE', list, ttl)
+redis.call('ZADD', index, now, ARGV[1])
+-- Index entries older than the expiry belong to sessions that are gone.
+redis.call('ZREMRANGEBYSCORE', index, '-inf', now - ttl * 1000)
+redis.call('EXPIRE', index, ttl)
+return {count, first}

@@ -1,0 +1,98 @@
+"""Streams through the gateway: byte-exact relay, pacing, disconnects, mid-stream failures."""
+
+from __future__ import annotations
+
+import asyncio
+import re
+import time
+
+import aiohttp
+import orjson
+import pytest
+
+CHAT = {"model": "sovereign-alpha", "messages": [{"role": "user", "content": "stream me"}], "stream": True}
+_VOLATILE = re.compile(rb'"id":"chatcmpl-mock-\d+"|"created":\d+')
+
+
+def normalise(body: bytes) -> bytes:
+    """Blank out the two fields the simulated provider varies per request."""
+    return _VOLATILE.sub(b"<volatile>", body)
+
+
+async def post_raw(url: str, body: dict, headers: dict | None = None) -> tuple[int, bytes]:
+    async with aiohttp.ClientSession() as session:
+        async with session.post(url, json=body, headers=headers or {}) as resp:
+            return resp.status, await resp.read()
+
+
+async def test_stream_is_byte_identical_to_the_providers(mock, passthrough):
+    body = {**CHAT, "stream_options": {"include_usage": True}}
+    # The same request as the provider receives it: under its own model name.
+    direct_status, direct = await post_raw(mock.url + "/chat/completions", {**body, "model": "mock-model"})
+    via_status, via = await post_raw(passthrough.v1 + "/chat/completions", body)
+    assert direct_status == via_status == 200
+    assert via.endswith(b"data: [DONE]\n\n")
+    assert normalise(via) == normalise(direct)
+
+
+async def test_json_body_is_relayed_unchanged(mock, passthrough):
+    body = {"model": "sovereign-alpha", "messages": [{"role": "user", "content": "hello"}]}
+    _, direct = await post_raw(mock.url + "/chat/completions", {**body, "model": "mock-model"})
+    status, via = await post_raw(passthrough.v1 + "/chat/completions", body)
+    assert status == 200
+    assert normalise(via) == normalise(direct)
+
+
+async def test_paced_chunks_arrive_paced_not_in_a_burst(mock, passthrough):
+    arrivals: list[float] = []
+    async with aiohttp.ClientSession() as session:
+        async with session.post(
+            passthrough.v1 + "/chat/completions", json=CHAT, headers={"x-mock-delay-ms": "120", "x-mock-chunks": "5"}
+        ) as resp:
+            async for _ in resp.content.iter_any():
+                arrivals.append(time.monotonic())
+    gaps = [b - a for a, b in zip(arrivals, arrivals[1:])]
+    # 5 content chunks + final chunk, each 120 ms apart at the provider: most
+    # reads must be separated by roughly that gap, not all arrive at the end.
+    paced = [gap for gap in gaps if gap >= 0.09]
+    assert len(paced) >= 5, gaps
+
+
+async def test_client_disconnect_closes_the_provider_connection(mock, passthrough):
+    async with aiohttp.ClientSession() as session:
+        resp = await session.post(
+            passthrough.v1 + "/chat/completions", json=CHAT, headers={"x-mock-delay-ms": "100", "x-mock-chunks": "50"}
+        )
+        await resp.content.readuntil(b"\n\n")
+        resp.close()  # drop the connection mid-stream
+    for _ in range(50):
+        if mock.stats["client_disconnects"] >= 1:
+            break
+        await asyncio.sleep(0.05)
+    assert mock.stats["client_disconnects"] == 1
+    assert mock.stats["streams_completed"] == 0
+
+
+async def test_provider_cut_mid_stream_ends_with_one_error_event(mock, passthrough):
+    status, body = await post_raw(passthrough.v1 + "/chat/completions", CHAT, {"x-mock-cut-after": "3"})
+    assert status == 200
+    events = [e for e in body.split(b"\n\n") if e]
+    last = orjson.loads(events[-1].removeprefix(b"data: "))
+    assert last["error"]["code"] == "upstream_error"
+    assert sum(b'"error"' in e for e in events) == 1
+    assert b"[DONE]" not in body
+    # The content that was produced before the cut still reached the client.
+    assert len(events) >= 4
+
+
+async def test_sdk_stream_raises_on_mid_stream_failure(passthrough):
+    client = passthrough.openai()
+    import openai
+
+    stream = await client.chat.completions.create(
+        model="sovereign-alpha", messages=[{"role": "user", "content": "x"}], stream=True,
+        extra_headers={"x-mock-cut-after": "2"},
+    )
+    with pytest.raises(openai.APIError):
+        async for _ in stream:
+            pass

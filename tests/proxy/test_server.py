@@ -1,0 +1,78 @@
+"""The server process: graceful drain on SIGTERM, SSE keep-alives, metrics."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import aiohttp
+
+from tests.support import make_settings, settings_data, spawn_gateway
+
+BODY = {"model": "sovereign-alpha", "messages": [{"role": "user", "content": "drain me"}], "stream": True}
+
+
+async def test_sigterm_finishes_open_streams_refuses_new_requests_and_exits_zero(mock, tmp_path):
+    data = settings_data(mock.url, admin_token=None, server={"drain_seconds": 10})
+    proc, base = await spawn_gateway(data, tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session:
+            # A paced stream of 15 chunks, 100 ms apart: about 1.5 s.
+            stream = await session.post(
+                base + "/v1/chat/completions", json=BODY, headers={"x-mock-chunks": "15", "x-mock-delay-ms": "100"}
+            )
+            await stream.content.readuntil(b"\n\n")
+            sent_at = time.monotonic()
+            proc.signal(signal.SIGTERM)
+            await asyncio.sleep(0.2)
+            async with session.get(base + "/readyz") as ready:
+                assert ready.status == 503 and "draining" in (await ready.json())["reasons"]
+            async with session.post(base + "/v1/chat/completions", json={**BODY, "stream": False}) as refused:
+                assert refused.status == 503
+                assert (await refused.json())["error"]["code"] == "draining"
+            rest = await stream.read()
+            assert rest.endswith(b"data: [DONE]\n\n")  # the open stream completed
+        code = await asyncio.to_thread(proc.wait, 10)
+        assert code == 0
+        assert time.monotonic() - sent_at < 10
+    finally:
+        proc.stop()
+
+
+async def test_sse_keepalive_comments_while_the_provider_is_silent(mock, gateway_factory):
+    gw = await gateway_factory(make_settings(mock.url, admin_token=None, server={"sse_keepalive_seconds": 0.2}))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(gw.v1 + "/chat/completions", json=BODY, headers={"x-mock-first-byte-delay-ms": "0"}) as resp:
+            plain = await resp.read()
+        assert b": keep-alive" not in plain
+        # The provider sends headers, then nothing for 0.7 s before the first chunk.
+        async with session.post(
+            gw.v1 + "/chat/completions", json=BODY, headers={"x-mock-delay-ms": "700", "x-mock-chunks": "2"}
+        ) as resp:
+            body = await resp.read()
+    assert body.startswith(b"data: ") and body.endswith(b"data: [DONE]\n\n")
+    # Comments only, and only between events: removing them gives a valid stream.
+    assert all(line in (b"", b": keep-alive") or line.startswith(b"data: ") for line in body.split(b"\n"))
+
+
+async def test_metrics_count_what_happened(mock, passthrough):
+    async with aiohttp.ClientSession() as session:
+        for _ in range(3):
+            async with session.post(passthrough.v1 + "/chat/completions", json={**BODY, "stream": False}) as resp:
+                assert resp.status == 200
+        async with session.post(passthrough.v1 + "/chat/completions", json=BODY) as resp:
+            await resp.read()
+        async with session.post(
+            passthrough.v1 + "/chat/completions", json={**BODY, "stream": False}, headers={"x-mock-fail-status": "500"}
+        ) as resp:
+            assert resp.status == 502
+        await asyncio.sleep(0.1)  # the access logger runs after the response
+        async with session.get(passthrough.base_url + "/metrics") as resp:
+            text = await resp.text()
+    assert 'sovereign_requests_total{model="sovereign-alpha",route="/v1/chat/completions",status="200"} 4.0' in text
+    assert 'sovereign_requests_total{model="sovereign-alpha",route="/v1/chat/completions",status="502"} 1.0' in text
+    assert 'sovereign_upstream_errors_total{upstream="default"} 1.0' in text
+    assert 'sovereign_time_to_first_byte_seconds_count{route="chat.completions"} 4.0' in text
+    assert 'sovereign_upstream_latency_seconds_count{upstream="default"} 4.0' in text
+    assert "sovereign_open_streams 0.0" in text

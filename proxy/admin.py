@@ -108,10 +108,8 @@ async def show_tenant(request: web.Request) -> web.Response:
 
 async def top_up(request: web.Request) -> web.Response:
     body = await _body(request, CreditTopUp)
-    accounts = request.app[ACCOUNTS]
-    tenant_id = request.match_info["tenant"]
-    await accounts.tenant(tenant_id)  # 404 before anything else for an unknown tenant
-    applied, tenant = await accounts.add_credits(tenant_id, body.amount, body.idempotency_key or new_idempotency_key())
+    key = body.idempotency_key or new_idempotency_key()
+    applied, tenant = await request.app[ACCOUNTS].add_credits(request.match_info["tenant"], body.amount, key)
     # A repeated idempotency key changed nothing; say so without changing the body's shape.
     return web.json_response(tenant, headers={"Idempotent-Replayed": "false" if applied else "true"})
 

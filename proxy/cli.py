@@ -55,6 +55,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args)
 
 
+def cmd_config_reference(args: argparse.Namespace) -> int:
+    from .reference import config_reference
+
+    print(config_reference())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="sovereign", description="OpenAI-compatible multi-tenant metered gateway.")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -66,6 +73,9 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser("check-config", help="print the effective config with secrets masked")
     check.add_argument("--config")
     check.set_defaults(func=cmd_check_config)
+
+    reference = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
+    reference.set_defaults(func=cmd_config_reference)
 
     from .mock_upstream import add_cli_arguments
 

@@ -102,7 +102,6 @@ async def tenants_topup(accounts: Accounts, settings: Settings, args: argparse.N
     if key is None:
         key = new_idempotency_key()
         print(f"idempotency key: {key} (repeat with --idempotency-key {key} to retry safely)", file=sys.stderr)
-    await accounts.tenant(args.id)
     applied, tenant = await accounts.add_credits(args.id, body.amount, key)
     note = f"added {body.amount} credits" if applied else "already applied with this idempotency key; nothing changed"
     return tenant, note + "\n" + _tenant_text(tenant)

@@ -143,6 +143,9 @@ def core_routes(gateway: Gateway) -> list[web.RouteDef]:
     ]
     if gateway.settings.metrics.enabled:
         routes.append(web.get("/metrics", metrics))
+    from .openapi import openapi_json
+
+    routes.append(web.get("/openapi.json", openapi_json))
     return routes
 
 

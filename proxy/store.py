@@ -100,7 +100,12 @@ class Store:
             self.redis = RedisCluster.from_url(url, **common)
             await self.redis.initialize()
         else:
-            self.redis = aioredis.Redis.from_url(url, max_connections=self.settings.max_connections, **common)
+            # A blocking pool makes a burst wait for a free connection instead of
+            # failing with "Too many connections" (which would be a 503).
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url, max_connections=self.settings.max_connections, timeout=self.settings.pool_timeout, **common
+            )
+            self.redis = aioredis.Redis(connection_pool=pool)
 
     async def close(self) -> None:
         if self.redis is not None:

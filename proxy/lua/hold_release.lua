@@ -5,7 +5,7 @@ local held = redis.call('HGET', KEYS[3], ARGV[1])
 if not held then return 0 end
 redis.call('HDEL', KEYS[3], ARGV[1])
 redis.call('ZREM', KEYS[2], ARGV[1])
-if redis.call('HINCRBY', KEYS[1], 'reserved', -tonumber(held)) < 0 then
+if redis.call('HINCRBY', KEYS[1], 'reserved', 0 - tonumber(held)) < 0 then
   redis.call('HSET', KEYS[1], 'reserved', 0)
 end
 return tonumber(held)

@@ -3,6 +3,8 @@
 -- KEYS: tenant, holds, hold_amounts, ledger, ledger_ids
 -- ARGV: hold id ("" when none), cost, entry id, entry JSON without its "id"
 --       (a complete object; "id" and "balance_after" are added here), now_ms
+-- Ids are built from request ids, which the HTTP layer limits to [A-Za-z0-9._:-],
+-- so they are pasted into the JSON without escaping.
 -- Returns {1, balance} when charged, {0, balance} when already settled,
 -- {-1, 0} when there is no such tenant.
 --! include prelude
@@ -23,10 +25,10 @@ end
 if held then
   redis.call('HDEL', KEYS[3], ARGV[1])
   redis.call('ZREM', KEYS[2], ARGV[1])
-  if redis.call('HINCRBY', KEYS[1], 'reserved', -tonumber(held)) < 0 then
+  if redis.call('HINCRBY', KEYS[1], 'reserved', 0 - tonumber(held)) < 0 then
     redis.call('HSET', KEYS[1], 'reserved', 0)
   end
 end
-local balance = redis.call('HINCRBY', KEYS[1], 'balance', -tonumber(ARGV[2]))
+local balance = redis.call('HINCRBY', KEYS[1], 'balance', 0 - tonumber(ARGV[2]))
 ledger_push(KEYS[4], '{"id":"' .. id .. '",' .. string.sub(ARGV[4], 2, -2), balance)
 return {1, balance}

@@ -16,7 +16,8 @@ local function sweep_holds(tenant_key, holds_key, amounts_key, now_ms)
     redis.call('HDEL', amounts_key, hold)
   end
   redis.call('ZREMRANGEBYSCORE', holds_key, '-inf', now_ms)
-  local reserved = redis.call('HINCRBY', tenant_key, 'reserved', -freed)
+  -- 0 - x, not -x: Lua formats a negated zero as "-0", which HINCRBY rejects.
+  local reserved = redis.call('HINCRBY', tenant_key, 'reserved', 0 - freed)
   if reserved < 0 then redis.call('HSET', tenant_key, 'reserved', 0) end
   return freed
 end

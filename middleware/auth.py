@@ -1,0 +1,144 @@
+"""The auth unit: API-key authentication, per-key model access, and `GET /v1/credits`.
+
+Clients send ``Authorization: Bearer sk-sov-live-…``. The key is hashed
+(SHA-256) and its record read from the store; a missing, malformed, unknown,
+revoked or expired key gets 401 ``invalid_api_key`` without the key ever being
+echoed. A small in-process cache (by hash, bounded) saves the Redis round trip
+for ``cache_seconds``: a revoked key is refused by every replica within that
+bound (default 5 s), an expired key at once (expiry is checked on every
+request). Unknown keys are cached too, so a client retrying a bad key costs
+no Redis traffic.
+
+The unit installs ``gateway.authenticator`` so routes outside the pipeline
+(models, credits, sessions, stored responses) authenticate the same way, and
+answers a model the key may not use exactly like an unknown model (404).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import time
+from typing import TYPE_CHECKING
+
+from aiohttp import web
+from multidict import CIMultiDictProxy
+from pydantic import Field
+
+from proxy.accounts import Accounts, KeyRecord, looks_like_key
+from proxy.call import Call, Next, Principal, Reply
+from proxy.errors import ApiError, model_not_found
+from proxy.pipeline import Unit, UnitSettings
+
+if TYPE_CHECKING:
+    from proxy.gateway import Gateway
+
+BEARER = "bearer "
+
+
+def unauthorized(message: str) -> ApiError:
+    # OpenAI answers bad keys with type invalid_request_error, code invalid_api_key.
+    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="sovereign"'})
+
+
+MISSING = "Missing API key. Send it as `Authorization: Bearer sk-sov-live-…`."
+MALFORMED = "Malformed API key. Sovereign keys look like `sk-sov-live-` followed by at least 32 letters and digits."
+INCORRECT = "Incorrect API key provided."
+REVOKED = "This API key has been revoked."
+EXPIRED = "This API key has expired."
+
+
+class AuthUnit(Unit):
+    name = "auth"
+
+    class Settings(UnitSettings):
+        cache_seconds: float = Field(
+            5.0, ge=0, description="How long a key lookup is reused in-process (0: no cache); bounds how late a revocation takes effect."
+        )
+        cache_entries: int = Field(10_000, ge=1, description="Most key lookups kept in the in-process cache.")
+
+    settings: Settings
+
+    def __init__(self, settings: Settings, gateway: Gateway) -> None:
+        super().__init__(settings, gateway)
+        self.accounts = Accounts(gateway.store)
+        # sha256 hex -> (record or None when unknown, its principal, monotonic fetch time).
+        # Insertion order is fetch order, so the first entry is always the oldest.
+        self._cache: dict[str, tuple[KeyRecord | None, Principal | None, float]] = {}
+
+    async def startup(self) -> None:
+        self.gateway.authenticator = self.authenticate
+
+    async def __call__(self, call: Call, next: Next) -> Reply:
+        principal = await self.authenticate(call.headers)
+        call.principal = principal
+        model = call.body.get("model")
+        if isinstance(model, str) and not principal.may_use(model):
+            raise model_not_found(model)
+        return await next(call)
+
+    # -- authentication ------------------------------------------------------
+    async def authenticate(self, headers: CIMultiDictProxy[str]) -> Principal:
+        """The principal of the presented key; raises 401 `invalid_api_key` otherwise."""
+        header = headers.get("Authorization")
+        if not header:
+            raise unauthorized(MISSING)
+        if header[: len(BEARER)].lower() != BEARER:
+            raise unauthorized(MISSING)
+        token = header[len(BEARER):].strip()
+        if not looks_like_key(token):
+            raise unauthorized(MALFORMED)
+        record, principal = await self._record(hashlib.sha256(token.encode()).hexdigest())
+        if record is None or principal is None:
+            raise unauthorized(INCORRECT)
+        if record.revoked_at is not None:
+            raise unauthorized(REVOKED)
+        if record.expires_at is not None and time.time() >= record.expires_at:
+            raise unauthorized(EXPIRED)
+        return principal
+
+    async def _record(self, digest: str) -> tuple[KeyRecord | None, Principal | None]:
+        ttl = self.settings.cache_seconds
+        now = time.monotonic()
+        if ttl > 0:
+            hit = self._cache.get(digest)
+            if hit is not None and now - hit[2] < ttl:
+                return hit[0], hit[1]
+        record = await self.accounts.lookup_digest(digest)
+        principal = record.principal() if record is not None else None
+        if ttl > 0:
+            self._remember(digest, (record, principal, now))
+        return record, principal
+
+    def _remember(self, digest: str, entry: tuple[KeyRecord | None, Principal | None, float]) -> None:
+        cache = self._cache
+        cache.pop(digest, None)  # re-insert at the end: insertion order stays fetch order
+        while len(cache) >= self.settings.cache_entries:
+            del cache[next(iter(cache))]
+        cache[digest] = entry
+
+    # -- GET /v1/credits -------------------------------------------------------
+    def routes(self) -> list[web.RouteDef]:
+        return [web.get("/v1/credits", self.credits)]
+
+    async def credits(self, request: web.Request) -> web.Response:
+        principal = await self.authenticate(request.headers)
+        tenant = await self.accounts.tenant(principal.tenant)
+        body = {
+            "object": "credits",
+            "tenant": principal.tenant,
+            "balance": tenant["balance"],
+            "reserved": tenant["reserved"],
+            "available": tenant["available"],
+            "key": {
+                "id": principal.key_id,
+                "name": principal.name,
+                "models": sorted(principal.models),
+                "rpm": principal.rpm,
+                "max_concurrency": principal.max_concurrency,
+                "expires_at": int(principal.expires_at) if principal.expires_at else None,
+            },
+        }
+        return web.json_response(body)
+
+
+__all__ = ["AuthUnit", "unauthorized"]

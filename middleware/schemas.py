@@ -1,0 +1,425 @@
+"""Pydantic v2 models of the request bodies the gateway accepts.
+
+`ChatCompletionRequest` follows the OpenAI spec's ``CreateChatCompletionRequest``
+and `ResponsesRequest` its ``CreateResponse``, as far as the gateway can serve
+them. They are *validators only*: the validation unit checks the parsed body
+against them and throws the result away, so the client's bytes are forwarded
+untouched. Hence the choices below:
+
+- strict mode everywhere (``"temperature": "1"`` or ``true`` for a number is an
+  error, as at OpenAI) and ranges/shapes of every known field are checked;
+- unknown fields are ignored, at the top level and inside objects, so fields
+  OpenAI adds later keep working;
+- tagged unions (message ``role``, part/tool ``type``) go through `tagged()`,
+  which reports a missing or unknown tag with our own error types, so the
+  validation unit can name the tag field and list the supported values;
+- image, audio and file inputs validate into errors of type
+  ``unsupported_image_input`` / ``unsupported_audio_input`` /
+  ``unsupported_file_input`` wherever they may appear.
+
+Legacy ``functions``/``function_call`` and ``role: "function"`` messages are
+valid here; the legacy_functions unit converts them later in the pipeline.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
+from pydantic_core import PydanticCustomError
+
+# Error types of our own (pydantic's are e.g. `missing`, `string_type`).
+MISSING_FIELD = "missing_field"  # ctx: field
+BAD_TAG = "bad_tag"  # ctx: field, expected, got
+UNSUPPORTED_IMAGE = "unsupported_image_input"
+UNSUPPORTED_AUDIO = "unsupported_audio_input"
+UNSUPPORTED_FILE = "unsupported_file_input"
+UNSUPPORTED = frozenset({UNSUPPORTED_IMAGE, UNSUPPORTED_AUDIO, UNSUPPORTED_FILE})
+
+# Tag names used inside pydantic's error locations; they contain "=" so they
+# can never be mistaken for a key of the client's JSON (see validation.py).
+_NOT_OBJECT, _NO_TAG, _BAD_TAG, _OTHER = "=object", "=missing", "=invalid", "=other"
+
+
+class Strict(BaseModel):
+    """Strict types, unknown fields ignored (validation only; the output is discarded)."""
+
+    model_config = ConfigDict(strict=True, extra="ignore", cache_strings=False)
+
+
+def tagged(field: str, choices: dict[str, Any], *, default: str | None = None, other: Any = None) -> Any:
+    """A union picked by the string value of `field` (e.g. ``type``, ``role``).
+
+    `default` is the tag assumed when the field is absent; `other`, if given,
+    validates every unlisted tag (otherwise those are a `BAD_TAG` error).
+    """
+    expected = tuple(choices)
+
+    def pick(value: Any) -> str:
+        if not isinstance(value, dict):
+            return _NOT_OBJECT
+        tag = value.get(field, default)
+        if tag is None:
+            return _NO_TAG
+        if isinstance(tag, str) and tag in choices:
+            return f"{field}={tag}"
+        return _OTHER if other is not None and isinstance(tag, str) else _BAD_TAG
+
+    def missing(value: Any) -> Any:
+        raise PydanticCustomError(MISSING_FIELD, "missing", {"field": field})
+
+    def bad(value: Any) -> Any:
+        raise PydanticCustomError(BAD_TAG, "invalid tag", {"field": field, "expected": expected, "got": value.get(field)})
+
+    members: list[Any] = [Annotated[model, Tag(f"{field}={tag}")] for tag, model in choices.items()]
+    members += [
+        Annotated[dict, Tag(_NOT_OBJECT)],  # strict dict: reports "expected an object"
+        Annotated[Any, BeforeValidator(missing), Tag(_NO_TAG)],
+        Annotated[Any, BeforeValidator(bad), Tag(_BAD_TAG)],
+    ]
+    if other is not None:
+        members.append(Annotated[other, Tag(_OTHER)])
+    return Annotated[Union[tuple(members)], Discriminator(pick)]
+
+
+def rejected(code: str) -> Any:
+    """A part type the gateway refuses; the error message is the code itself."""
+
+    def reject(value: Any) -> Any:
+        raise PydanticCustomError(code, code)
+
+    return Annotated[Any, BeforeValidator(reject)]
+
+
+Image, Audio, File = rejected(UNSUPPORTED_IMAGE), rejected(UNSUPPORTED_AUDIO), rejected(UNSUPPORTED_FILE)
+FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+Temperature = Annotated[float, Field(ge=0, le=2)]
+TopP = Annotated[float, Field(ge=0, le=1)]
+Penalty = Annotated[float, Field(ge=-2, le=2)]
+PositiveInt = Annotated[int, Field(ge=1)]
+Metadata = dict[str, str]
+JsonObject = dict[str, Any]
+
+
+# ---------------------------------------------------------------- chat completions
+
+
+class TextPart(Strict):
+    text: str
+
+
+class RefusalPart(Strict):
+    refusal: str
+
+
+# Media are refused wherever a content array may hold them, whatever the role.
+_MEDIA = {"image_url": Image, "input_audio": Audio, "file": File}
+UserContent = Union[str, Annotated[list[tagged("type", {"text": TextPart, **_MEDIA})], Field(min_length=1)]]
+AssistantContent = Union[
+    str, Annotated[list[tagged("type", {"text": TextPart, "refusal": RefusalPart, **_MEDIA})], Field(min_length=1)]
+]
+
+
+class FunctionCall(Strict):
+    name: str
+    arguments: str
+
+
+class FunctionToolCall(Strict):
+    id: str
+    function: FunctionCall
+
+
+class CustomCall(Strict):
+    name: str
+    input: str
+
+
+class CustomToolCall(Strict):
+    id: str
+    custom: CustomCall
+
+
+class SystemMessage(Strict):
+    content: UserContent
+    name: str | None = None
+
+
+class UserMessage(Strict):
+    content: UserContent
+    name: str | None = None
+
+
+class AssistantMessage(Strict):
+    content: AssistantContent | None = None
+    name: str | None = None
+    refusal: str | None = None
+    tool_calls: list[tagged("type", {"function": FunctionToolCall, "custom": CustomToolCall})] | None = None
+    function_call: FunctionCall | None = None  # legacy
+
+    @model_validator(mode="after")
+    def _content_required(self) -> AssistantMessage:
+        # OpenAI: content is required unless the message carries a call.
+        if self.content is None and not self.tool_calls and self.function_call is None:
+            raise PydanticCustomError(MISSING_FIELD, "missing", {"field": "content"})
+        return self
+
+
+class ToolMessage(Strict):
+    content: UserContent
+    tool_call_id: str
+
+
+class FunctionMessage(Strict):
+    """Legacy result of a `function_call`; converted to a tool message later."""
+
+    name: str
+    content: str | None = None
+
+
+ChatMessage = tagged(
+    "role",
+    {
+        "system": SystemMessage,
+        "developer": SystemMessage,
+        "user": UserMessage,
+        "assistant": AssistantMessage,
+        "tool": ToolMessage,
+        "function": FunctionMessage,
+    },
+)
+
+
+class FunctionDefinition(Strict):
+    name: FunctionName
+    description: str | None = None
+    parameters: JsonObject | None = None
+    strict: bool | None = None
+
+
+class FunctionTool(Strict):
+    function: FunctionDefinition
+
+
+class CustomDefinition(Strict):
+    name: str
+    description: str | None = None
+    format: JsonObject | None = None
+
+
+class CustomTool(Strict):
+    custom: CustomDefinition
+
+
+class NamedFunction(Strict):
+    name: str
+
+
+class NamedFunctionChoice(Strict):
+    function: NamedFunction
+
+
+class NamedCustomChoice(Strict):
+    custom: NamedFunction
+
+
+class AllowedTools(Strict):
+    mode: Literal["auto", "required"]
+    tools: list[JsonObject]
+
+
+class AllowedToolsChoice(Strict):
+    allowed_tools: AllowedTools
+
+
+ChatToolChoice = Union[
+    Literal["none", "auto", "required"],
+    tagged("type", {"function": NamedFunctionChoice, "custom": NamedCustomChoice, "allowed_tools": AllowedToolsChoice}),
+]
+
+
+class JsonSchemaFormat(Strict):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    description: str | None = None
+    schema_: JsonObject | None = Field(None, alias="schema")
+    strict: bool | None = None
+
+
+class JsonSchemaResponseFormat(Strict):
+    json_schema: JsonSchemaFormat
+
+
+class Empty(Strict):
+    pass
+
+
+class StreamOptions(Strict):
+    include_usage: bool | None = None
+    include_obfuscation: bool | None = None
+
+
+class ChatCompletionRequest(Strict):
+    model: str
+    messages: Annotated[list[ChatMessage], Field(min_length=1)]
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    n: Annotated[int, Field(ge=1, le=128)] | None = None
+    max_tokens: PositiveInt | None = None
+    max_completion_tokens: PositiveInt | None = None
+    stream: bool | None = None
+    stream_options: StreamOptions | None = None
+    stop: str | Annotated[list[str], Field(max_length=4)] | None = None
+    presence_penalty: Penalty | None = None
+    frequency_penalty: Penalty | None = None
+    logit_bias: dict[str, Annotated[int, Field(ge=-100, le=100)]] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
+    seed: int | None = None
+    user: str | None = None
+    metadata: Metadata | None = None
+    store: bool | None = None
+    parallel_tool_calls: bool | None = None
+    reasoning_effort: str | None = None
+    service_tier: str | None = None
+    modalities: list[str] | None = None
+    response_format: (
+        tagged("type", {"text": Empty, "json_object": Empty, "json_schema": JsonSchemaResponseFormat}) | None
+    ) = None
+    tools: list[tagged("type", {"function": FunctionTool, "custom": CustomTool})] | None = None
+    tool_choice: ChatToolChoice | None = None
+    # Legacy function calling (converted by the legacy_functions unit).
+    functions: Annotated[list[FunctionDefinition], Field(min_length=1, max_length=128)] | None = None
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
+
+
+# ---------------------------------------------------------------- Responses
+
+
+class InputText(Strict):
+    text: str
+
+
+class OutputText(Strict):
+    text: str
+
+
+_RESPONSES_MEDIA = {"input_image": Image, "input_audio": Audio, "input_file": File}
+ResponsesContent = Union[
+    str,
+    list[
+        tagged(
+            "type", {"input_text": InputText, "output_text": OutputText, "refusal": RefusalPart, **_RESPONSES_MEDIA}
+        )
+    ],
+]
+
+
+class InputMessage(Strict):
+    role: Literal["user", "assistant", "system", "developer"]
+    content: ResponsesContent
+
+
+class FunctionCallItem(Strict):
+    call_id: str
+    name: str
+    arguments: str
+    id: str | None = None
+
+
+class FunctionCallOutputItem(Strict):
+    call_id: str
+    output: str | list[tagged("type", {"input_text": InputText, "output_text": OutputText, **_RESPONSES_MEDIA})]
+
+
+class SummaryText(Strict):
+    type: Literal["summary_text"]
+    text: str
+
+
+class ReasoningItem(Strict):
+    id: str | None = None
+    summary: list[SummaryText]
+    encrypted_content: str | None = None
+
+
+InputItem = tagged(
+    "type",
+    {
+        "message": InputMessage,
+        "function_call": FunctionCallItem,
+        "function_call_output": FunctionCallOutputItem,
+        "reasoning": ReasoningItem,
+    },
+    default="message",  # `{"role": "user", "content": "hi"}` is an easy input message
+)
+
+
+class ResponsesFunctionTool(Strict):
+    name: FunctionName
+    description: str | None = None
+    parameters: JsonObject | None = None
+    strict: bool | None = None
+
+
+class OtherTool(Strict):
+    """Hosted tools (web_search, file_search, ...): the responses unit answers 400 unsupported_tool."""
+
+    type: str
+
+
+class ResponsesFunctionChoice(Strict):
+    name: str
+
+
+ResponsesToolChoice = Union[
+    Literal["none", "auto", "required"],
+    tagged(
+        "type", {"function": ResponsesFunctionChoice, "allowed_tools": AllowedTools}, other=OtherTool
+    ),
+]
+
+
+class JsonSchemaTextFormat(Strict):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
+    schema_: JsonObject = Field(alias="schema")
+    description: str | None = None
+    strict: bool | None = None
+
+
+class TextConfig(Strict):
+    format: tagged("type", {"text": Empty, "json_object": Empty, "json_schema": JsonSchemaTextFormat}) | None = None
+    verbosity: str | None = None
+
+
+class Reasoning(Strict):
+    effort: str | None = None
+    summary: str | None = None
+
+
+class ResponsesRequest(Strict):
+    model: str
+    input: str | list[InputItem] | None = None
+    instructions: str | None = None
+    tools: list[tagged("type", {"function": ResponsesFunctionTool}, other=OtherTool)] | None = None
+    tool_choice: ResponsesToolChoice | None = None
+    text: TextConfig | None = None
+    reasoning: Reasoning | None = None
+    max_output_tokens: PositiveInt | None = None
+    previous_response_id: str | None = None
+    store: bool | None = None
+    metadata: Metadata | None = None
+    temperature: Temperature | None = None
+    top_p: TopP | None = None
+    stream: bool | None = None
+    parallel_tool_calls: bool | None = None
+    user: str | None = None
+    include: list[str] | None = None
+
+
+__all__ = [
+    "BAD_TAG",
+    "MISSING_FIELD",
+    "UNSUPPORTED",
+    "ChatCompletionRequest",
+    "ResponsesRequest",
+]

@@ -1,0 +1,195 @@
+"""The benchmark harness's pieces work: the floor relays byte-for-byte, clients count right, helpers compute right.
+
+No timing assertions: these only prove that what bench/run.py measures is measured correctly.
+"""
+
+from __future__ import annotations
+
+import re
+
+import aiohttp
+import pytest
+from aiohttp.test_utils import TestServer
+
+from bench import floor, report, streams, wrk
+from bench.profiles import CHAT_PATH, RESPONSES_PATH, Proc, Profile, request_body
+from bench.streams import CHAT_SSE, RESPONSES_SSE
+
+_VOLATILE = re.compile(rb'"id":"chatcmpl-mock-\d+"|"created":\d+')
+
+
+def _stable(data: bytes) -> bytes:
+    """The reply without the two fields the provider changes per request."""
+    return _VOLATILE.sub(b"", data)
+
+
+@pytest.fixture
+async def floor_url(mock):
+    server = TestServer(floor.make_app(mock.url), host="127.0.0.1", port=0)
+    await server.start_server()
+    yield f"http://127.0.0.1:{server.port}"
+    await server.close()
+
+
+async def _post(url: str, body: bytes, headers: dict[str, str]) -> tuple[int, str, bytes]:
+    async with aiohttp.ClientSession() as client:
+        async with client.post(url, data=body, headers={"Content-Type": "application/json", **headers}) as resp:
+            return resp.status, resp.content_type, await resp.read()
+
+
+@pytest.mark.parametrize("stream", [False, True])
+async def test_floor_relays_json_and_sse_byte_for_byte(mock, floor_url, stream):
+    body = request_body(CHAT_PATH, stream, 64)
+    headers = {"x-mock-chunks": "5"}
+    direct = await _post(mock.url + "/chat/completions", body, headers)
+    relayed = await _post(floor_url + CHAT_PATH, body, headers)
+    assert direct[0] == relayed[0] == 200
+    assert relayed[1] == ("text/event-stream" if stream else "application/json")
+    assert _stable(relayed[2]) == _stable(direct[2])
+    # The provider got the body as sent and the x-mock header passed through.
+    assert mock.requests[-1]["body"] == mock.requests[-2]["body"]
+    assert mock.requests[-1]["headers"]["x-mock-chunks"] == "5"
+
+
+async def test_floor_relays_provider_errors(mock, floor_url):
+    status, _, data = await _post(floor_url + CHAT_PATH, b'{"model": "m"}', {})
+    assert status == 400 and b"messages" in data
+
+
+async def test_paced_streams_count_every_chunk(mock, floor_url):
+    headers = {"x-mock-chunks": "6", "x-mock-delay-ms": "2"}
+    results = await streams.paced_streams(floor_url + CHAT_PATH, request_body(CHAT_PATH, True, 64), headers, 20, CHAT_SSE)
+    assert len(results) == 20
+    for r in results:
+        assert (r.status, r.error, r.complete, r.chunks) == (200, "", True, CHAT_SSE.expected(6))
+        assert len(r.gaps) == r.chunks - 1 and 0 < r.first_chunk <= r.done
+
+
+async def test_open_streams_samples_while_all_are_open(mock):
+    seen: list[int] = []
+
+    async def sample() -> str:
+        seen.append(mock.stats["streams_started"] - mock.stats["client_disconnects"])
+        return "sampled"
+
+    headers = {"x-mock-chunks": "1", "x-mock-delay-ms": "60000"}
+    at_sample, sampled, results = await streams.open_streams(
+        mock.url + "/chat/completions", request_body(CHAT_PATH, True, 16), headers, 30, CHAT_SSE, sample, open_timeout=10
+    )
+    assert (at_sample, sampled, seen) == (30, "sampled", [30])
+    assert all(r.status == 200 and not r.error for r in results)
+
+
+async def test_open_streams_counts_failures_without_waiting(mock):
+    async def sample() -> None:
+        return None
+
+    headers = {"x-mock-fail-status": "500"}
+    at_sample, _, results = await streams.open_streams(
+        mock.url + "/chat/completions", request_body(CHAT_PATH, True, 16), headers, 5, CHAT_SSE, sample, open_timeout=30
+    )
+    assert at_sample == 0 and all(r.status == 500 and r.error.startswith("HTTP 500") for r in results)
+
+
+async def test_sequential_client_reports_failures(mock):
+    ok = await streams.sequential(mock.url + "/chat/completions", request_body(CHAT_PATH, False, 4), {}, 0.2, warmup=2)
+    assert ok.failures == 0 and ok.latencies and all(x > 0 for x in ok.latencies)
+    bad = await streams.sequential(mock.url + "/chat/completions", b"{}", {}, 0.1, warmup=0)
+    assert bad.failures > 0 and not bad.latencies and bad.first_failure.startswith("HTTP 400")
+
+
+def test_responses_sse_counts_only_nonempty_text_deltas():
+    assert RESPONSES_SSE.is_chunk(b'event: response.output_text.delta\ndata: {"delta":"hi "}')
+    assert not RESPONSES_SSE.is_chunk(b'event: response.output_text.delta\ndata: {"delta":""}')
+    assert not RESPONSES_SSE.is_chunk(b"event: response.created\ndata: {}")
+    assert CHAT_SSE.is_chunk(b"data: {}") and not CHAT_SSE.is_chunk(b"data: [DONE]")
+    assert CHAT_SSE.expected(50) == 52 and RESPONSES_SSE.expected(50) == 50
+
+
+def test_request_bodies_per_endpoint():
+    assert b'"input"' in request_body(RESPONSES_PATH, True, 8) and b'"stream":true' in request_body(RESPONSES_PATH, True, 8)
+    assert b'"messages"' in request_body(CHAT_PATH, False, 8) and b"stream" not in request_body(CHAT_PATH, False, 8)
+
+
+def test_percentile_interpolates():
+    values = list(range(1, 101))
+    assert report.percentile(values, 50) == pytest.approx(50.5)
+    assert report.percentile(values, 99) == pytest.approx(99.01)
+    assert report.percentile(values, 0) == 1 and report.percentile(values, 100) == 100
+    assert report.percentile([7.0], 99) == 7.0
+    with pytest.raises(ValueError):
+        report.percentile([], 50)
+
+
+def test_aggregate_and_ratios():
+    cell = report.aggregate([{"rps": 100.0}, {"rps": 300.0}, {"rps": 200.0}])
+    assert cell == {"rps": {"median": 200.0, "min": 100.0, "max": 300.0}}
+    floor_cell = report.aggregate([{"rps": 400.0}])
+    assert report.ratio(cell, floor_cell, "rps") == 0.5
+    assert report.fmt_ratio(0.5) == "50%" and report.fmt(cell, "rps", 0) == "200 [100–300]"
+    failed = report.aggregate([{"rps": 1.0}, {"failed": "2 chunks lost"}])
+    assert failed == {"failed": "2 chunks lost"}
+    assert report.fmt(failed, "rps") == "FAILED" and report.ratio(failed, floor_cell, "rps") is None
+
+
+def test_issue_targets_verdicts():
+    summary = {
+        "throughput_64c": {"floor": report.aggregate([{"rps": 1000.0}]), "governed": report.aggregate([{"rps": 650.0}]),
+                           "passthrough": report.aggregate([{"rps": 850.0}])},
+        "latency_1c": {"governed": {"failed": "boom"}},
+    }
+    lines = {d: (fig, v) for d, fig, v in report.target_lines(summary)}
+    assert lines["governed throughput >= 60% of floor (64 conn)"] == ("65%", "PASS")
+    assert lines["passthrough throughput >= 90% of floor (64 conn)"] == ("85%", "MISS")
+    assert lines["governed added latency p50 <= 0.6 ms (1 conn)"] == ("FAILED", "FAILED")
+    assert lines["governed RSS <= 150 MB (1,000 open streams)"] == ("-", "n/a")
+
+
+def test_render_table_aligns_columns():
+    text = report.render_table(["target", "req/s"], [["floor", "10"], ["governed", "1234"]])
+    assert text.splitlines() == ["target    req/s", "--------  -----", "floor        10", "governed   1234"]
+
+
+WRK_OUTPUT = """Running 1s test @ http://127.0.0.1:9911/v1/chat/completions
+  1 threads and 4 connections
+  Thread Stats   Avg      Stdev     Max   +/- Stdev
+    Latency     2.79ms    4.05ms  25.21ms   84.54%
+    Req/Sec     4.11k     5.01k   14.44k    80.00%
+  Latency Distribution
+     50%  430.00us
+     75%    4.11ms
+     90%    8.90ms
+     99%    1.20s
+  4132 requests in 1.04s, 2.25MB read
+  Socket errors: connect 0, read 2, write 0, timeout 1
+  Non-2xx or 3xx responses: 17
+Requests/sec:   3989.84
+Transfer/sec:      2.18MB
+"""
+
+
+def test_wrk_report_parsing_and_script():
+    rep = wrk.parse(WRK_OUTPUT)
+    assert (rep.requests, rep.rps, rep.non_2xx, rep.socket_errors) == (4132, 3989.84, 17, 3)
+    assert rep.p50_ms == pytest.approx(0.43) and rep.p99_ms == pytest.approx(1200.0) and rep.seconds == pytest.approx(1.04)
+    clean = wrk.parse(WRK_OUTPUT.replace("  Socket errors: connect 0, read 2, write 0, timeout 1\n", "").replace("  Non-2xx or 3xx responses: 17\n", ""))
+    assert (clean.non_2xx, clean.socket_errors) == (0, 0)
+    with pytest.raises(ValueError):
+        wrk.parse("unable to connect to 127.0.0.1:1 Connection refused")
+    script = wrk.lua_script(b'{"a": 1}', {"Authorization": "Bearer k"})
+    assert 'wrk.body = [==[{"a": 1}]==]' in script and 'wrk.headers["Authorization"] = "Bearer k"' in script
+
+
+def test_profiles_report_missing_units():
+    assert Profile("x", "", pipeline=["auth"]).governed
+    assert not Profile("y", "", pipeline=[]).governed and Profile("y", "", pipeline=[]).missing_units() == []
+
+
+async def test_proc_reads_cpu_and_rss(tmp_path):
+    proc = Proc("sleeper", ["-c", "import time; sum(range(10**6)); time.sleep(30)"], None, tmp_path)
+    try:
+        await proc.quiesce(limit=5)
+        assert proc.alive() and proc.rss_mb() > 1 and proc.cpu_seconds() >= 0
+    finally:
+        proc.stop()
+    assert not proc.alive()

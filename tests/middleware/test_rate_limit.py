@@ -1,0 +1,213 @@
+"""The rate-limit unit: rpm and concurrency held across real gateway processes sharing one Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+import time
+
+import openai
+import pytest
+
+from proxy.accounts import Accounts
+from proxy.settings import StoreSettings
+from proxy.store import Store
+from tests.support import REDIS_URL, make_settings, settings_data, spawn_gateway
+
+CHAT = {"model": "sovereign-alpha", "messages": [{"role": "user", "content": "count to eight"}]}
+
+
+@pytest.fixture
+async def accounts(redis_prefix):
+    store = Store(StoreSettings(url=REDIS_URL, prefix=redis_prefix))
+    await store.connect()
+    yield Accounts(store)
+    await store.close()
+
+
+async def two_gateways(mock, redis_prefix, tmp_path, **units):
+    data = settings_data(mock.url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=["auth", "rate_limit"], units=units)
+    return await asyncio.gather(spawn_gateway(data, tmp_path, "a"), spawn_gateway(data, tmp_path, "b"))
+
+
+def stop(*procs) -> None:
+    for proc in procs:
+        proc.signal(signal.SIGTERM)
+    for proc in procs:
+        proc.wait(20)
+
+
+async def outcome(coro) -> object:
+    try:
+        return await coro
+    except openai.APIStatusError as exc:
+        return exc
+
+
+def assert_rate_limited(exc: object) -> int:
+    assert isinstance(exc, openai.RateLimitError), exc
+    assert exc.code == "rate_limit_exceeded"
+    assert exc.body["type"] == "rate_limit_error"
+    retry_after = exc.response.headers["retry-after"]
+    assert retry_after.isdigit() and int(retry_after) >= 1
+    return int(retry_after)
+
+
+async def test_rpm_is_one_limit_across_two_processes(mock, redis_prefix, tmp_path, accounts):
+    (proc_a, base_a), (proc_b, base_b) = await two_gateways(mock, redis_prefix, tmp_path)
+    try:
+        await accounts.create_tenant("acme")
+        key, _ = await accounts.create_key("acme", rpm=20)
+        clients = [openai.AsyncOpenAI(base_url=b + "/v1", api_key=key, max_retries=0) for b in (base_a, base_b)]
+        results = await asyncio.gather(
+            *(outcome(clients[i % 2].chat.completions.create(**CHAT)) for i in range(100))
+        )
+        served = [r for r in results if not isinstance(r, Exception)]
+        refused = [r for r in results if isinstance(r, Exception)]
+        assert len(served) == 20
+        assert len(refused) == 80
+        retry_afters = {assert_rate_limited(r) for r in refused}
+        assert all(1 <= s <= 60 for s in retry_afters)
+        assert mock.stats["requests"] == 20
+        for client in clients:
+            await client.close()
+    finally:
+        stop(proc_a, proc_b)
+
+
+async def test_concurrency_never_exceeds_the_limit_across_two_processes(mock, redis_prefix, tmp_path, accounts):
+    (proc_a, base_a), (proc_b, base_b) = await two_gateways(mock, redis_prefix, tmp_path)
+    try:
+        await accounts.create_tenant("acme")
+        key, _ = await accounts.create_key("acme", max_concurrency=3)
+        clients = [
+            openai.AsyncOpenAI(base_url=b + "/v1", api_key=key, max_retries=0, default_headers={"x-mock-delay-ms": "60"})
+            for b in (base_a, base_b)
+        ]
+        peak = 0
+        sampling = True
+
+        async def sample() -> None:
+            nonlocal peak
+            while sampling:
+                s = mock.stats
+                peak = max(peak, s["streams_started"] - s["streams_completed"] - s["client_disconnects"])
+                await asyncio.sleep(0.002)
+
+        async def streamed(client: openai.AsyncOpenAI) -> str:
+            stream = await client.chat.completions.create(**CHAT, stream=True)
+            return "".join([c.choices[0].delta.content or "" async for c in stream if c.choices])
+
+        sampler = asyncio.create_task(sample())
+        # Stream length: 9 events x 60 ms, far longer than it takes to send 20 requests.
+        results = await asyncio.gather(*(outcome(streamed(clients[i % 2])) for i in range(20)))
+        sampling = False
+        await sampler
+        served = [r for r in results if isinstance(r, str)]
+        assert len(served) == 3 and all(served)
+        for r in results:
+            if not isinstance(r, str):
+                assert_rate_limited(r)
+        assert peak == 3
+        # Every slot came back when its stream ended: the next three run again, on both replicas.
+        again = await asyncio.gather(*(streamed(clients[i % 2]) for i in range(3)))
+        assert all(again)
+        for client in clients:
+            await client.close()
+    finally:
+        stop(proc_a, proc_b)
+
+
+async def test_slots_come_back_after_errors_and_disconnects(mock, gateway_factory, store_url, redis_prefix):
+    settings = make_settings(mock.url, store_url=store_url, prefix=redis_prefix, pipeline=["auth", "rate_limit"])
+    running = await gateway_factory(settings)
+    accounts = Accounts(running.gateway.store)
+    await accounts.create_tenant("acme")
+    key, record = await accounts.create_key("acme", max_concurrency=1)
+    client = running.openai(key)
+    lease_key = running.gateway.store.tenant_key("acme", "rl", record.id, "inflight")
+
+    async def in_flight() -> int:
+        await running.gateway.drain()  # releases run as background tasks
+        return await running.gateway.store.redis.zcard(lease_key)
+
+    # JSON: released as soon as the reply is complete.
+    for _ in range(3):
+        assert (await client.chat.completions.create(**CHAT)).choices
+    assert await in_flight() == 0
+    # The provider fails: 502, and the slot is free again.
+    with pytest.raises(openai.APIStatusError) as failed:
+        await client.chat.completions.create(**CHAT, extra_headers={"x-mock-fail-status": "500"})
+    assert failed.value.status_code == 502
+    assert await in_flight() == 0
+    # The provider cuts a stream: released too.
+    stream = await client.chat.completions.create(**CHAT, stream=True, extra_headers={"x-mock-cut-after": "2"})
+    with pytest.raises(Exception):
+        async for _ in stream:
+            pass
+    assert await in_flight() == 0
+    # The client walks away mid-stream: released.
+    stream = await client.chat.completions.create(**CHAT, stream=True, extra_headers={"x-mock-delay-ms": "200"})
+    async for _ in stream:
+        break
+    assert await in_flight() == 1
+    # While it is open, a second request is refused.
+    assert_rate_limited(await outcome(client.chat.completions.create(**CHAT)))
+    await stream.close()
+    deadline = time.monotonic() + 5
+    while await in_flight() and time.monotonic() < deadline:
+        await asyncio.sleep(0.02)
+    assert await in_flight() == 0
+    assert (await client.chat.completions.create(**CHAT)).choices
+
+
+async def test_rpm_parity_and_keys_without_limits_touch_no_limit_state(mock, gateway_factory, store_url, redis_prefix):
+    settings = make_settings(mock.url, store_url=store_url, prefix=redis_prefix, pipeline=["auth", "rate_limit"])
+    running = await gateway_factory(settings)
+    accounts = Accounts(running.gateway.store)
+    await accounts.create_tenant("acme")
+    limited, _ = await accounts.create_key("acme", rpm=3)
+    free, _ = await accounts.create_key("acme")
+    results = [await outcome(running.openai(limited).chat.completions.create(**CHAT)) for _ in range(5)]
+    assert [isinstance(r, Exception) for r in results] == [False, False, False, True, True]
+    # The window is 60 s: the wait until the first admission leaves it.
+    assert 55 <= assert_rate_limited(results[-1]) <= 60
+    redis = running.gateway.store.redis
+    before = sorted([k async for k in redis.scan_iter(match=f"{redis_prefix}:*")])
+    for _ in range(10):
+        assert (await running.openai(free).chat.completions.create(**CHAT)).choices
+    after = sorted([k async for k in redis.scan_iter(match=f"{redis_prefix}:*")])
+    assert before == after  # unlimited keys write no rate-limit state
+
+
+async def test_a_killed_gateway_leaks_no_slot_beyond_the_lease(mock, redis_prefix, tmp_path, accounts):
+    data = settings_data(
+        mock.url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=["auth", "rate_limit"],
+        units={"rate_limit": {"concurrency_lease_seconds": 1.5}},
+    )
+    (proc_a, base_a), (proc_b, base_b) = await asyncio.gather(
+        spawn_gateway(data, tmp_path, "a"), spawn_gateway(data, tmp_path, "b")
+    )
+    try:
+        await accounts.create_tenant("acme")
+        key, _ = await accounts.create_key("acme", max_concurrency=1)
+        a = openai.AsyncOpenAI(base_url=base_a + "/v1", api_key=key, max_retries=0)
+        b = openai.AsyncOpenAI(base_url=base_b + "/v1", api_key=key, max_retries=0)
+        stream = await a.chat.completions.create(**CHAT, stream=True, extra_headers={"x-mock-delay-ms": "500"})
+        async for _ in stream:
+            break
+        proc_a.stop()  # SIGKILL: no release
+        killed_at = time.monotonic()
+        assert_rate_limited(await outcome(b.chat.completions.create(**CHAT)))
+        while time.monotonic() - killed_at < 5:
+            result = await outcome(b.chat.completions.create(**CHAT))
+            if not isinstance(result, Exception):
+                break
+            assert_rate_limited(result)
+            await asyncio.sleep(0.1)
+        assert not isinstance(result, Exception)
+        assert time.monotonic() - killed_at < 2.5
+        await a.close()
+        await b.close()
+    finally:
+        stop(proc_a, proc_b)

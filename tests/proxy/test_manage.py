@@ -1,0 +1,89 @@
+"""`sovereign tenants …` / `sovereign keys …` as real subprocesses against the real Redis."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from tests.support import REDIS_URL, REPO
+
+
+@pytest.fixture
+def sovereign(redis_prefix):
+    env = {**os.environ, "SOVEREIGN_STORE_URL": REDIS_URL, "SOVEREIGN_STORE__PREFIX": redis_prefix}
+    env.pop("SOVEREIGN_CONFIG", None)
+
+    def run(*args: str, ok: bool = True, store_url: str | None = None) -> subprocess.CompletedProcess:
+        run_env = env if store_url is None else {**env, "SOVEREIGN_STORE_URL": store_url}
+        proc = subprocess.run([sys.executable, "-m", "proxy", *args], cwd=REPO, env=run_env, capture_output=True,
+                              text=True, timeout=30)
+        assert (proc.returncode == 0) == ok, (proc.returncode, proc.stdout, proc.stderr)
+        return proc
+
+    return run
+
+
+def test_tenant_and_key_workflow(sovereign):
+    created = json.loads(sovereign("tenants", "create", "acme", "--credits", "1000", "--json").stdout)
+    assert (created["id"], created["balance"], created["reserved"]) == ("acme", 1000, 0)
+    assert "already exists" in sovereign("tenants", "create", "acme", ok=False).stderr
+
+    first = sovereign("tenants", "topup", "acme", "250", "--idempotency-key", "inv-7")
+    assert "added 250" in first.stdout and "1250" in first.stdout
+    again = sovereign("tenants", "topup", "acme", "250", "--idempotency-key", "inv-7", "--json")
+    assert json.loads(again.stdout)["balance"] == 1250  # applied once
+    auto = sovereign("tenants", "topup", "acme", "5")
+    assert "idempotency key: auto-" in auto.stderr
+
+    show = sovereign("tenants", "show", "acme").stdout
+    assert [line.split() for line in show.splitlines()][:2] == [["tenant", "acme"], ["balance", "1255"]]
+    ledger = json.loads(sovereign("tenants", "ledger", "acme", "--limit", "2", "--json").stdout)
+    assert [e["credits"] for e in ledger["data"]] == [5, 250]
+    table = sovereign("tenants", "ledger", "acme").stdout.splitlines()
+    assert table[0].split() == ["TIME", "TYPE", "CREDITS", "BALANCE", "ENTRY"] and len(table) == 4
+
+    key = json.loads(sovereign("keys", "create", "--tenant", "acme", "--name", "ci", "--models", "sovereign-alpha",
+                               "--rpm", "60", "--max-concurrency", "2", "--json").stdout)
+    assert key["key"].startswith("sk-sov-live-") and key["models"] == ["sovereign-alpha"] and key["rpm"] == 60
+    readable = sovereign("keys", "create", "--tenant", "acme").stdout
+    assert readable.splitlines()[0].startswith("sk-sov-live-") and "shown once" in readable
+
+    listed = sovereign("keys", "list", "--tenant", "acme", "--json").stdout
+    assert key["key"] not in listed and len(json.loads(listed)["data"]) == 2
+    rows = sovereign("keys", "list", "--tenant", "acme").stdout.splitlines()
+    assert rows[0].split()[:3] == ["ID", "NAME", "STATUS"] and len(rows) == 3
+    assert "sk-sov-live-" not in "\n".join(rows)
+    assert rows[0].index("STATUS") == rows[1].index("active")  # aligned columns
+
+    revoked = json.loads(sovereign("keys", "revoke", key["id"], "--json").stdout)
+    assert revoked["revoked_at"] is not None
+    assert "revoked" in sovereign("keys", "list", "--tenant", "acme").stdout
+
+
+def test_errors_are_one_clear_line_and_nonzero(sovereign):
+    sovereign("tenants", "create", "acme")
+    cases = [
+        (("tenants", "show", "nobody"), "No such tenant"),
+        (("tenants", "create", "bad id!"), "tenant id"),
+        (("tenants", "topup", "acme", "0"), "between"),
+        (("tenants", "ledger", "acme", "--limit", "0"), "--limit"),
+        (("keys", "create", "--tenant", "acme", "--models", "sovereign-alpha,gpt-x"), "models[1]"),
+        (("keys", "create", "--tenant", "acme", "--rpm", "0"), "rpm"),
+        (("keys", "create", "--tenant", "nobody"), "No such tenant"),
+        (("keys", "revoke", "key_nope"), "No such key"),
+    ]
+    for args, message in cases:
+        proc = sovereign(*args, ok=False)
+        assert message in proc.stderr, (args, proc.stderr)
+        assert "Traceback" not in proc.stderr and proc.stdout == ""
+
+
+def test_unreachable_store_and_memory_warning(sovereign):
+    down = sovereign("tenants", "show", "acme", ok=False, store_url="redis://127.0.0.1:1")
+    assert "cannot reach the store" in down.stderr and "Traceback" not in down.stderr
+    memory = sovereign("tenants", "create", "acme", store_url="memory://")
+    assert "memory://" in memory.stderr and "lost" in memory.stderr

@@ -190,6 +190,10 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes | None = None
     events: AsyncIterator[SSEEvent] | None = None
+    # Closes the provider connection; the relay calls it when the stream is
+    # dropped before its first event was requested (an async generator that
+    # never started skips its own cleanup when closed).
+    on_close: Callable[[], None] | None = None
     _json: Any = None
 
     @classmethod

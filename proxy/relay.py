@@ -59,10 +59,12 @@ async def send_stream(
     headers = _headers(reply, call)
     headers.update(SSE_HEADERS)
     response = web.StreamResponse(status=reply.status, headers=headers)
-    await response.prepare(request)
     events = reply.events
+    started = False
     request[STREAM_OUTCOME] = "completed"
     try:
+        await response.prepare(request)
+        started = True
         if keepalive:
             events = _with_keepalive(events, keepalive)
         async for event in events:
@@ -85,8 +87,11 @@ async def send_stream(
         if events is not reply.events:
             await events.aclose()
         await reply.events.aclose()
-    with suppress(*CLIENT_GONE):
-        await response.write_eof()
+        if not started and reply.on_close is not None:
+            reply.on_close()
+    if request[STREAM_OUTCOME] != "client_disconnected":
+        with suppress(*CLIENT_GONE):
+            await response.write_eof()
     return response
 
 

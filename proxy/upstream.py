@@ -179,7 +179,9 @@ class UpstreamRouter:
         upstream.breaker.success()
         passthrough = response_headers_for_client(response.headers)
         if stream and response.content_type == "text/event-stream":
-            return Reply(status=status, headers=passthrough, events=self._events(upstream, response))
+            return Reply(
+                status=status, headers=passthrough, events=self._events(upstream, response), on_close=response.close
+            )
         try:
             data = await response.read()
         except (aiohttp.ClientError, TimeoutError) as exc:

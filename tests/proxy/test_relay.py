@@ -96,3 +96,49 @@ async def test_sdk_stream_raises_on_mid_stream_failure(passthrough):
     with pytest.raises(openai.APIError):
         async for _ in stream:
             pass
+
+
+class _GoneWriter:
+    """A payload writer whose client vanished before the headers could be sent."""
+
+    buffer_size = 0
+    output_size = 0
+
+    async def write_headers(self, status_line, headers):
+        raise ConnectionResetError("client went away")
+
+    def enable_chunking(self):
+        pass
+
+    def enable_compression(self, *args, **kwargs):
+        pass
+
+
+async def test_stream_dropped_before_its_first_event_closes_the_provider_response():
+    from aiohttp.test_utils import make_mocked_request
+
+    from proxy.call import Call, Reply, SSEEvent
+    from proxy.http import STREAM_OUTCOME
+    from proxy.relay import send_stream
+
+    closed = []
+
+    async def never_started():
+        yield SSEEvent(b"data: {}\n\n")
+
+    request = make_mocked_request("POST", "/v1/chat/completions", writer=_GoneWriter())
+    reply = Reply(events=never_started(), on_close=lambda: closed.append(True))
+    call = Call("chat.completions", {}, b"{}", request.headers, "req_test")
+    await send_stream(request, reply, call)
+    assert closed == [True]
+    assert request[STREAM_OUTCOME] == "client_disconnected"
+
+
+async def test_provider_response_is_returned_to_the_pool_after_a_full_stream(mock, passthrough):
+    # Two streams in a row on the gateway's pool: the first finished cleanly, so
+    # closing hooks did not tear its connection down and the provider saw one connection.
+    for _ in range(2):
+        status, body = await post_raw(passthrough.v1 + "/chat/completions", CHAT)
+        assert status == 200 and body.endswith(b"data: [DONE]\n\n")
+    assert mock.stats["streams_completed"] == 2
+    assert mock.stats["client_disconnects"] == 0

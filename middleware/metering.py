@@ -75,6 +75,8 @@ log = structlog.get_logger("sovereign")
 # together they outlast a Redis restart or fail-over (~8 s).
 RETRY_PAUSES = (0.05, 0.2, 0.5, 1.0, 2.0, 4.0)
 CAP_FIELDS = ("max_completion_tokens", "max_tokens")
+# How providers spell the `"usage": null` they add to chunks under include_usage.
+USAGE_NULL_FIELDS = (b',"usage":null', b', "usage": null')
 # Delta fields whose text counts as produced output.
 TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 
@@ -423,6 +425,11 @@ class MeteredStream:
             return None  # the extra usage chunk
         rest = dict(obj)
         del rest["usage"]
+        for field in USAGE_NULL_FIELDS:
+            # Cutting the field out of the provider's bytes gives exactly what it
+            # sends without include_usage, and costs no re-serialisation.
+            if field in event.raw:
+                return SSEEvent.with_json(event.raw.replace(field, b"", 1), rest)
         return SSEEvent.from_json(rest)
 
 

@@ -65,6 +65,14 @@ class SSEEvent:
         ev._parsed = True
         return ev
 
+    @classmethod
+    def with_json(cls, raw: bytes, obj: Any) -> SSEEvent:
+        """An event from known bytes whose payload is already parsed as `obj`."""
+        ev = cls(raw)
+        ev._json = obj
+        ev._parsed = True
+        return ev
+
     @property
     def data(self) -> bytes | None:
         """The joined `data:` field values, or None for a comment-only event."""

@@ -24,13 +24,14 @@ Per request, for a priced model:
    ``max(content chunks, ceil(characters / 4))`` output tokens, never above
    the cap. No output produced → no charge, the hold is released.
 
-Settlement timing: JSON replies settle inline (one EVALSHA, so a client that
-reads ``/v1/credits`` right after sees the charge and its next request does
-not meet a stale hold); streams settle in ``gateway.spawn`` after the last
-event, adding no latency and awaited at shutdown. A write that fails on a
-store error is retried in the background (~8 s); when every attempt fails the
-hold expires by itself, nothing is charged, and ``metering.settle_failed`` is
-logged as an error with the request id, tenant and cost.
+Settlement timing: the settlement write never delays the reply. JSON replies
+and streams both settle in ``gateway.spawn`` once the reply is complete
+(shutdown awaits pending settlements, so none is lost); until it lands the
+request's hold still counts against the balance, so nothing can be overspent
+in between. A write that fails on a store error is retried (~8 s); when every
+attempt fails the hold expires by itself, nothing is charged, and
+``metering.settle_failed`` is logged as an error with the request id, tenant
+and cost.
 
 Balance bound: the charge is the actual usage, so the balance can go below
 zero only when the provider's prompt tokens exceed the prompt estimate — at
@@ -164,7 +165,10 @@ class MeteringUnit(Unit):
             return reply
         body = reply.json()
         chars = _message_chars(body) if isinstance(body, dict) else 0
-        await self._settle(ticket, body.get("usage") if isinstance(body, dict) else None, 0, chars, inline=True)
+        usage = body.get("usage") if isinstance(body, dict) else None
+        # Off the critical path: the reply does not wait for the ledger write,
+        # and shutdown waits for it (gateway.drain), so it is never lost.
+        self.gateway.spawn(self._settle(ticket, usage, 0, chars, inline=False), "metering.settle")
         return reply
 
     async def _open(self, call: Call, model: str, pricing: Pricing) -> Ticket:
@@ -251,9 +255,9 @@ class MeteringUnit(Unit):
         cost = pricing.cost(input_tokens, output_tokens, cached)
         call.credits, call.usage_source = cost, source
         metrics = self.gateway.metrics
-        metrics.tokens.labels("input", ticket.model).inc(input_tokens)
-        metrics.tokens.labels("output", ticket.model).inc(output_tokens)
-        metrics.credits.labels(ticket.model, source).inc(cost)
+        metrics.child(metrics.tokens, "input", ticket.model).inc(input_tokens)
+        metrics.child(metrics.tokens, "output", ticket.model).inc(output_tokens)
+        metrics.child(metrics.credits, ticket.model, source).inc(cost)
         entry = orjson.dumps(
             {
                 "type": "charge",

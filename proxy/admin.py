@@ -8,7 +8,7 @@ It is present only when ``admin.token`` is set. Every request needs
 API keys are not admin tokens. Request bodies are validated with pydantic
 (unknown fields refused) and every error is OpenAI-shaped with ``param``.
 
-The request models and `check_key_request` are shared with the CLI
+The request models and `create_key_from` are shared with the CLI
 (`proxy/manage.py`), so both accept exactly the same input.
 """
 
@@ -86,6 +86,19 @@ def check_key_request(request: KeyCreate, settings: Settings) -> None:
         raise invalid_request("`expires_at` must be a future unix time in seconds.", param="expires_at")
 
 
+async def create_key_from(accounts: Accounts, request: KeyCreate, settings: Settings) -> tuple[str, Any]:
+    """Check a validated key request and create the key: (plaintext, record)."""
+    check_key_request(request, settings)
+    return await accounts.create_key(
+        request.tenant,
+        name=request.name,
+        models=request.models,
+        rpm=request.rpm,
+        max_concurrency=request.max_concurrency,
+        expires_at=request.expires_at,
+    )
+
+
 def new_idempotency_key() -> str:
     return "auto-" + secrets.token_hex(12)
 
@@ -128,15 +141,7 @@ async def ledger(request: web.Request) -> web.Response:
 
 async def create_key(request: web.Request) -> web.Response:
     body = await _body(request, KeyCreate)
-    check_key_request(body, request.app[GATEWAY].settings)
-    plaintext, record = await request.app[ACCOUNTS].create_key(
-        body.tenant,
-        name=body.name,
-        models=body.models,
-        rpm=body.rpm,
-        max_concurrency=body.max_concurrency,
-        expires_at=body.expires_at,
-    )
+    plaintext, record = await create_key_from(request.app[ACCOUNTS], body, request.app[GATEWAY].settings)
     return web.json_response({**record.public(), "key": plaintext}, status=201)
 
 

@@ -58,29 +58,27 @@ _NOT_RETURNED = HOP_BY_HOP | {
 _NOT_RETURNED_PREFIXES = ("x-ratelimit-", "cf-", "x-envoy-")
 
 
-def _connection_tokens(headers: Mapping[str, str]) -> set[str]:
+def _connection_tokens(headers: Mapping[str, str]) -> frozenset[str]:
     # Headers named in `Connection` are hop-by-hop for this message too.
-    value = headers.get("connection") or headers.get("Connection") or ""
-    return {token.strip().lower() for token in value.split(",") if token.strip()}
+    value = headers.get("Connection") or headers.get("connection")
+    if not value:
+        return frozenset()
+    return frozenset(token.strip().lower() for token in value.split(",") if token.strip())
 
 
 def request_headers_for_upstream(client_headers: Mapping[str, str]) -> dict[str, str]:
     """The client's headers that may travel on to the provider."""
     extra = _connection_tokens(client_headers)
-    return {
-        name: value
-        for name, value in client_headers.items()
-        if (lower := name.lower()) not in _NOT_FORWARDED and lower not in extra
-    }
+    drop = _NOT_FORWARDED | extra if extra else _NOT_FORWARDED
+    return {name: value for name, value in client_headers.items() if name.lower() not in drop}
 
 
 def response_headers_for_client(upstream_headers: Mapping[str, str]) -> dict[str, str]:
     """The provider's response headers that may travel back to the client."""
     extra = _connection_tokens(upstream_headers)
+    drop = _NOT_RETURNED | extra if extra else _NOT_RETURNED
     return {
         name: value
         for name, value in upstream_headers.items()
-        if (lower := name.lower()) not in _NOT_RETURNED
-        and lower not in extra
-        and not lower.startswith(_NOT_RETURNED_PREFIXES)
+        if (lower := name.lower()) not in drop and not lower.startswith(_NOT_RETURNED_PREFIXES)
     }

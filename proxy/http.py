@@ -122,10 +122,10 @@ class AccessLogger(AbstractAccessLogger):
         labels = [route, public_model, str(status)]
         if metrics.tenant_labels:
             labels.append(call.principal.tenant if call is not None else "")
-        metrics.requests.labels(*labels).inc()
-        metrics.duration.labels(route).observe(time_taken)
+        metrics.child(metrics.requests, *labels).inc()
+        metrics.child(metrics.duration, route).observe(time_taken)
         if call is not None and call.upstream is not None and call.upstream_latency is not None:
-            metrics.upstream_latency.labels(call.upstream).observe(call.upstream_latency)
+            metrics.child(metrics.upstream_latency, call.upstream).observe(call.upstream_latency)
         if gateway.settings.logging.access_log:
             self._line(request, status, time_taken, call, public_model)
 

@@ -22,7 +22,7 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from .accounts import Accounts
-from .admin import CreditTopUp, KeyCreate, TenantCreate, check_key_request, new_idempotency_key, parse_body
+from .admin import CreditTopUp, KeyCreate, TenantCreate, create_key_from, new_idempotency_key, parse_body
 from .errors import ApiError
 from .settings import Settings
 from .store import STORE_DOWN_ERRORS, Store
@@ -122,16 +122,7 @@ async def keys_create(accounts: Accounts, settings: Settings, args: argparse.Nam
     for field in ("rpm", "max_concurrency", "expires_at"):
         if getattr(args, field) is not None:
             data[field] = getattr(args, field)
-    body = parse_body(KeyCreate, data)
-    check_key_request(body, settings)
-    plaintext, record = await accounts.create_key(
-        body.tenant,
-        name=body.name,
-        models=body.models,
-        rpm=body.rpm,
-        max_concurrency=body.max_concurrency,
-        expires_at=body.expires_at,
-    )
+    plaintext, record = await create_key_from(accounts, parse_body(KeyCreate, data), settings)
     public = record.public()
     text = f"{plaintext}\n\nThis key is shown once; store it now.\n\n" + table(KEY_HEADER, [_key_row(public)])
     return {**public, "key": plaintext}, text

@@ -7,6 +7,8 @@ tenants is unbounded.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -19,6 +21,7 @@ class Metrics:
     def __init__(self, tenant_labels: bool = False) -> None:
         self.tenant_labels = tenant_labels
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self._children: dict[tuple[str, tuple[str, ...]], object] = {}
         request_labels = ["route", "model", "status"] + (["tenant"] if tenant_labels else [])
         self.requests = Counter("sovereign_requests", "Requests served, by route, model and status.", request_labels, registry=r)
         self.duration = Histogram(
@@ -46,6 +49,14 @@ class Metrics:
         self.rate_limited = Counter("sovereign_rate_limited", "Requests refused with 429 by the gateway's limits.", registry=r)
         self.store_errors = Counter("sovereign_store_errors", "Store operations that failed (unreachable or timed out).", registry=r)
         self.upstream_errors = Counter("sovereign_upstream_errors", "Provider failures, by upstream.", ["upstream"], registry=r)
+
+    def child(self, metric: Any, *labels: str) -> Any:
+        """A labelled child, cached: `labels()` takes a lock and builds a key on every call."""
+        key = (metric._name, labels)
+        found = self._children.get(key)
+        if found is None:
+            found = self._children[key] = metric.labels(*labels)
+        return found
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -27,8 +27,11 @@ async def read_json_body(request: web.Request, gateway: Gateway) -> tuple[bytes,
     if request.content_length is not None and request.content_length > limit:
         raise ApiError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
     try:
-        async with asyncio.timeout(gateway.settings.server.client_read_timeout):
+        if request.content.is_eof():  # already buffered (the usual case): no timer needed
             raw = await request.read()
+        else:
+            async with asyncio.timeout(gateway.settings.server.client_read_timeout):
+                raw = await request.read()
     except TimeoutError:
         raise ApiError(408, "The request body arrived too slowly.", code="request_timeout") from None
     except web.HTTPRequestEntityTooLarge:
@@ -61,7 +64,7 @@ def pipeline_endpoint(endpoint: str):
         if isinstance(model, str):
             request[PUBLIC_MODEL] = model
         reply = await gateway.handle(call)
-        ttfb = gateway.metrics.ttfb.labels(endpoint)
+        ttfb = gateway.metrics.child(gateway.metrics.ttfb, endpoint)
 
         def first_byte() -> None:
             ttfb.observe(time.monotonic() - call.started_at)

@@ -81,9 +81,8 @@ class StoreSettings(Section):
     )
     prefix: str = Field("sov", min_length=1, description="Prefix of every Redis key the gateway writes.")
     timeout: float = Field(1.0, gt=0, description="Seconds before a Redis command counts as failed (503 store_unavailable).")
-    max_connections: int = Field(256, ge=1, description="Redis connection pool size.")
-    pool_timeout: float = Field(
-        5.0, gt=0, description="Seconds a request waits for a free pooled Redis connection during a burst before 503."
+    max_connections: int = Field(
+        256, ge=1, description="Redis connection pool size; request-path commands beyond it wait for a free connection."
     )
 
     @field_validator("url")

@@ -66,7 +66,9 @@ class Upstream:
         self.secret = key.encode() if key else None
         t = settings.timeouts
         self.timeout = aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_read=t.idle)
-        self.first_byte = t.first_byte
+        # aiohttp's sock_read already bounds the wait for headers by `idle`; a
+        # separate timer is only needed when first_byte is the shorter bound.
+        self.first_byte = t.first_byte if t.first_byte < t.idle else None
         self.breaker = Breaker(routing.breaker_failures, routing.breaker_cooldown)
         self.session: aiohttp.ClientSession | None = None
 
@@ -164,10 +166,13 @@ class UpstreamRouter:
         if upstream.authorization:
             headers = {**headers, "Authorization": upstream.authorization}
         try:
-            async with asyncio.timeout(upstream.first_byte):
-                response = await upstream.session.post(
-                    upstream.chat_url, data=body, headers=headers, timeout=upstream.timeout
-                )
+            if upstream.first_byte is None:
+                response = await upstream.session.post(upstream.chat_url, data=body, headers=headers, timeout=upstream.timeout)
+            else:
+                async with asyncio.timeout(upstream.first_byte):
+                    response = await upstream.session.post(
+                        upstream.chat_url, data=body, headers=headers, timeout=upstream.timeout
+                    )
         except TimeoutError:
             raise _Retryable(UpstreamError("The upstream provider timed out.", timeout=True, upstream=upstream.name)) from None
         except aiohttp.ClientError:

@@ -7,7 +7,7 @@ echoed. A small in-process cache (by hash, bounded) saves the Redis round trip
 for ``cache_seconds``: a revoked key is refused by every replica within that
 bound (default 5 s), an expired key at once (expiry is checked on every
 request). Unknown keys are cached too, so a client retrying a bad key costs
-no Redis traffic.
+no Redis traffic, and concurrent lookups of one key share a single read.
 
 The unit installs ``gateway.authenticator`` so routes outside the pipeline
 (models, credits, sessions, stored responses) authenticate the same way, and
@@ -16,6 +16,7 @@ answers a model the key may not use exactly like an unknown model (404).
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 import time
 from typing import TYPE_CHECKING
@@ -64,6 +65,8 @@ class AuthUnit(Unit):
         # sha256 hex -> (record or None when unknown, its principal, monotonic fetch time).
         # Insertion order is fetch order, so the first entry is always the oldest.
         self._cache: dict[str, tuple[KeyRecord | None, Principal | None, float]] = {}
+        # Lookups under way, by digest (shared by concurrent requests).
+        self._lookups: dict[str, asyncio.Future[tuple[KeyRecord | None, Principal | None]]] = {}
 
     async def startup(self) -> None:
         self.gateway.authenticator = self.authenticate
@@ -103,10 +106,19 @@ class AuthUnit(Unit):
             hit = self._cache.get(digest)
             if hit is not None and now - hit[2] < ttl:
                 return hit[0], hit[1]
+        # Single flight: a burst of requests with the same uncached key shares
+        # one Redis read instead of sending one each.
+        pending = self._lookups.get(digest)
+        if pending is None:
+            pending = self._lookups[digest] = asyncio.ensure_future(self._fetch(digest, now if ttl > 0 else None))
+            pending.add_done_callback(lambda _: self._lookups.pop(digest, None))
+        return await asyncio.shield(pending)
+
+    async def _fetch(self, digest: str, remember_at: float | None) -> tuple[KeyRecord | None, Principal | None]:
         record = await self.accounts.lookup_digest(digest)
         principal = record.principal() if record is not None else None
-        if ttl > 0:
-            self._remember(digest, (record, principal, now))
+        if remember_at is not None:
+            self._remember(digest, (record, principal, remember_at))
         return record, principal
 
     def _remember(self, digest: str, entry: tuple[KeyRecord | None, Principal | None, float]) -> None:

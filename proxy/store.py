@@ -65,6 +65,33 @@ class Script:
             return await client.evalsha(self.sha, len(keys), *keys, *args)
 
 
+class WaitingConnectionPool(aioredis.ConnectionPool):
+    """A pool whose callers wait for a free connection during a burst.
+
+    redis-py's plain pool raises "Too many connections" when exhausted (a 503
+    for the client); its BlockingConnectionPool arms a timer for every command.
+    A semaphore costs next to nothing until the pool is actually full.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._free = asyncio.Semaphore(self.max_connections)
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        await self._free.acquire()
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except BaseException:
+            self._free.release()
+            raise
+
+    async def release(self, connection: Any) -> None:
+        try:
+            await super().release(connection)
+        finally:
+            self._free.release()
+
+
 class Store:
     """One connection pool and the loaded scripts, shared by the whole process."""
 
@@ -75,10 +102,6 @@ class Store:
         self.durable = not self.url.startswith("memory://")
         self.redis: Any = None
         self._scripts: dict[str, Script] = {}
-        # Scripts run on the request path wait here for a free connection during a
-        # burst, instead of the pool failing with "Too many connections" (a 503).
-        # Cheaper than redis' BlockingConnectionPool, which arms a timer per command.
-        self._slots = asyncio.Semaphore(settings.max_connections)
 
     # -- lifecycle -------------------------------------------------------
     async def connect(self) -> None:
@@ -105,7 +128,8 @@ class Store:
             self.redis = RedisCluster.from_url(url, **common)
             await self.redis.initialize()
         else:
-            self.redis = aioredis.Redis.from_url(url, max_connections=self.settings.max_connections, **common)
+            pool = WaitingConnectionPool.from_url(url, max_connections=self.settings.max_connections, **common)
+            self.redis = aioredis.Redis(connection_pool=pool)
 
     async def close(self) -> None:
         if self.redis is not None:
@@ -138,5 +162,4 @@ class Store:
         return script
 
     async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        async with self._slots:
-            return await self.script(name)(self.redis, keys, args)
+        return await self.script(name)(self.redis, keys, args)

@@ -256,3 +256,32 @@ async def test_the_key_cache_is_bounded(mock, gateway_factory, redis_prefix):
         with pytest.raises(openai.AuthenticationError):
             await running.openai("sk-sov-live-" + str(i) * 40).models.list()
     assert len(unit._cache) == 3
+
+
+async def test_a_burst_with_a_cold_cache_reads_each_key_once(mock, gateway_factory, redis_prefix):
+    """Hundreds of simultaneous requests with one uncached key share one store read."""
+    import asyncio as _asyncio
+
+    from proxy.accounts import Accounts
+    from tests.support import REDIS_URL, make_settings
+
+    running = await gateway_factory(
+        make_settings(mock.url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=["auth"], admin_token=None)
+    )
+    accounts = Accounts(running.gateway.store)
+    await accounts.create_tenant("burst", 0)
+    key, _ = await accounts.create_key("burst")
+    unit = running.gateway.unit("auth")
+    reads = 0
+    original = unit.accounts.lookup_digest
+
+    async def counting(digest):
+        nonlocal reads
+        reads += 1
+        return await original(digest)
+
+    unit.accounts.lookup_digest = counting
+    client = running.openai(key)
+    results = await _asyncio.gather(*(client.models.list() for _ in range(300)))
+    assert all(page.data for page in results)
+    assert reads == 1

@@ -25,7 +25,7 @@ class Forwarder:
         self.router = gateway.router
         # Provider model name per public name, computed once.
         self._upstream_model: dict[str, str] = {}
-        for public, entry in self.settings.models.items():
+        for public in self.settings.models:
             resolved = self.settings.resolve_model(public)
             assert resolved is not None
             target_name, target = resolved

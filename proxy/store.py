@@ -29,8 +29,9 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
-from redis.retry import Retry
+from redis.asyncio.retry import Retry
 
+from .script_client import ScriptClient
 from .settings import StoreSettings
 
 LUA_DIR = Path(__file__).resolve().parent / "lua"
@@ -101,6 +102,9 @@ class Store:
         self.url = settings.url
         self.durable = not self.url.startswith("memory://")
         self.redis: Any = None
+        # The hot path's scripts go through the lean pipelined client where it
+        # applies (a single Redis); Cluster and memory:// use redis-py for them too.
+        self.script_client: ScriptClient | None = None
         self._scripts: dict[str, Script] = {}
 
     # -- lifecycle -------------------------------------------------------
@@ -122,7 +126,10 @@ class Store:
             socket_connect_timeout=self.settings.timeout,
             # One immediate retry replaces a pooled connection that died with a
             # Redis restart; more would only delay the 503 during an outage.
+            # redis-py retries only the errors listed here (not timeouts: a hung
+            # Redis should answer 503 after one timeout, not two).
             retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
         )
         if cluster:
             self.redis = RedisCluster.from_url(url, **common)
@@ -130,8 +137,13 @@ class Store:
         else:
             pool = WaitingConnectionPool.from_url(url, max_connections=self.settings.max_connections, **common)
             self.redis = aioredis.Redis(connection_pool=pool)
+            if ScriptClient.supports(url):
+                self.script_client = ScriptClient(url, self.settings.timeout)
 
     async def close(self) -> None:
+        if self.script_client is not None:
+            await self.script_client.aclose()
+            self.script_client = None
         if self.redis is not None:
             await self.redis.aclose()
             self.redis = None
@@ -162,4 +174,4 @@ class Store:
         return script
 
     async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return await self.script(name)(self.redis, keys, args)
+        return await self.script(name)(self.script_client or self.redis, keys, args)

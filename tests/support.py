@@ -181,3 +181,62 @@ async def spawn_gateway(data: dict[str, Any], tmp_path: Path, name: str = "gw") 
     base = f"http://127.0.0.1:{port}"
     await wait_http(base + "/healthz", proc=proc)
     return proc, base
+
+
+class OwnRedis:
+    """A private redis-server on a free port (never the shared one): stopped, paused, restarted by tests.
+
+    Data survives `stop()`/`start()` (append-only file, fsync always), as a
+    real deployment's Redis would across a restart.
+    """
+
+    def __init__(self, directory: Path, *extra_args: str) -> None:
+        self.port = free_port()
+        self.dir = directory
+        self.extra_args = extra_args
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}"
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen(
+            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
+             "--appendfsync", "always", "--dir", str(self.dir), "--daemonize", "no", *self.extra_args],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
+                    sock.sendall(b"PING\r\n")
+                    answer = sock.recv(64)
+                    # +PONG, or -NOAUTH from a server that wants a password: either way it is up.
+                    if answer.startswith((b"+PONG", b"-NOAUTH")):
+                        return
+            except OSError:
+                pass
+            if time.monotonic() > deadline or self.proc.poll() is not None:
+                raise RuntimeError("own redis-server did not start")
+            time.sleep(0.05)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            self.proc.wait(10)
+
+    def pause(self) -> None:
+        """SIGSTOP: the server keeps its connections but answers nothing (a hung Redis)."""
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGSTOP)
+
+    def resume(self) -> None:
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGCONT)
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGCONT)
+            self.proc.kill()
+            self.proc.wait(10)

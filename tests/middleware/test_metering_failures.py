@@ -6,7 +6,6 @@ import asyncio
 import math
 import shutil
 import signal
-import subprocess
 import time
 
 import aiohttp
@@ -18,7 +17,7 @@ from proxy.accounts import Accounts
 from proxy.settings import StoreSettings
 from proxy.store import Store
 from tests.middleware.test_metering import MESSAGES, PIPELINE, assert_ledger_matches, metered, new_tenant, prompt_tokens
-from tests.support import REDIS_URL, free_port, make_settings, settings_data, spawn_gateway
+from tests.support import REDIS_URL, OwnRedis, make_settings, settings_data, spawn_gateway
 
 
 def raw_request(max_tokens: int, stream: bool = True) -> bytes:
@@ -165,35 +164,6 @@ async def test_killed_gateway_leaves_no_hold_after_expiry(mock, redis_prefix, tm
     finally:
         proc.stop()
         await store.close()
-
-
-class OwnRedis:
-    """A redis-server of this test's own (never the shared one), durable across restarts."""
-
-    def __init__(self, tmp_path) -> None:
-        self.port = free_port()
-        self.dir = tmp_path
-        self.proc: subprocess.Popen | None = None
-
-    @property
-    def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}"
-
-    def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", str(self.dir), "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        deadline = time.monotonic() + 10
-        while subprocess.run(["redis-cli", "-p", str(self.port), "ping"], capture_output=True).stdout.strip() != b"PONG":
-            assert time.monotonic() < deadline, "own redis-server did not start"
-            time.sleep(0.05)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            self.proc.wait(10)
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")

@@ -142,7 +142,7 @@ async def test_slots_come_back_after_errors_and_disconnects(mock, gateway_factor
     assert await in_flight() == 0
     # The provider cuts a stream: released too.
     stream = await client.chat.completions.create(**CHAT, stream=True, extra_headers={"x-mock-cut-after": "2"})
-    with pytest.raises(Exception):
+    with pytest.raises(openai.APIError):
         async for _ in stream:
             pass
     assert await in_flight() == 0

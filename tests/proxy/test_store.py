@@ -7,66 +7,22 @@ never touch the shared one.
 from __future__ import annotations
 
 import asyncio
-import subprocess
 import time
-from pathlib import Path
 
 import aiohttp
 import openai
 import pytest
-import redis.asyncio as aioredis
 
 from proxy.accounts import Accounts
-from tests.support import ADMIN_TOKEN, free_port, make_settings
+from tests.support import ADMIN_TOKEN, OwnRedis, make_settings
 
 CHAT = {"model": "sovereign-alpha", "messages": [{"role": "user", "content": "hi"}]}
-
-
-class OwnRedis:
-    """A private redis-server; its data survives a stop/start through an explicit SAVE."""
-
-    def __init__(self, directory: Path) -> None:
-        self.port = free_port()
-        self.dir = directory
-        self.proc: subprocess.Popen | None = None
-        self.url = f"redis://127.0.0.1:{self.port}"
-
-    async def start(self) -> None:
-        self.proc = subprocess.Popen(
-            ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
-             "--dir", str(self.dir), "--dbfilename", "dump.rdb", "--daemonize", "no"],
-            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-        )
-        client = aioredis.Redis.from_url(self.url)
-        try:
-            for _ in range(200):
-                try:
-                    if await client.ping():
-                        return
-                except Exception:
-                    await asyncio.sleep(0.02)
-        finally:
-            await client.aclose()
-        raise RuntimeError("redis-server did not start")
-
-    async def stop(self) -> None:
-        client = aioredis.Redis.from_url(self.url)
-        await client.save()  # keep tenants and keys for the restart
-        await client.aclose()
-        assert self.proc is not None
-        self.proc.terminate()
-        self.proc.wait(10)
-
-    def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(10)
 
 
 @pytest.fixture
 async def own_redis(tmp_path):
     server = OwnRedis(tmp_path)
-    await server.start()
+    await asyncio.to_thread(server.start)
     yield server
     server.kill()
 
@@ -91,7 +47,7 @@ async def test_outage_gives_503_and_recovers_without_restart(mock, gateway_facto
     async with aiohttp.ClientSession() as session:
         assert (await status_of(session, "GET", running.base_url + "/readyz"))[0] == 200
 
-        await own_redis.stop()
+        await asyncio.to_thread(own_redis.stop)
         with pytest.raises(openai.InternalServerError) as down:
             await client.chat.completions.create(**CHAT)
         assert down.value.status_code == 503 and down.value.code == "store_unavailable"
@@ -106,7 +62,7 @@ async def test_outage_gives_503_and_recovers_without_restart(mock, gateway_facto
         assert status == 503 and "store_unreachable" in body["reasons"]
         assert mock.stats["requests"] == 1  # nothing was served unmetered or unlimited
 
-        await own_redis.start()  # same port, scripts forgotten: the gateway reloads them
+        await asyncio.to_thread(own_redis.start)  # same port, scripts forgotten: the gateway reloads them
         deadline = time.monotonic() + 5
         while (await status_of(session, "GET", running.base_url + "/readyz"))[0] != 200:
             assert time.monotonic() < deadline, "readiness did not come back"
@@ -129,7 +85,7 @@ async def test_unlimited_cached_keys_need_no_store_but_limited_keys_fail_closed(
     limited, _ = await accounts.create_key("acme", rpm=100)
     for key in (free, limited):  # warm the auth cache
         assert (await running.openai(key).chat.completions.create(**CHAT)).choices
-    await own_redis.stop()
+    await asyncio.to_thread(own_redis.stop)
     # No rate-limit round trip for a key without limits: served from the auth cache alone.
     assert (await running.openai(free).chat.completions.create(**CHAT)).choices
     with pytest.raises(openai.InternalServerError) as down:

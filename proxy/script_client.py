@@ -1,0 +1,210 @@
+"""A lean, pipelined Redis client for the hot path's Lua scripts.
+
+Every metered request runs two scripts (hold, settle). redis-py's generic
+machinery (connection pool, locks, per-command hooks) costs more CPU than the
+scripts themselves, so `Store.run` sends them through this client instead:
+
+- one connection per process; commands are written as they come and their
+  replies matched in order (RESP is strictly ordered), so any number of
+  concurrent requests share the connection without waiting for each other;
+- replies are parsed by hiredis;
+- one watchdog timer per connection instead of one per command: a reply that
+  takes longer than the store timeout drops the connection, failing what is
+  pending with a timeout (the request answers 503, like redis-py would);
+- a lost connection fails what is pending with a connection error and the
+  next command reconnects, so the gateway recovers from a Redis restart
+  without a restart of its own.
+
+It speaks only what scripts need (AUTH, SELECT, EVALSHA, SCRIPT LOAD) and
+raises redis-py's exception types, so callers handle both clients alike.
+Redis Cluster and the embedded store keep using redis-py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import collections
+import ssl
+import time
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import hiredis
+from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+
+def encode_command(*args: Any) -> bytes:
+    """One RESP command: an array of bulk strings."""
+    parts = [b"*%d\r\n" % len(args)]
+    for arg in args:
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, int):
+            data = b"%d" % arg
+        else:
+            data = repr(arg).encode()
+        parts.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(parts)
+
+
+def _error(reply: hiredis.ReplyError) -> Exception:
+    message = str(reply)
+    if message.startswith("NOSCRIPT"):
+        return NoScriptError(message)
+    if message.startswith(("NOAUTH", "WRONGPASS")):
+        return AuthenticationError(message)
+    return ResponseError(message)
+
+
+class _Connection(asyncio.Protocol):
+    """One connection: replies resolve the oldest waiting futures, in order."""
+
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout
+        self.reader = hiredis.Reader(encoding="utf-8")
+        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        self.transport: asyncio.Transport | None = None
+        self.closed = False
+        self._timed_out = False
+        self._watchdog: asyncio.TimerHandle | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = transport  # type: ignore[assignment]
+
+    def data_received(self, data: bytes) -> None:
+        self.reader.feed(data)
+        while True:
+            reply = self.reader.gets()
+            if reply is False:
+                return
+            future, _ = self.waiting.popleft()
+            if future.done():
+                continue  # its caller gave up; the reply is simply dropped
+            if isinstance(reply, hiredis.ReplyError):
+                future.set_exception(_error(reply))
+            else:
+                future.set_result(reply)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.closed = True
+        if self._watchdog is not None:
+            self._watchdog.cancel()
+        error: Exception = (
+            RedisTimeoutError("Redis did not answer in time")
+            if self._timed_out
+            else RedisConnectionError("Connection to Redis lost")
+        )
+        while self.waiting:
+            future, _ = self.waiting.popleft()
+            if not future.done():
+                future.set_exception(error)
+
+    def send(self, command: bytes) -> asyncio.Future[Any]:
+        if self.closed or self.transport is None:
+            raise RedisConnectionError("Connection to Redis lost")
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+        self.waiting.append((future, loop.time()))
+        self.transport.write(command)
+        if self._watchdog is None:
+            self._watchdog = loop.call_later(self.timeout, self._check)
+        return future
+
+    def _check(self) -> None:
+        """Drop the connection when the oldest reply is overdue; re-arm while work is pending."""
+        self._watchdog = None
+        if not self.waiting or self.closed:
+            return
+        loop = asyncio.get_running_loop()
+        overdue = loop.time() - self.waiting[0][1] - self.timeout
+        if overdue >= 0:
+            self._timed_out = True
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        self._watchdog = loop.call_later(-overdue, self._check)
+
+
+class ScriptClient:
+    """EVALSHA / SCRIPT LOAD over one pipelined connection (see the module docstring)."""
+
+    def __init__(self, url: str, timeout: float) -> None:
+        self.url = url
+        self.timeout = timeout
+        self._connection: _Connection | None = None
+        self._connecting: asyncio.Future[_Connection] | None = None
+
+    @staticmethod
+    def supports(url: str) -> bool:
+        split = urlsplit(url)
+        return split.scheme in ("redis", "rediss", "unix") and "cluster=" not in split.query
+
+    async def evalsha(self, sha: str, numkeys: int, *args: Any) -> Any:
+        return await self._call("EVALSHA", sha, numkeys, *args)
+
+    async def script_load(self, source: str) -> Any:
+        return await self._call("SCRIPT", "LOAD", source)
+
+    async def _call(self, *args: Any) -> Any:
+        connection = self._connection
+        if connection is None or connection.closed:
+            connection = await self._connect()
+        return await connection.send(encode_command(*args))
+
+    async def _connect(self) -> _Connection:
+        # Concurrent callers share one connection attempt.
+        if self._connecting is None:
+            self._connecting = asyncio.ensure_future(self._open())
+            self._connecting.add_done_callback(self._connected)
+        return await asyncio.shield(self._connecting)
+
+    def _connected(self, attempt: asyncio.Future[_Connection]) -> None:
+        self._connecting = None
+        if not attempt.cancelled() and attempt.exception() is None:
+            self._connection = attempt.result()
+
+    async def _open(self) -> _Connection:
+        split = urlsplit(self.url)
+        loop = asyncio.get_running_loop()
+        started = time.monotonic()
+        try:
+            async with asyncio.timeout(self.timeout):
+                if split.scheme == "unix":
+                    _, connection = await loop.create_unix_connection(lambda: _Connection(self.timeout), split.path)
+                else:
+                    context = ssl.create_default_context() if split.scheme == "rediss" else None
+                    _, connection = await loop.create_connection(
+                        lambda: _Connection(self.timeout), split.hostname or "127.0.0.1", split.port or 6379, ssl=context
+                    )
+                try:
+                    await self._handshake(connection, split)
+                except BaseException:
+                    connection.transport.close()  # a refused AUTH must not leave the socket open
+                    raise
+        except TimeoutError:
+            raise RedisTimeoutError(f"Redis did not accept a connection within {time.monotonic() - started:.1f}s") from None
+        except OSError as exc:
+            raise RedisConnectionError(f"Cannot connect to Redis: {exc.strerror or exc}") from None
+        return connection
+
+    @staticmethod
+    async def _handshake(connection: _Connection, split: Any) -> None:
+        if split.password is not None:
+            username = unquote(split.username) if split.username else None
+            password = unquote(split.password)
+            await connection.send(encode_command("AUTH", *([username] if username else []), password))
+        if split.scheme == "unix":
+            db = dict(parse_qsl(split.query)).get("db", "")
+        else:
+            db = split.path.lstrip("/")
+        if db and db != "0":
+            await connection.send(encode_command("SELECT", int(db)))
+
+    async def aclose(self) -> None:
+        if self._connection is not None and self._connection.transport is not None:
+            self._connection.transport.close()
+        self._connection = None

@@ -1,0 +1,115 @@
+"""The pipelined script client, against real redis-server processes and real failures."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+
+import pytest
+from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from proxy.script_client import ScriptClient, encode_command
+from proxy.store import Script
+from tests.support import OwnRedis, free_port
+
+pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
+
+ECHO = Script("echo", "return {KEYS[1], ARGV[1], tonumber(ARGV[2]) + 1}")
+SLEEPY = Script("incr", "return redis.call('INCR', KEYS[1])")
+
+
+@pytest.fixture
+async def server(tmp_path):
+    own = OwnRedis(tmp_path)
+    await asyncio.to_thread(own.start)
+    yield own
+    own.kill()
+
+
+def test_commands_are_resp_arrays():
+    assert encode_command("EVALSHA", "ab", 1, b"k", 2.5) == b"*5\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n1\r\n$1\r\nk\r\n$3\r\n2.5\r\n"
+
+
+async def test_concurrent_calls_share_one_connection_and_get_their_own_replies(server):
+    client = ScriptClient(server.url, timeout=2)
+    try:
+        replies = await asyncio.gather(*(ECHO(client, [f"k{i}"], [f"v{i}", i]) for i in range(500)))
+        assert replies == [[f"k{i}", f"v{i}", i + 1] for i in range(500)]
+        counts = await asyncio.gather(*(SLEEPY(client, ["counter"], []) for _ in range(300)))
+        assert sorted(counts) == list(range(1, 301))
+    finally:
+        await client.aclose()
+
+
+async def test_a_forgotten_script_is_loaded_again(server):
+    client = ScriptClient(server.url, timeout=2)
+    try:
+        with pytest.raises(NoScriptError):
+            await client.evalsha(ECHO.sha, 1, "k", "v", 1)
+        assert await ECHO(client, ["k"], ["v", 1]) == ["k", "v", 2]  # Script reloads on NOSCRIPT
+        await client._call("SCRIPT", "FLUSH")
+        assert await ECHO(client, ["k"], ["v", 2]) == ["k", "v", 3]
+        with pytest.raises(ResponseError):
+            await client._call("NOSUCHCOMMAND")
+    finally:
+        await client.aclose()
+
+
+async def test_a_hung_redis_times_out_and_the_client_recovers(server):
+    client = ScriptClient(server.url, timeout=0.3)
+    try:
+        assert await SLEEPY(client, ["n"], []) == 1
+        await asyncio.to_thread(server.pause)
+        started = asyncio.get_running_loop().time()
+        results = await asyncio.gather(*(SLEEPY(client, ["n"], []) for _ in range(20)), return_exceptions=True)
+        assert all(isinstance(r, RedisTimeoutError) for r in results)
+        assert asyncio.get_running_loop().time() - started < 1.5  # one watchdog, not a timer per command
+        await asyncio.to_thread(server.resume)
+        assert await SLEEPY(client, ["n"], []) >= 2
+    finally:
+        await client.aclose()
+
+
+async def test_a_restarted_redis_fails_pending_calls_then_reconnects(server):
+    client = ScriptClient(server.url, timeout=2)
+    try:
+        assert await SLEEPY(client, ["r"], []) == 1
+        await asyncio.to_thread(server.stop)
+        with pytest.raises(RedisConnectionError):
+            await SLEEPY(client, ["r"], [])
+        await asyncio.to_thread(server.start)
+        assert await SLEEPY(client, ["r"], []) == 2  # data kept, script reloaded
+    finally:
+        await client.aclose()
+
+
+async def test_nothing_listening_is_a_connection_error():
+    client = ScriptClient(f"redis://127.0.0.1:{free_port()}", timeout=1)
+    with pytest.raises(RedisConnectionError):
+        await SLEEPY(client, ["x"], [])
+
+
+async def test_password_and_database_from_the_url(tmp_path):
+    own = OwnRedis(tmp_path, "--requirepass", "s3cret")
+    await asyncio.to_thread(own.start)
+    try:
+        wrong = ScriptClient(f"redis://:nope@127.0.0.1:{own.port}/0", timeout=1)
+        with pytest.raises(AuthenticationError):
+            await SLEEPY(wrong, ["x"], [])
+        await wrong.aclose()
+        client = ScriptClient(f"redis://:s3cret@127.0.0.1:{own.port}/3", timeout=1)
+        assert await SLEEPY(client, ["in-db-3"], []) == 1
+        assert await client._call("DBSIZE") == 1
+        await client._call("SELECT", 0)
+        assert await client._call("DBSIZE") == 0
+        await client.aclose()
+    finally:
+        own.kill()
+
+
+def test_cluster_and_memory_urls_use_redis_py():
+    assert ScriptClient.supports("redis://h:1/0") and ScriptClient.supports("rediss://h:1/0")
+    assert not ScriptClient.supports("redis://h:1/0?cluster=true")
+    assert not ScriptClient.supports("memory://")

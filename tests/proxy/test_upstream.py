@@ -161,3 +161,60 @@ async def test_nothing_is_retried_after_the_stream_started(mock, passthrough):
     status, _, body = await post(passthrough.v1, {**BODY, "stream": True}, {"x-mock-cut-after": "2"})
     assert status == 200 and b'"upstream_error"' in body
     assert len(mock.requests) == 1
+
+
+async def test_a_short_retry_after_is_honoured_before_retrying(mock, gateway_factory):
+    """A provider answering 429 with Retry-After: the gateway waits that long, then retries."""
+    from aiohttp import web
+
+    seen: list[float] = []
+
+    async def limited(request: web.Request) -> web.Response:
+        seen.append(asyncio.get_running_loop().time())
+        if len(seen) == 1:
+            return web.json_response({"error": {"message": "slow down"}}, status=429, headers={"Retry-After": "0.4"})
+        async with aiohttp.ClientSession() as session:  # then behave like the provider
+            async with session.post(mock.url + "/chat/completions", data=await request.read(),
+                                    headers={"Content-Type": "application/json"}) as resp:
+                return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", limited)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        gw = await gateway_factory(make_settings(f"http://127.0.0.1:{port}/v1", admin_token=None))
+        reply = await gw.openai().chat.completions.create(**BODY)
+        assert reply.choices[0].message.content
+        assert len(seen) == 2
+        assert seen[1] - seen[0] >= 0.38  # waited for Retry-After, not the 50 ms backoff
+    finally:
+        await runner.cleanup()
+
+
+async def test_a_long_retry_after_is_not_waited_for(mock, gateway_factory):
+    """Retry-After beyond routing.max_retry_after: no long sleep; the 429 reaches the client."""
+    from aiohttp import web
+
+    async def limited(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "slow down"}}, status=429, headers={"Retry-After": "30"})
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", limited)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        gw = await gateway_factory(make_settings(f"http://127.0.0.1:{port}/v1", admin_token=None, routing={"attempts": 2}))
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(openai.RateLimitError) as info:
+            await gw.openai().chat.completions.create(**BODY)
+        assert asyncio.get_running_loop().time() - started < 2
+        assert info.value.response.headers["Retry-After"] == "30"
+    finally:
+        await runner.cleanup()

@@ -14,6 +14,7 @@ a lookup starts from the key alone.
 from __future__ import annotations
 
 import hashlib
+import re
 import secrets
 import string
 import time
@@ -44,9 +45,11 @@ def hash_key(plaintext: str) -> str:
     return hashlib.sha256(plaintext.encode()).hexdigest()
 
 
+_KEY_SHAPE = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9]{32,256}")
+
+
 def looks_like_key(value: str) -> bool:
-    rest = value[len(KEY_PREFIX):]
-    return value.startswith(KEY_PREFIX) and len(rest) >= 32 and all(c in _BASE62 for c in rest)
+    return _KEY_SHAPE.fullmatch(value) is not None
 
 
 def now_ms() -> int:

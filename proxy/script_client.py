@@ -4,9 +4,10 @@ Every metered request runs two scripts (hold, settle). redis-py's generic
 machinery (connection pool, locks, per-command hooks) costs more CPU than the
 scripts themselves, so `Store.run` sends them through this client instead:
 
-- one connection per process; commands are written as they come and their
-  replies matched in order (RESP is strictly ordered), so any number of
-  concurrent requests share the connection without waiting for each other;
+- one connection per process; the commands of one event-loop iteration go
+  out in one write and their replies are matched in order (RESP is strictly
+  ordered), so any number of concurrent requests share the connection without
+  waiting for each other;
 - replies are parsed by hiredis;
 - one watchdog timer per connection instead of one per command: a reply that
   takes longer than the store timeout drops the connection, failing what is
@@ -71,6 +72,8 @@ class _Connection(asyncio.Protocol):
         self.closed = False
         self._timed_out = False
         self._watchdog: asyncio.TimerHandle | None = None
+        # Commands of one loop iteration go out in one write (one syscall).
+        self._outgoing: list[bytes] | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = transport  # type: ignore[assignment]
@@ -109,10 +112,20 @@ class _Connection(asyncio.Protocol):
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         self.waiting.append((future, loop.time()))
-        self.transport.write(command)
+        if self._outgoing is None:
+            self._outgoing = [command]
+            loop.call_soon(self._flush)
+        else:
+            self._outgoing.append(command)
         if self._watchdog is None:
             self._watchdog = loop.call_later(self.timeout, self._check)
         return future
+
+    def _flush(self) -> None:
+        outgoing, self._outgoing = self._outgoing, None
+        if outgoing and not self.closed and self.transport is not None:
+            # A closed connection already failed these commands' futures.
+            self.transport.write(outgoing[0] if len(outgoing) == 1 else b"".join(outgoing))
 
     def _check(self) -> None:
         """Drop the connection when the oldest reply is overdue; re-arm while work is pending."""

@@ -76,3 +76,36 @@ async def test_metrics_count_what_happened(mock, passthrough):
     assert 'sovereign_time_to_first_byte_seconds_count{route="chat.completions"} 4.0' in text
     assert 'sovereign_upstream_latency_seconds_count{upstream="default"} 4.0' in text
     assert "sovereign_open_streams 0.0" in text
+
+
+async def test_tenant_labels_only_behind_the_switch(mock, gateway_factory, redis_prefix):
+    from proxy.accounts import Accounts
+    from tests.support import REDIS_URL
+
+    texts = {}
+    for switch in (False, True):
+        settings = make_settings(
+            mock.url, store_url=REDIS_URL, prefix=f"{redis_prefix}-{int(switch)}", pipeline=["auth", "metering"],
+            admin_token=None, metrics={"tenant_labels": switch},
+        )
+        gw = await gateway_factory(settings)
+        accounts = Accounts(gw.gateway.store)
+        await accounts.create_tenant("acme", 10_000)
+        key, _ = await accounts.create_key("acme")
+        await gw.openai(key).chat.completions.create(model="sovereign-alpha", messages=[{"role": "user", "content": "hi"}])
+        await asyncio.sleep(0.1)
+        async with aiohttp.ClientSession() as session:
+            async with session.get(gw.base_url + "/metrics") as resp:
+                texts[switch] = await resp.text()
+    assert 'tenant="acme"' not in texts[False]
+    assert 'sovereign_requests_total{model="sovereign-alpha",route="/v1/chat/completions",status="200",tenant="acme"} 1.0' in texts[True]
+    # Metering's own figures are there in both cases.
+    assert 'sovereign_credits_charged_total{model="sovereign-alpha",source="reported"}' in texts[False]
+    await cleanup_prefixes(redis_prefix)
+
+
+async def cleanup_prefixes(prefix: str) -> None:
+    from tests.support import cleanup_redis_prefix
+
+    for suffix in ("-0", "-1"):
+        await cleanup_redis_prefix(prefix + suffix)

@@ -158,7 +158,9 @@ class MeteringUnit(Unit):
             self.gateway.spawn(self._release(ticket), "metering.release")
             raise
         if reply.events is not None:
-            reply.events = MeteredStream(self, ticket, reply.events)
+            stream = MeteredStream(self, ticket, reply.events)
+            reply.events = stream
+            reply.closers.append(stream.aclose)
             return reply
         if reply.status != 200:
             await self._release(ticket)
@@ -181,8 +183,8 @@ class MeteringUnit(Unit):
         _, cap = output_cap(body)
         if cap is None:
             cap = pricing.max_output_tokens
-            if not pricing.free:
-                call.set(pricing.output_cap_param, cap)
+        if not pricing.free:
+            _cap_request(call, pricing.output_cap_param, cap)
         added_usage = False
         if call.stream:
             options = body.get("stream_options")
@@ -203,8 +205,7 @@ class MeteringUnit(Unit):
         if status == 0 and self.settings.on_low_balance == "clamp":
             affordable = min(pricing.affordable_output(prompt, n, available), cap)
             if affordable >= 1:
-                for name in [f for f in CAP_FIELDS if f in body] or [pricing.output_cap_param]:
-                    call.set(name, affordable)
+                _cap_request(call, pricing.output_cap_param, affordable)
                 cap, hold = affordable, pricing.cost(prompt, affordable * n)
                 ticket.output_limit = cap * n
                 status, available = await self._reserve(ticket, hold_id, hold)
@@ -387,8 +388,10 @@ class MeteredStream:
         if self.drain:
             self.unit.gateway.spawn(self._drain(), "metering.drain")
             return
-        await self.inner.aclose()  # closes the provider connection
-        self.unit.gateway.spawn(self._settle(), "metering.settle")
+        try:
+            await self.inner.aclose()  # closes the provider connection
+        finally:
+            self.unit.gateway.spawn(self._settle(), "metering.settle")
 
     async def _drain(self) -> None:
         """Read the provider to its end (delivering nothing) for the exact usage."""
@@ -435,6 +438,21 @@ class MeteredStream:
             if field in event.raw:
                 return SSEEvent.with_json(event.raw.replace(field, b"", 1), rest)
         return SSEEvent.from_json(rest)
+
+
+def _cap_request(call: Call, field: str, cap: int) -> None:
+    """Send the held cap in the one field this provider reads, and no other cap field.
+
+    Otherwise a client could send `max_completion_tokens: 1` (which sizes the
+    hold) to a provider that only reads `max_tokens`, and get unbounded output.
+    """
+    body = call.body
+    others = [name for name in CAP_FIELDS if name != field and name in body]
+    if not others and type(body.get(field)) is int and body[field] == cap:
+        return  # already exactly right: keep the original bytes
+    capped = {key: value for key, value in body.items() if key not in others}
+    capped[field] = cap
+    call.replace_body(capped)
 
 
 def _delta_chars(choices_: Any) -> int:

@@ -24,13 +24,14 @@ import math
 import os
 from collections.abc import AsyncIterator
 from contextlib import suppress
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from proxy.call import Call, Next, Reply, SSEEvent
 from proxy.errors import RATE_LIMIT, ApiError
 from proxy.pipeline import Unit, UnitSettings
+from proxy.store import STORE_DOWN_ERRORS
 
 if TYPE_CHECKING:
     from proxy.gateway import Gateway
@@ -71,7 +72,15 @@ class RateLimitUnit(Unit):
         rpm_key = store.tenant_key(tenant, "rl", key_id, "rpm")
         lease_key = store.tenant_key(tenant, "rl", key_id, "inflight")
         member = f"{self._instance}:{self._seq():x}"
-        refused, retry_ms = await store.run("ratelimit", [rpm_key, lease_key], [rpm, concurrency, self._lease_ms, member])
+        try:
+            refused, retry_ms = await store.run(
+                "ratelimit", [rpm_key, lease_key], [rpm, concurrency, self._lease_ms, member]
+            )
+        except STORE_DOWN_ERRORS:
+            # The script may have run before the reply was lost: this request is
+            # not served, so take back what it may have recorded (a no-op otherwise).
+            self.gateway.spawn(_forget(store, (rpm_key, lease_key), member), "rate_limit.forget")
+            raise
         if refused:
             limit = rpm if refused == 1 else concurrency
             raise ApiError(
@@ -93,7 +102,13 @@ class RateLimitUnit(Unit):
             await release()
         else:
             reply.events = _ReleasingEvents(reply.events, release)
+            reply.closers.append(release)
         return reply
+
+
+async def _forget(store: Any, keys: tuple[str, str], member: str) -> None:
+    for key in keys:
+        await store.redis.zrem(key, member)
 
 
 class _Release:

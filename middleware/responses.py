@@ -22,16 +22,20 @@ from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
+import structlog
 from aiohttp import web
 from pydantic import Field
 
 from proxy.call import RESPONSES, Call, Next, Reply, SSEEvent
 from proxy.errors import ApiError, invalid_request, not_found
 from proxy.pipeline import Unit, UnitSettings
+from proxy.store import STORE_DOWN_ERRORS
 
 from .responses_request import new_id, to_chat
 from .responses_store import ResponseStore
 from .responses_stream import StreamTranslator, assistant_message, complete, skeleton
+
+log = structlog.get_logger("sovereign")
 
 if TYPE_CHECKING:
     from proxy.gateway import Gateway
@@ -74,8 +78,7 @@ class ResponsesUnit(Unit):
             return reply
         complete(response, completion)
         if store:
-            await self.responses.put(tenant, response, input_items,
-                                     [*conversation, assistant_message(response["output"])])
+            await self._store(tenant, response, input_items, [*conversation, assistant_message(response["output"])])
         reply.set_json(response)
         return reply
 
@@ -97,9 +100,11 @@ class ResponsesUnit(Unit):
         input_items: list[dict[str, Any]],
     ) -> AsyncIterator[SSEEvent]:
         translator = StreamTranslator(response)
-        for event in translator.start():
-            yield event
+        # Everything, the opening events included, inside aclosing: a client that
+        # leaves at any yield must close the chat stream (provider, metering) too.
         async with contextlib.aclosing(events) as inner:
+            for event in translator.start():
+                yield event
             try:
                 async for chunk_event in inner:
                     chunk = chunk_event.json()
@@ -111,11 +116,23 @@ class ResponsesUnit(Unit):
                 ending = translator.finish()
             except ApiError as error:
                 ending = translator.fail(error)
+        ending = list(ending)
+        if response["store"]:
+            # Stored before the final event goes out: a client that chains on the
+            # id as soon as it sees `response.completed` finds it.
+            messages = [*conversation, assistant_message(response["output"])]
+            await self._store(tenant, response, input_items, messages)
         for event in ending:
             yield event
-        if response["store"]:
-            messages = [*conversation, assistant_message(response["output"])]
-            self.gateway.spawn(self.responses.put(tenant, response, input_items, messages), "responses.store")
+
+    async def _store(self, tenant: str, response: dict[str, Any], input_items: list[dict[str, Any]],
+                     messages: list[dict[str, Any]]) -> None:
+        """Keep a finished response; a store failure loses the record, never the reply already paid for."""
+        try:
+            await self.responses.put(tenant, response, input_items, messages)
+        except STORE_DOWN_ERRORS as exc:
+            self.gateway.metrics.store_errors.inc()
+            log.error("responses.store_failed", response_id=response.get("id"), tenant=tenant, error=repr(exc))
 
     # -- stored responses ------------------------------------------------
     def routes(self) -> list[web.RouteDef]:

@@ -64,6 +64,8 @@ def _message(item: dict[str, Any], param: str) -> tuple[dict[str, Any], dict[str
     for j, part in enumerate(parts):
         where = f"{param}.content[{j}]"
         kind = part.get("type") if isinstance(part, dict) else None
+        if not isinstance(kind, str):
+            kind = None  # an unhashable `type` must be a 400, not a crash
         if kind in _TEXT_PARTS:
             text = _text_of(part, where)
             chat_parts.append({"type": "text", "text": text})
@@ -277,7 +279,7 @@ def to_chat(
             chat["verbosity"] = verbosity
     reasoning = body.get("reasoning")
     if isinstance(reasoning, dict) and reasoning.get("effort") is not None:
-        if reasoning["effort"] not in _REASONING_EFFORTS:
+        if not isinstance(reasoning["effort"], str) or reasoning["effort"] not in _REASONING_EFFORTS:
             raise _bad("`reasoning.effort` is none, minimal, low, medium, high or xhigh.", "reasoning.effort")
         chat["reasoning_effort"] = reasoning["effort"]
     if body.get("stream") is True:

@@ -56,7 +56,7 @@ class ResponseStore:
 
     async def field(self, tenant: str, response_id: str, name: str) -> str | None:
         """One stored field (JSON text), or None for an unknown id."""
-        if not RESPONSE_ID.match(response_id):
+        if not RESPONSE_ID.fullmatch(response_id):
             return None
         return await self.store.redis.hget(self._key(tenant, response_id), name)
 
@@ -65,6 +65,6 @@ class ResponseStore:
         return None if raw is None else orjson.loads(raw)
 
     async def delete(self, tenant: str, response_id: str) -> bool:
-        if not RESPONSE_ID.match(response_id):
+        if not RESPONSE_ID.fullmatch(response_id):
             return False
         return bool(await self.store.redis.delete(self._key(tenant, response_id)))

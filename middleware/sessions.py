@@ -109,7 +109,7 @@ class SessionsUnit(Unit):
             if not self.settings.auto_create:
                 return await next(call)
             session_id = new_session_id()
-        elif not SESSION_ID.match(session_id):
+        elif not SESSION_ID.fullmatch(session_id):
             raise invalid_request(
                 f"{HEADER} must be 1-128 characters of letters, digits, '.', '_', ':' or '-'.", param=HEADER
             )
@@ -142,7 +142,13 @@ class SessionsUnit(Unit):
         if reply.events is None:
             assistant = _assistant_from_json(reply.json())
             if assistant is not None:
-                await context.save(assistant)
+                try:
+                    await context.save(assistant)
+                except STORE_DOWN_ERRORS as exc:
+                    # The reply exists and is paid for: deliver it, say the turn was not kept.
+                    self.gateway.metrics.store_errors.inc()
+                    log.error("session.save_failed", session_id=context.session_id, error=repr(exc))
+                    call.response_headers["X-Session-Saved"] = "false"
         else:
             reply.events = self._relay(reply.events, context)
         return reply
@@ -245,7 +251,7 @@ class SessionsUnit(Unit):
     async def _get(self, request: web.Request) -> web.Response:
         principal = await self.gateway.principal(request.headers)
         session_id = request.match_info["id"]
-        view = await self.sessions.get(principal.tenant, session_id) if SESSION_ID.match(session_id) else None
+        view = await self.sessions.get(principal.tenant, session_id) if SESSION_ID.fullmatch(session_id) else None
         if view is None:
             raise not_found("session")
         return _json(view.public(with_messages=True))
@@ -253,7 +259,7 @@ class SessionsUnit(Unit):
     async def _delete(self, request: web.Request) -> web.Response:
         principal = await self.gateway.principal(request.headers)
         session_id = request.match_info["id"]
-        if not SESSION_ID.match(session_id) or not await self.sessions.delete(principal.tenant, session_id):
+        if not SESSION_ID.fullmatch(session_id) or not await self.sessions.delete(principal.tenant, session_id):
             raise not_found("session")
         return _json({"id": session_id, "object": "session", "deleted": True})
 
@@ -351,7 +357,7 @@ class _StreamedMessage:
                 "name": "".join(self.function_call["name"]),
                 "arguments": "".join(self.function_call["arguments"]),
             }
-        return message
+        return _replayable(message)
 
 
 def _append_function(slot: dict[str, Any], function: dict[str, Any]) -> None:
@@ -363,7 +369,8 @@ def _append_function(slot: dict[str, Any], function: dict[str, Any]) -> None:
 
 
 def _is_system(message: Any) -> bool:
-    return isinstance(message, dict) and message.get("role") in SYSTEM_ROLES
+    role = message.get("role") if isinstance(message, dict) else None
+    return isinstance(role, str) and role in SYSTEM_ROLES
 
 
 def _assistant_from_json(body: Any) -> dict[str, Any] | None:
@@ -380,7 +387,15 @@ def _assistant_from_json(body: Any) -> dict[str, Any] | None:
     for field in ("tool_calls", "function_call"):
         if message.get(field):
             stored[field] = message[field]
-    return stored
+    return _replayable(stored)
+
+
+def _replayable(message: dict[str, Any]) -> dict[str, Any]:
+    """Providers refuse an assistant message with neither content nor calls (e.g. a
+    reasoning-only reply); stored as such it would break every later turn."""
+    if message.get("content") is None and not message.get("tool_calls") and not message.get("function_call"):
+        message["content"] = ""
+    return message
 
 
 def _transcript(turn: list[dict[str, Any]]) -> str:

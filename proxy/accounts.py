@@ -57,7 +57,7 @@ def now_ms() -> int:
 
 
 def check_tenant_id(tenant: Any, param: str = "id") -> str:
-    if not isinstance(tenant, str) or not TENANT_ID.match(tenant):
+    if not isinstance(tenant, str) or not TENANT_ID.fullmatch(tenant):
         raise invalid_request(
             "A tenant id is 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit.",
             param=param,
@@ -166,7 +166,7 @@ class Accounts:
 
     async def tenant(self, tenant: str) -> dict[str, Any]:
         """The tenant's public view; 404 when it does not exist."""
-        if not isinstance(tenant, str) or not TENANT_ID.match(tenant):
+        if not isinstance(tenant, str) or not TENANT_ID.fullmatch(tenant):
             raise not_found("tenant")
         view = await self.store.run("tenant_view", list(self.hold_keys(tenant)), [now_ms()])
         if not view:

@@ -198,10 +198,11 @@ class Reply:
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes | None = None
     events: AsyncIterator[SSEEvent] | None = None
-    # Closes the provider connection; the relay calls it when the stream is
-    # dropped before its first event was requested (an async generator that
-    # never started skips its own cleanup when closed).
-    on_close: Callable[[], None] | None = None
+    # Cleanups of the layers under the outermost iterator (provider connection,
+    # credit hold, rate-limit slot). The relay runs them only when the stream is
+    # dropped before its first event was requested: closing an async generator
+    # that never started skips its `finally`, so the chain would not reach them.
+    closers: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     _json: Any = None
 
     @classmethod

@@ -61,7 +61,7 @@ def render(error: ApiError, request_id: str) -> web.Response:
 @web.middleware
 async def gateway_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
     supplied = request.headers.get(REQUEST_ID_HEADER)
-    request_id = supplied if supplied and _SAFE_REQUEST_ID.match(supplied) else new_request_id()
+    request_id = supplied if supplied and _SAFE_REQUEST_ID.fullmatch(supplied) else new_request_id()
     request[REQUEST_ID] = request_id
     request[STARTED] = time.monotonic()
     gateway = request.app[GATEWAY]
@@ -116,8 +116,7 @@ class AccessLogger(AbstractAccessLogger):
             return
         call = request.get(CALL)
         route = _route_name(request)
-        model = call.body.get("model") if call is not None and isinstance(call.body.get("model"), str) else None
-        public_model = request.get(PUBLIC_MODEL) or model or ""
+        public_model = request.get(PUBLIC_MODEL) or ("other" if call is not None else "")
         status = response.status
         metrics = gateway.metrics
         labels = [route, public_model, str(status)]

@@ -87,8 +87,11 @@ async def send_stream(
         if events is not reply.events:
             await events.aclose()
         await reply.events.aclose()
-        if not started and reply.on_close is not None:
-            reply.on_close()
+        if not started:
+            for close in reversed(reply.closers):
+                done = close()
+                if done is not None:
+                    await done
     if request[STREAM_OUTCOME] != "client_disconnected":
         with suppress(*CLIENT_GONE):
             await response.write_eof()
@@ -116,5 +119,8 @@ async def _with_keepalive(events, interval: float):
     finally:
         if not first.done():
             first.cancel()
+            # Let the cancellation land before anyone closes the iterator it is running.
+            with suppress(BaseException):
+                await first
     async for event in iterator:
         yield event

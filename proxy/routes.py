@@ -61,7 +61,9 @@ def pipeline_endpoint(endpoint: str):
         call = Call(endpoint, body, raw, request.headers, request[REQUEST_ID], request[STARTED])
         request[CALL] = call
         model = body.get("model")
-        if isinstance(model, str):
+        # Only configured names become metric labels: a label per arbitrary
+        # client string would grow memory and /metrics without bound.
+        if isinstance(model, str) and model in gateway.settings.models:
             request[PUBLIC_MODEL] = model
         reply = await gateway.handle(call)
         ttfb = gateway.metrics.child(gateway.metrics.ttfb, endpoint)

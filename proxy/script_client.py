@@ -28,7 +28,7 @@ import collections
 import ssl
 import time
 from typing import Any
-from urllib.parse import parse_qsl, unquote, urlsplit
+from urllib.parse import unquote, urlsplit
 
 import hiredis
 from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
@@ -153,8 +153,10 @@ class ScriptClient:
 
     @staticmethod
     def supports(url: str) -> bool:
+        """Plain URLs only: options in the query (db, TLS settings, cluster) stay with redis-py,
+        so both clients always talk to the same database the same way."""
         split = urlsplit(url)
-        return split.scheme in ("redis", "rediss", "unix") and "cluster=" not in split.query
+        return split.scheme in ("redis", "rediss") and not split.query
 
     async def evalsha(self, sha: str, numkeys: int, *args: Any) -> Any:
         return await self._call("EVALSHA", sha, numkeys, *args)
@@ -186,13 +188,10 @@ class ScriptClient:
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout):
-                if split.scheme == "unix":
-                    _, connection = await loop.create_unix_connection(lambda: _Connection(self.timeout), split.path)
-                else:
-                    context = ssl.create_default_context() if split.scheme == "rediss" else None
-                    _, connection = await loop.create_connection(
-                        lambda: _Connection(self.timeout), split.hostname or "127.0.0.1", split.port or 6379, ssl=context
-                    )
+                context = ssl.create_default_context() if split.scheme == "rediss" else None
+                _, connection = await loop.create_connection(
+                    lambda: _Connection(self.timeout), split.hostname or "127.0.0.1", split.port or 6379, ssl=context
+                )
                 try:
                     await self._handshake(connection, split)
                 except BaseException:
@@ -210,10 +209,7 @@ class ScriptClient:
             username = unquote(split.username) if split.username else None
             password = unquote(split.password)
             await connection.send(encode_command("AUTH", *([username] if username else []), password))
-        if split.scheme == "unix":
-            db = dict(parse_qsl(split.query)).get("db", "")
-        else:
-            db = split.path.lstrip("/")
+        db = split.path.lstrip("/")
         if db and db != "0":
             await connection.send(encode_command("SELECT", int(db)))
 

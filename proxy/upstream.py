@@ -185,7 +185,7 @@ class UpstreamRouter:
         passthrough = response_headers_for_client(response.headers)
         if stream and response.content_type == "text/event-stream":
             return Reply(
-                status=status, headers=passthrough, events=self._events(upstream, response), on_close=response.close
+                status=status, headers=passthrough, events=self._events(upstream, response), closers=[response.close]
             )
         try:
             data = await response.read()

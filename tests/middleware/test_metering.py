@@ -69,7 +69,9 @@ async def test_json_request_is_charged_from_reported_usage(mock, gateway_factory
     assert entry["model"] == "sovereign-alpha" and entry["key_id"] == key_record.id
     assert entry["input_tokens"] == prompt_tokens(MESSAGES) and entry["output_tokens"] == 5
     assert entry["usage_source"] == "reported" and entry["kind"] == "request"
-    assert mock.requests[-1]["body"].get("max_completion_tokens") is None  # the client's cap was kept
+    sent = mock.requests[-1]["body"]
+    # The client's cap travels in the field the model's provider reads, and only there.
+    assert sent["max_completion_tokens"] == 5 and "max_tokens" not in sent
     metrics = running.gateway.metrics
     assert metrics.holds_open._value.get() == 0
     assert metrics.credits.labels("sovereign-alpha", "reported")._value.get() == cost
@@ -123,7 +125,8 @@ async def test_clamp_lowers_the_output_cap_to_the_balance(mock, gateway_factory,
     running, accounts = await metered(gateway_factory, mock, redis_prefix, {"on_low_balance": "clamp"})
     tenant, key = await new_tenant(accounts, 60)
     reply = await running.openai(key).chat.completions.create(model="sovereign-alpha", messages=MESSAGES, max_tokens=1000)
-    sent = mock.requests[-1]["body"]["max_tokens"]
+    sent = mock.requests[-1]["body"]["max_completion_tokens"]
+    assert "max_tokens" not in mock.requests[-1]["body"]
     assert 1 <= sent < 30  # 2 credits per output token, the prompt estimate takes the rest
     assert reply.usage.completion_tokens <= sent
     view = await assert_ledger_matches(accounts, tenant)
@@ -286,3 +289,24 @@ async def test_no_overspend_across_two_gateway_processes(mock, redis_prefix, tmp
         for proc, _ in gateways:
             proc.stop()
         await store.close()
+
+
+@pytest.mark.parametrize("client_caps", [{"max_completion_tokens": 1}, {"max_completion_tokens": 1, "max_tokens": 500}])
+async def test_a_cap_the_provider_does_not_read_cannot_unbound_the_output(mock, gateway_factory, redis_prefix, client_caps):
+    """The hold is sized from the client's cap; the provider must get that cap in the field it reads."""
+    settings = make_settings(
+        mock.url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=PIPELINE, admin_token=None,
+        models={"sovereign-alpha": {"upstream": "default", "output_cap_param": "max_tokens",
+                                    "price": {"input_per_million": 1_000_000, "output_per_million": 2_000_000}}},
+    )
+    running = await gateway_factory(settings)
+    accounts = Accounts(running.gateway.store)
+    tenant, key = await new_tenant(accounts, 1_000)
+    reply = await running.openai(key).chat.completions.create(
+        model="sovereign-alpha", messages=MESSAGES, extra_body=client_caps
+    )
+    sent = mock.requests[-1]["body"]
+    assert sent["max_tokens"] == 1 and "max_completion_tokens" not in sent
+    assert reply.usage.completion_tokens == 1
+    await running.gateway.drain()
+    await assert_ledger_matches(accounts, tenant)

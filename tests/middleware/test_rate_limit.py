@@ -211,3 +211,34 @@ async def test_a_killed_gateway_leaks_no_slot_beyond_the_lease(mock, redis_prefi
         await b.close()
     finally:
         stop(proc_a, proc_b)
+
+
+async def test_a_lease_recorded_after_a_store_timeout_is_taken_back(mock, gateway_factory, tmp_path):
+    """Redis stalls past the store timeout while admitting a request: the 503'd request leaves no slot behind."""
+    import asyncio as _asyncio
+
+    from proxy.accounts import Accounts
+    from tests.support import OwnRedis
+
+    own = OwnRedis(tmp_path)
+    await _asyncio.to_thread(own.start)
+    try:
+        settings = make_settings(mock.url, store_url=own.url, pipeline=["auth", "rate_limit"], admin_token=None,
+                                 store={"url": own.url, "prefix": "stall", "timeout": 0.3})
+        running = await gateway_factory(settings)
+        accounts = Accounts(running.gateway.store)
+        await accounts.create_tenant("acme", 0)
+        key, record = await accounts.create_key("acme", max_concurrency=1)
+        client = running.openai(key)
+        await client.models.list()  # warm the key cache: the stall hits the rate-limit script
+        await _asyncio.to_thread(own.pause)
+        with pytest.raises(openai.InternalServerError):
+            await client.chat.completions.create(**CHAT)
+        await _asyncio.to_thread(own.resume)  # the queued script now runs and records a lease
+        await running.gateway.drain()
+        lease_key = running.gateway.store.tenant_key("acme", "rl", record.id, "inflight")
+        assert await running.gateway.store.redis.zcard(lease_key) == 0
+        reply = await client.chat.completions.create(**CHAT)  # the only slot is free
+        assert reply.choices
+    finally:
+        own.kill()

@@ -239,3 +239,23 @@ async def test_chat_completions_pass_through_untouched(client, mock):
     completion = await client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi there"}])
     assert completion.object == "chat.completion"
     assert "stream_options" not in mock.requests[-1]["body"]
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        {"model": "sovereign-alpha", "input": [{"role": "user", "content": [{"type": ["x"], "text": "a"}]}]},
+        {"model": "sovereign-alpha", "input": "hi", "reasoning": {"effort": ["low"]}},
+    ],
+)
+async def test_odd_values_are_a_400_even_without_the_validation_unit(mock, gateway_factory, body):
+    import aiohttp
+
+    from tests.support import make_settings
+
+    running = await gateway_factory(make_settings(mock.url, admin_token=None, pipeline=["responses"]))
+    async with aiohttp.ClientSession() as session:
+        async with session.post(running.v1 + "/responses", json=body) as resp:
+            assert resp.status == 400
+            assert (await resp.json())["error"]["type"] == "invalid_request_error"
+    assert mock.requests == []

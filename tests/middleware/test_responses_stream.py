@@ -185,3 +185,32 @@ def test_provider_done_without_finish_reason_completes():
     events = [event.json() for event in translator.finish()]
     assert events[-1]["type"] == "response.completed"
     assert events[-1]["response"]["output"][0]["content"][0]["text"] == "hi"
+
+
+async def test_leaving_at_the_opening_events_closes_the_chat_stream():
+    """A client gone at `response.created` must still close what lies beneath (provider, metering)."""
+    import asyncio as _asyncio
+
+    from middleware.responses import ResponsesUnit
+    from middleware.responses_stream import skeleton
+
+    class ChatStream:
+        closed = False
+
+        def __aiter__(self):
+            return self
+
+        async def __anext__(self):
+            await _asyncio.sleep(10)
+            raise StopAsyncIteration
+
+        async def aclose(self):
+            ChatStream.closed = True
+
+    unit = ResponsesUnit.__new__(ResponsesUnit)  # _translate needs no settings until the end
+    response = skeleton({"input": "hi"}, "resp_test", "sovereign-alpha", [], False)
+    events = unit._translate(ChatStream(), response, "tenant", [], [])
+    first = await events.__anext__()
+    assert b"response.created" in first.raw
+    await events.aclose()
+    assert ChatStream.closed

@@ -446,3 +446,47 @@ async def test_store_down_fails_closed(mock, gateway_factory, tmp_path):
     finally:
         server.kill()
         server.wait(10)
+
+
+async def test_an_unhashable_role_is_not_a_crash(mock, gateway_factory):
+    import aiohttp
+
+    from tests.support import make_settings
+
+    running = await gateway_factory(make_settings(mock.url, admin_token=None, pipeline=["sessions"]))
+    body = {"model": "sovereign-alpha", "messages": [{"role": ["system"], "content": "x"}, {"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(running.v1 + "/chat/completions", json=body, headers={"X-Session-ID": "odd"}) as resp:
+            # Without validation the provider judges the body; the gateway itself must not 500.
+            assert resp.status < 500
+
+
+async def test_a_reasoning_only_streamed_reply_is_stored_and_replayed(mock, gateway_factory):
+    from tests.support import make_settings
+
+    running = await gateway_factory(make_settings(mock.url, admin_token=None, pipeline=["sessions"]))
+    client = running.openai()
+    # A streamed reply with reasoning deltas only: no content delta, no tool call.
+    stream = await client.chat.completions.create(
+        model="sovereign-alpha", messages=[{"role": "user", "content": "think"}], stream=True,
+        extra_headers={"X-Session-ID": "reasoning-only", "x-mock-reasoning-chunks": "3", "x-mock-chunks": "0"},
+    )
+    async for chunk in stream:
+        assert not (chunk.choices and chunk.choices[0].delta.content)
+    await client.chat.completions.create(
+        model="sovereign-alpha", messages=[{"role": "user", "content": "again"}],
+        extra_headers={"X-Session-ID": "reasoning-only"},
+    )
+    history = mock.requests[-1]["body"]["messages"]
+    assert history[1]["role"] == "assistant" and history[1]["content"] is not None
+
+
+def test_a_streamed_reply_of_reasoning_only_is_assembled_with_empty_content():
+    """Some providers send reasoning deltas and no content field at all; content null is unreplayable."""
+    from middleware.sessions import _StreamedMessage
+
+    builder = _StreamedMessage()
+    builder.feed({"choices": [{"index": 0, "delta": {"role": "assistant", "reasoning_content": "hm"}}]})
+    builder.feed({"choices": [{"index": 0, "delta": {"reasoning_content": " ok"}, "finish_reason": "length"}]})
+    assert builder.finished
+    assert builder.message() == {"role": "assistant", "content": ""}

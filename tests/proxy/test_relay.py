@@ -127,10 +127,13 @@ async def test_stream_dropped_before_its_first_event_closes_the_provider_respons
         yield SSEEvent(b"data: {}\n\n")
 
     request = make_mocked_request("POST", "/v1/chat/completions", writer=_GoneWriter())
-    reply = Reply(events=never_started(), on_close=lambda: closed.append(True))
+    async def release_slot():
+        closed.append("slot")
+
+    reply = Reply(events=never_started(), closers=[lambda: closed.append("provider"), release_slot])
     call = Call("chat.completions", {}, b"{}", request.headers, "req_test")
     await send_stream(request, reply, call)
-    assert closed == [True]
+    assert sorted(closed) == ["provider", "slot"]  # every layer's cleanup ran, sync and async
     assert request[STREAM_OUTCOME] == "client_disconnected"
 
 

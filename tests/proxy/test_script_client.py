@@ -113,3 +113,29 @@ def test_cluster_and_memory_urls_use_redis_py():
     assert ScriptClient.supports("redis://h:1/0") and ScriptClient.supports("rediss://h:1/0")
     assert not ScriptClient.supports("redis://h:1/0?cluster=true")
     assert not ScriptClient.supports("memory://")
+
+
+def test_urls_with_options_stay_with_redis_py():
+    # redis-py reads ?db= and TLS options; both clients must use the same database.
+    assert not ScriptClient.supports("redis://h:1?db=5")
+    assert not ScriptClient.supports("rediss://h:1/0?ssl_cert_reqs=none")
+    assert not ScriptClient.supports("unix:///tmp/redis.sock")
+
+
+async def test_db_in_the_query_keeps_scripts_and_commands_in_one_database(tmp_path):
+    from proxy.accounts import Accounts
+    from proxy.settings import StoreSettings
+    from proxy.store import Store
+
+    own = OwnRedis(tmp_path)
+    await asyncio.to_thread(own.start)
+    try:
+        store = Store(StoreSettings(url=f"redis://127.0.0.1:{own.port}?db=5", prefix="dbq"))
+        await store.connect()
+        accounts = Accounts(store)
+        await accounts.create_tenant("t1", 500)  # a script
+        assert [e["credits"] for e in await accounts.ledger("t1")] == [500]  # read by redis-py
+        assert await store.redis.dbsize() > 0
+        await store.close()
+    finally:
+        own.kill()

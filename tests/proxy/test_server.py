@@ -109,3 +109,62 @@ async def cleanup_prefixes(prefix: str) -> None:
 
     for suffix in ("-0", "-1"):
         await cleanup_redis_prefix(prefix + suffix)
+
+
+async def test_keepalive_client_leaving_before_the_first_event_releases_its_hold(gateway_factory, redis_prefix):
+    """A provider silent after its headers, keep-alive comments on, the client leaves: nothing stays held."""
+    from aiohttp import web
+
+    from proxy.accounts import Accounts
+    from tests.support import REDIS_URL
+
+    async def silent(request: web.Request) -> web.StreamResponse:
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await asyncio.sleep(3)
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", silent)
+    runner = web.AppRunner(app, handler_cancellation=True)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0)
+    await site.start()
+    port = site._server.sockets[0].getsockname()[1]
+    try:
+        gw = await gateway_factory(make_settings(
+            f"http://127.0.0.1:{port}/v1", store_url=REDIS_URL, prefix=redis_prefix, pipeline=["auth", "metering"],
+            admin_token=None, server={"sse_keepalive_seconds": 0.2},
+        ))
+        accounts = Accounts(gw.gateway.store)
+        await accounts.create_tenant("acme", 100_000)
+        key, _ = await accounts.create_key("acme")
+        async with aiohttp.ClientSession() as session:
+            response = await session.post(
+                gw.v1 + "/chat/completions", json={**BODY, "max_tokens": 100},
+                headers={"Authorization": f"Bearer {key}"},
+            )
+            assert await response.content.readuntil(b"\n\n") == b": keep-alive\n\n"
+            response.close()  # gone before the provider said anything
+        for _ in range(40):
+            await asyncio.sleep(0.05)
+            if (await accounts.tenant("acme"))["reserved"] == 0:
+                break
+        view = await accounts.tenant("acme")
+        assert view["reserved"] == 0 and view["balance"] == 100_000
+    finally:
+        await runner.cleanup()
+
+
+async def test_arbitrary_model_names_do_not_become_metric_labels(passthrough):
+    async with aiohttp.ClientSession() as session:
+        for i in range(20):
+            body = {"model": f"made-up-model-{i}-" + "x" * 100, "messages": [{"role": "user", "content": "x"}]}
+            async with session.post(passthrough.v1 + "/chat/completions", json=body) as resp:
+                assert resp.status == 404
+        await asyncio.sleep(0.1)
+        async with session.get(passthrough.base_url + "/metrics") as resp:
+            text = await resp.text()
+    assert "made-up-model" not in text
+    assert 'sovereign_requests_total{model="other",route="/v1/chat/completions",status="404"} 20.0' in text

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import asyncio
+
 import pytest
 
 from proxy.mock_upstream import MockUpstream
-from tests.support import REDIS_URL, RunningGateway, cleanup_redis_prefix, make_settings, start_gateway, unique_prefix
+from tests.support import REDIS_URL, OwnRedis, RunningGateway, cleanup_redis_prefix, make_settings, start_gateway, unique_prefix
 
 
 @pytest.fixture
@@ -44,6 +46,15 @@ async def gateway_factory():
 async def passthrough(mock, gateway_factory) -> RunningGateway:
     """A gateway with no units in front of the simulated provider."""
     return await gateway_factory(make_settings(mock.url, admin_token=None))
+
+
+@pytest.fixture
+async def own_redis(tmp_path):
+    """A private redis-server (never the shared one) that the test may stop, pause or restart."""
+    server = OwnRedis(tmp_path)
+    await asyncio.to_thread(server.start)
+    yield server
+    server.kill()
 
 
 @pytest.fixture(params=["redis", "memory"])

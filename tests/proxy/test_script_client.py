@@ -20,20 +20,12 @@ ECHO = Script("echo", "return {KEYS[1], ARGV[1], tonumber(ARGV[2]) + 1}")
 SLEEPY = Script("incr", "return redis.call('INCR', KEYS[1])")
 
 
-@pytest.fixture
-async def server(tmp_path):
-    own = OwnRedis(tmp_path)
-    await asyncio.to_thread(own.start)
-    yield own
-    own.kill()
-
-
 def test_commands_are_resp_arrays():
     assert encode_command("EVALSHA", "ab", 1, b"k", 2.5) == b"*5\r\n$7\r\nEVALSHA\r\n$2\r\nab\r\n$1\r\n1\r\n$1\r\nk\r\n$3\r\n2.5\r\n"
 
 
-async def test_concurrent_calls_share_one_connection_and_get_their_own_replies(server):
-    client = ScriptClient(server.url, timeout=2)
+async def test_concurrent_calls_share_one_connection_and_get_their_own_replies(own_redis):
+    client = ScriptClient(own_redis.url, timeout=2)
     try:
         replies = await asyncio.gather(*(ECHO(client, [f"k{i}"], [f"v{i}", i]) for i in range(500)))
         assert replies == [[f"k{i}", f"v{i}", i + 1] for i in range(500)]
@@ -43,8 +35,8 @@ async def test_concurrent_calls_share_one_connection_and_get_their_own_replies(s
         await client.aclose()
 
 
-async def test_a_forgotten_script_is_loaded_again(server):
-    client = ScriptClient(server.url, timeout=2)
+async def test_a_forgotten_script_is_loaded_again(own_redis):
+    client = ScriptClient(own_redis.url, timeout=2)
     try:
         with pytest.raises(NoScriptError):
             await client.evalsha(ECHO.sha, 1, "k", "v", 1)
@@ -57,29 +49,29 @@ async def test_a_forgotten_script_is_loaded_again(server):
         await client.aclose()
 
 
-async def test_a_hung_redis_times_out_and_the_client_recovers(server):
-    client = ScriptClient(server.url, timeout=0.3)
+async def test_a_hung_redis_times_out_and_the_client_recovers(own_redis):
+    client = ScriptClient(own_redis.url, timeout=0.3)
     try:
         assert await SLEEPY(client, ["n"], []) == 1
-        await asyncio.to_thread(server.pause)
+        await asyncio.to_thread(own_redis.pause)
         started = asyncio.get_running_loop().time()
         results = await asyncio.gather(*(SLEEPY(client, ["n"], []) for _ in range(20)), return_exceptions=True)
         assert all(isinstance(r, RedisTimeoutError) for r in results)
         assert asyncio.get_running_loop().time() - started < 1.5  # one watchdog, not a timer per command
-        await asyncio.to_thread(server.resume)
+        await asyncio.to_thread(own_redis.resume)
         assert await SLEEPY(client, ["n"], []) >= 2
     finally:
         await client.aclose()
 
 
-async def test_a_restarted_redis_fails_pending_calls_then_reconnects(server):
-    client = ScriptClient(server.url, timeout=2)
+async def test_a_restarted_redis_fails_pending_calls_then_reconnects(own_redis):
+    client = ScriptClient(own_redis.url, timeout=2)
     try:
         assert await SLEEPY(client, ["r"], []) == 1
-        await asyncio.to_thread(server.stop)
+        await asyncio.to_thread(own_redis.stop)
         with pytest.raises(RedisConnectionError):
             await SLEEPY(client, ["r"], [])
-        await asyncio.to_thread(server.start)
+        await asyncio.to_thread(own_redis.start)
         assert await SLEEPY(client, ["r"], []) == 2  # data kept, script reloaded
     finally:
         await client.aclose()

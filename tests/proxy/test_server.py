@@ -8,7 +8,7 @@ import time
 
 import aiohttp
 
-from tests.support import make_settings, settings_data, spawn_gateway
+from tests.support import make_settings, provider, settings_data, spawn_gateway
 
 BODY = {"model": "sovereign-alpha", "messages": [{"role": "user", "content": "drain me"}], "stream": True}
 
@@ -125,16 +125,9 @@ async def test_keepalive_client_leaving_before_the_first_event_releases_its_hold
         await response.write(b"data: [DONE]\n\n")
         return response
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", silent)
-    runner = web.AppRunner(app, handler_cancellation=True)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
+    async with provider(silent) as url:
         gw = await gateway_factory(make_settings(
-            f"http://127.0.0.1:{port}/v1", store_url=REDIS_URL, prefix=redis_prefix, pipeline=["auth", "metering"],
+            url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=["auth", "metering"],
             admin_token=None, server={"sse_keepalive_seconds": 0.2},
         ))
         accounts = Accounts(gw.gateway.store)
@@ -153,8 +146,6 @@ async def test_keepalive_client_leaving_before_the_first_event_releases_its_hold
                 break
         view = await accounts.tenant("acme")
         assert view["reserved"] == 0 and view["balance"] == 100_000
-    finally:
-        await runner.cleanup()
 
 
 async def test_arbitrary_model_names_do_not_become_metric_labels(passthrough):

@@ -14,17 +14,9 @@ import openai
 import pytest
 
 from proxy.accounts import Accounts
-from tests.support import ADMIN_TOKEN, OwnRedis, make_settings
+from tests.support import ADMIN_TOKEN, make_settings
 
 CHAT = {"model": "sovereign-alpha", "messages": [{"role": "user", "content": "hi"}]}
-
-
-@pytest.fixture
-async def own_redis(tmp_path):
-    server = OwnRedis(tmp_path)
-    await asyncio.to_thread(server.start)
-    yield server
-    server.kill()
 
 
 async def status_of(session: aiohttp.ClientSession, method: str, url: str, **kwargs) -> tuple[int, dict]:

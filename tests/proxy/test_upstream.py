@@ -9,7 +9,7 @@ import openai
 import pytest
 
 from proxy.mock_upstream import MockOptions, MockUpstream
-from tests.support import free_port, make_settings
+from tests.support import free_port, make_settings, provider
 
 UPSTREAM_KEY = "sk-upstream-secret-test-key-0123456789"
 BODY = {"model": "sovereign-alpha", "messages": [{"role": "user", "content": "hello"}]}
@@ -178,21 +178,12 @@ async def test_a_short_retry_after_is_honoured_before_retrying(mock, gateway_fac
                                     headers={"Content-Type": "application/json"}) as resp:
                 return web.Response(body=await resp.read(), status=resp.status, content_type="application/json")
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", limited)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        gw = await gateway_factory(make_settings(f"http://127.0.0.1:{port}/v1", admin_token=None))
+    async with provider(limited) as url:
+        gw = await gateway_factory(make_settings(url, admin_token=None))
         reply = await gw.openai().chat.completions.create(**BODY)
         assert reply.choices[0].message.content
         assert len(seen) == 2
         assert seen[1] - seen[0] >= 0.38  # waited for Retry-After, not the 50 ms backoff
-    finally:
-        await runner.cleanup()
 
 
 async def test_a_long_retry_after_is_not_waited_for(mock, gateway_factory):
@@ -202,19 +193,10 @@ async def test_a_long_retry_after_is_not_waited_for(mock, gateway_factory):
     async def limited(request: web.Request) -> web.Response:
         return web.json_response({"error": {"message": "slow down"}}, status=429, headers={"Retry-After": "30"})
 
-    app = web.Application()
-    app.router.add_post("/v1/chat/completions", limited)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    port = site._server.sockets[0].getsockname()[1]
-    try:
-        gw = await gateway_factory(make_settings(f"http://127.0.0.1:{port}/v1", admin_token=None, routing={"attempts": 2}))
+    async with provider(limited) as url:
+        gw = await gateway_factory(make_settings(url, admin_token=None, routing={"attempts": 2}))
         started = asyncio.get_running_loop().time()
         with pytest.raises(openai.RateLimitError) as info:
             await gw.openai().chat.completions.create(**BODY)
         assert asyncio.get_running_loop().time() - started < 2
         assert info.value.response.headers["Retry-After"] == "30"
-    finally:
-        await runner.cleanup()

@@ -65,7 +65,7 @@ from proxy.errors import ApiError
 from proxy.pipeline import Unit, UnitSettings
 from proxy.store import STORE_DOWN_ERRORS
 
-from .pricing import Pricing, choices, output_cap, output_estimate, pricing_table, prompt_estimate
+from .pricing import CAP_FIELDS, Pricing, choices, output_cap, output_estimate, pricing_table, prompt_estimate
 
 if TYPE_CHECKING:
     from proxy.gateway import Gateway
@@ -75,7 +75,6 @@ log = structlog.get_logger("sovereign")
 # Pauses between attempts of a settlement write that met a store error:
 # together they outlast a Redis restart or fail-over (~8 s).
 RETRY_PAUSES = (0.05, 0.2, 0.5, 1.0, 2.0, 4.0)
-CAP_FIELDS = ("max_completion_tokens", "max_tokens")
 # How providers spell the `"usage": null` they add to chunks under include_usage.
 USAGE_NULL_FIELDS = (b',"usage":null', b', "usage": null')
 # Delta fields whose text counts as produced output.
@@ -166,7 +165,7 @@ class MeteringUnit(Unit):
             await self._release(ticket)
             return reply
         body = reply.json()
-        chars = _message_chars(body) if isinstance(body, dict) else 0
+        chars = _output_chars(body.get("choices"), "message") if isinstance(body, dict) else 0
         usage = body.get("usage") if isinstance(body, dict) else None
         # Off the critical path: the reply does not wait for the ledger write,
         # and shutdown waits for it (gateway.drain), so it is never lost.
@@ -180,7 +179,7 @@ class MeteringUnit(Unit):
         messages = body.get("messages")
         prompt = prompt_estimate(size, len(messages) if isinstance(messages, list) else 0, self.settings.chars_per_token)
         n = choices(body)
-        _, cap = output_cap(body)
+        cap = output_cap(body)
         if cap is None:
             cap = pricing.max_output_tokens
         if not pricing.free:
@@ -416,7 +415,7 @@ class MeteredStream:
             return event  # [DONE], comments
         choices_ = obj.get("choices")
         if choices_:
-            chars = _delta_chars(choices_)
+            chars = _output_chars(choices_, "delta")
             if chars:
                 self.chunks += 1
                 self.chars += chars
@@ -455,21 +454,13 @@ def _cap_request(call: Call, field: str, cap: int) -> None:
     call.replace_body(capped)
 
 
-def _delta_chars(choices_: Any) -> int:
+def _output_chars(choices_: Any, part: str) -> int:
+    """Characters of output in every choice's `part` ("message" in JSON, "delta" in chunks)."""
     total = 0
-    for choice in choices_:
-        delta = choice.get("delta") if isinstance(choice, dict) else None
-        if isinstance(delta, dict):
-            total += _text_chars(delta)
-    return total
-
-
-def _message_chars(body: dict[str, Any]) -> int:
-    total = 0
-    for choice in body.get("choices") or ():
-        message = choice.get("message") if isinstance(choice, dict) else None
-        if isinstance(message, dict):
-            total += _text_chars(message)
+    for choice in choices_ if isinstance(choices_, list) else ():
+        content = choice.get(part) if isinstance(choice, dict) else None
+        if isinstance(content, dict):
+            total += _text_chars(content)
     return total
 
 

@@ -104,13 +104,17 @@ def positive_int(value: Any) -> int | None:
     return value if type(value) is int and value >= 0 else None
 
 
-def output_cap(body: dict[str, Any]) -> tuple[str | None, int | None]:
-    """The client's output cap: (field, value) for max_completion_tokens, else max_tokens."""
-    for field in ("max_completion_tokens", "max_tokens"):
+# Request fields that cap the output, in the order a provider honours them.
+CAP_FIELDS = ("max_completion_tokens", "max_tokens")
+
+
+def output_cap(body: dict[str, Any]) -> int | None:
+    """The client's output cap: max_completion_tokens, else max_tokens; None when absent."""
+    for field in CAP_FIELDS:
         value = positive_int(body.get(field))
         if value is not None:
-            return field, value
-    return None, None
+            return value
+    return None
 
 
 def choices(body: dict[str, Any]) -> int:

@@ -18,7 +18,7 @@ import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from .errors import SERVER, ApiError
+from .errors import SERVER, ApiError, store_unavailable
 from .store import STORE_DOWN_ERRORS
 from .gateway import GATEWAY
 
@@ -82,8 +82,6 @@ async def gateway_middleware(request: web.Request, handler: Any) -> web.StreamRe
     except STORE_DOWN_ERRORS:
         gateway.metrics.store_errors.inc()
         request[ERROR_CODE] = "store_unavailable"
-        from .errors import store_unavailable
-
         return render(store_unavailable(), request_id)
     except Exception:
         log.exception("request.crashed", request_id=request_id, path=request.path)

@@ -44,9 +44,9 @@ def test_prompt_estimate_bounds_tokens_by_bytes():
 def test_output_estimate_and_cap():
     assert output_estimate(3, 18) == 5
     assert output_estimate(10, 8) == 10
-    assert output_cap({"max_tokens": 5, "max_completion_tokens": 7}) == ("max_completion_tokens", 7)
-    assert output_cap({"max_tokens": 5}) == ("max_tokens", 5)
-    assert output_cap({"max_tokens": True}) == (None, None)
+    assert output_cap({"max_tokens": 5, "max_completion_tokens": 7}) == 7  # max_completion_tokens wins
+    assert output_cap({"max_tokens": 5}) == 5
+    assert output_cap({"max_tokens": True}) is None
 
 
 def test_prices_are_required_unless_free():

@@ -59,6 +59,7 @@ async def test_json_request_is_charged_from_reported_usage(mock, gateway_factory
     client = running.openai(key)
     reply = await client.chat.completions.create(model="sovereign-alpha", messages=MESSAGES, max_tokens=5)
     assert reply.usage.completion_tokens == 5
+    await running.gateway.drain()  # JSON replies settle in the background
     cost = prompt_tokens(MESSAGES) * 1 + 5 * 2
     view = await assert_ledger_matches(accounts, tenant)
     assert view["balance"] == 1000 - cost and view["reserved"] == 0
@@ -129,6 +130,7 @@ async def test_clamp_lowers_the_output_cap_to_the_balance(mock, gateway_factory,
     assert "max_tokens" not in mock.requests[-1]["body"]
     assert 1 <= sent < 30  # 2 credits per output token, the prompt estimate takes the rest
     assert reply.usage.completion_tokens <= sent
+    await running.gateway.drain()
     view = await assert_ledger_matches(accounts, tenant)
     assert view["balance"] >= 0 and view["reserved"] == 0
     # Nothing left that affords a single output token: 402.
@@ -235,6 +237,7 @@ async def test_free_model_is_served_without_a_hold_and_recorded(mock, gateway_fa
     tenant, key = await new_tenant(accounts, 0)
     reply = await running.openai(key).chat.completions.create(model="sovereign-free", messages=MESSAGES)
     assert reply.usage.completion_tokens == 8
+    await running.gateway.drain()
     entry = (await accounts.ledger(tenant))[0]
     assert entry["credits"] == 0 and entry["output_tokens"] == 8 and entry["model"] == "sovereign-free"
     view = await accounts.tenant(tenant)

@@ -116,6 +116,7 @@ async def test_metered_request_through_a_gateway_on_a_cluster(cluster, mock, gat
     key, _ = await accounts.create_key("acme")
     reply = await running.openai(key).chat.completions.create(model="sovereign-alpha", messages=MESSAGES, max_tokens=5)
     assert reply.usage.completion_tokens == 5
+    await running.gateway.drain()  # JSON replies settle in the background
     view = await accounts.tenant("acme")
     assert (view["balance"], view["reserved"]) == (1000 - prompt_tokens(MESSAGES) - 10, 0)
     assert (await accounts.ledger("acme"))[0]["usage_source"] == "reported"

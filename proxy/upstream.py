@@ -1,7 +1,7 @@
 """Talking to providers: pooled clients, timeouts, failover and circuit breakers.
 
-One keep-alive `aiohttp.ClientSession` per configured upstream, created at
-start-up and shared by every request. `UpstreamRouter.send` posts a chat
+One keep-alive connection pool (`upstream_client.ConnectionPool`) per
+configured upstream, created at start-up and shared by every request. `UpstreamRouter.send` posts a chat
 request to a model's targets in order: connection errors, timeouts, 5xx and
 429 move on to the next attempt (bounded, jittered, honouring a short
 `Retry-After`) as long as nothing has reached the client. A per-upstream
@@ -16,7 +16,6 @@ import time
 from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
-import aiohttp
 import orjson
 
 from .call import Reply, SSEEvent
@@ -24,6 +23,7 @@ from .errors import ApiError, UpstreamError
 from .headers import request_headers_for_upstream, response_headers_for_client
 from .settings import RoutingSettings, UpstreamSettings
 from .sse import split_events
+from .upstream_client import ConnectionPool, UpstreamConnectionError, UpstreamResponse
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 REDACTED = b"[redacted]"
@@ -60,31 +60,23 @@ class Upstream:
     def __init__(self, name: str, settings: UpstreamSettings, routing: RoutingSettings) -> None:
         self.name = name
         self.settings = settings
-        self.chat_url = settings.url + "/chat/completions"
+        self.chat_path = "/chat/completions"  # below the URL's own path (…/v1)
         key = settings.api_key.get_secret_value() if settings.api_key else ""
         self.authorization = f"Bearer {key}" if key else None
         self.secret = key.encode() if key else None
         t = settings.timeouts
-        self.timeout = aiohttp.ClientTimeout(total=t.total, connect=t.connect, sock_read=t.idle)
-        # aiohttp's sock_read already bounds the wait for headers by `idle`; a
-        # separate timer is only needed when first_byte is the shorter bound.
-        self.first_byte = t.first_byte if t.first_byte < t.idle else None
+        # The wait for the response headers is bounded by idle too (as any read is).
+        self.header_timeout = min(t.first_byte, t.idle)
         self.breaker = Breaker(routing.breaker_failures, routing.breaker_cooldown)
-        self.session: aiohttp.ClientSession | None = None
+        self.pool: ConnectionPool | None = None
 
     async def start(self) -> None:
-        connector = aiohttp.TCPConnector(limit=self.settings.max_connections, ttl_dns_cache=300)
-        self.session = aiohttp.ClientSession(
-            connector=connector,
-            # The gateway sets every header itself; no cookies, no default UA leak.
-            cookie_jar=aiohttp.DummyCookieJar(),
-            skip_auto_headers=("User-Agent",),
-        )
+        self.pool = ConnectionPool(self.settings.url, self.settings.max_connections, self.settings.timeouts.connect)
 
     async def close(self) -> None:
-        if self.session is not None:
-            await self.session.close()
-            self.session = None
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
 
     def redact(self, data: bytes) -> bytes:
         if self.secret is not None and self.secret in data:
@@ -162,20 +154,16 @@ class UpstreamRouter:
         return random.uniform(0, base)
 
     async def _post(self, upstream: Upstream, body: bytes, headers: dict[str, str], stream: bool) -> Reply:
-        assert upstream.session is not None, "upstream not started"
+        pool = upstream.pool
+        assert pool is not None, "upstream not started"
         if upstream.authorization:
             headers = {**headers, "Authorization": upstream.authorization}
+        t = upstream.settings.timeouts
         try:
-            if upstream.first_byte is None:
-                response = await upstream.session.post(upstream.chat_url, data=body, headers=headers, timeout=upstream.timeout)
-            else:
-                async with asyncio.timeout(upstream.first_byte):
-                    response = await upstream.session.post(
-                        upstream.chat_url, data=body, headers=headers, timeout=upstream.timeout
-                    )
+            response = await pool.post(upstream.chat_path, headers.items(), body, upstream.header_timeout, t.idle, t.total)
         except TimeoutError:
             raise _Retryable(UpstreamError("The upstream provider timed out.", timeout=True, upstream=upstream.name)) from None
-        except aiohttp.ClientError:
+        except UpstreamConnectionError:
             raise _Retryable(UpstreamError("Could not reach the upstream provider.", upstream=upstream.name)) from None
 
         status = response.status
@@ -189,7 +177,7 @@ class UpstreamRouter:
             )
         try:
             data = await response.read()
-        except (aiohttp.ClientError, TimeoutError) as exc:
+        except (UpstreamConnectionError, TimeoutError) as exc:
             raise UpstreamError(
                 "The upstream provider failed while sending its response.",
                 timeout=isinstance(exc, TimeoutError),
@@ -199,11 +187,11 @@ class UpstreamRouter:
             response.release()
         return Reply(status=status, headers=passthrough, body=upstream.redact(data))
 
-    async def _failure(self, upstream: Upstream, response: aiohttp.ClientResponse) -> Reply:
+    async def _failure(self, upstream: Upstream, response: UpstreamResponse) -> Reply:
         status = response.status
         try:
             data = upstream.redact(await response.read())
-        except (aiohttp.ClientError, TimeoutError):
+        except (UpstreamConnectionError, TimeoutError):
             data = b""
         finally:
             response.release()
@@ -229,15 +217,15 @@ class UpstreamRouter:
         upstream.breaker.success()
         return Reply(status=status, headers={}, body=_openai_error_body(status, data))
 
-    async def _events(self, upstream: Upstream, response: aiohttp.ClientResponse) -> AsyncIterator[SSEEvent]:
+    async def _events(self, upstream: Upstream, response: UpstreamResponse) -> AsyncIterator[SSEEvent]:
         finished = False
         try:
-            async for event in split_events(response.content.iter_any(), upstream.secret):
+            async for event in split_events(response.chunks(), upstream.secret):
                 yield event
             finished = True
         except TimeoutError:
             raise UpstreamError("The upstream provider stopped sending.", timeout=True, upstream=upstream.name) from None
-        except aiohttp.ClientError:
+        except UpstreamConnectionError:
             raise UpstreamError("The upstream provider broke off the stream.", upstream=upstream.name) from None
         finally:
             # An unfinished body must close the connection, so the provider

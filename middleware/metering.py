@@ -291,14 +291,20 @@ class MeteringUnit(Unit):
         for index, pause in enumerate(pauses):
             if pause:
                 await asyncio.sleep(pause)
-            if await self._attempt(ticket, script, args, cost, final=index == len(pauses) - 1):
+            if await self._attempt(ticket, script, args, cost, final=index == len(pauses) - 1, deferred=True):
                 return
 
-    async def _attempt(self, ticket: Ticket, script: str, args: list[Any], cost: int, final: bool) -> bool:
-        """One try; True when done (written, or failed in a way a retry cannot fix)."""
+    async def _attempt(
+        self, ticket: Ticket, script: str, args: list[Any], cost: int, final: bool, deferred: bool = False
+    ) -> bool:
+        """One try; True when done (written, or failed in a way a retry cannot fix).
+
+        `deferred` (background writes: the reply is already on its way): the
+        write may wait a moment to share the next hold's (see script_client).
+        """
         keys = ticket.keys if script == "hold_settle" else ticket.keys[:3]
         try:
-            await self.store.run(script, keys, args + [now_ms()] if script == "hold_settle" else args)
+            await self.store.run(script, keys, args + [now_ms()] if script == "hold_settle" else args, deferred)
         except STORE_DOWN_ERRORS as exc:
             if not final:
                 return False

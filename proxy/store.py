@@ -173,5 +173,10 @@ class Store:
             self._scripts[name] = script
         return script
 
-    async def run(self, name: str, keys: list[str], args: list[Any]) -> Any:
-        return await self.script(name)(self.script_client or self.redis, keys, args)
+    async def run(self, name: str, keys: list[str], args: list[Any], deferred: bool = False) -> Any:
+        """Run a Lua script by SHA. `deferred`: nobody is waiting on the answer
+        (a settlement), so its write may share the next one (see script_client)."""
+        client = self.script_client
+        if client is None:
+            return await self.script(name)(self.redis, keys, args)
+        return await self.script(name)(client.deferred if deferred else client, keys, args)

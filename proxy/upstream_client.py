@@ -63,6 +63,7 @@ class UpstreamResponse:
         "_buffered",
         "_decoder",
         "_until_eof",
+        "_keep_alive",
         "_complete",
         "_error",
         "_done",
@@ -89,6 +90,7 @@ class UpstreamResponse:
         self._buffered = 0
         self._decoder: zlib._Decompress | None = None
         self._until_eof = False  # no length, not chunked: the body ends when the connection does
+        self._keep_alive = False  # the provider lets the connection carry another request
         self._complete = False  # the whole message arrived
         self._error: BaseException | None = None
         self._done = False  # released or closed
@@ -116,13 +118,19 @@ class UpstreamResponse:
 
     async def read(self) -> bytes:
         """The whole body (decoded); raises `TimeoutError` or `UpstreamConnectionError`."""
+        parts: list[bytes] = []
         while not self._complete:
             if self._error is not None:
                 raise self._error
+            if self._paused:
+                parts.append(self._take())  # reading paused at HIGH_WATER: take the buffer so it resumes
             await self._wait_body()
         if self._error is not None:
             raise self._error
         data = self._take()
+        if parts:
+            parts.append(data)
+            data = b"".join(parts)
         return data
 
     async def chunks(self) -> AsyncIterator[bytes]:
@@ -143,7 +151,7 @@ class UpstreamResponse:
             return
         self._done = True
         self._stop_timer()
-        if self._complete and self._error is None and self._parser.should_keep_alive() and not self._until_eof:
+        if self._complete and self._error is None and self._keep_alive:
             self._conn.pool._put_back(self._conn)
         else:
             self._conn.discard()
@@ -264,7 +272,14 @@ class UpstreamResponse:
             self._fail(UpstreamConnectionError(f"the provider sent an unsupported Content-Encoding ({encoding})"))
             return
         self._until_eof = "Content-Length" not in headers and "chunked" not in headers.get("Transfer-Encoding", "").lower()
+        # Read here: llhttp resets its keep-alive flag once the message is complete.
+        self._keep_alive = self._parser.should_keep_alive() and not self._until_eof
         self.status = status
+        if self._idle < self._header_limit and self._timer is not None:
+            # The timer is armed for the header deadline and only ever moves
+            # later: bring it forward to the (nearer) first idle deadline.
+            self._timer.cancel()
+            self._timer = self._loop.call_at(min(self._deadline, self._last_read + self._idle), self._on_timer)
         self._wake()
 
     def on_body(self, body: bytes) -> None:
@@ -442,16 +457,21 @@ class ConnectionPool:
 
     async def _connect(self) -> _Connection:
         self._open += 1
+        conn = _Connection(self)
         try:
             async with asyncio.timeout(self.connect_timeout):
-                _, conn = await self.loop.create_connection(
-                    lambda: _Connection(self),
+                await self.loop.create_connection(
+                    lambda: conn,
                     self.host,
                     self.port,
                     ssl=self.ssl,
                     server_hostname=self.host if self.ssl is not None else None,
                 )
         except BaseException as exc:
+            # Cancelled after connection_made: asyncio closes the transport and
+            # connection_lost -> _forget would free this slot a second time.
+            conn.counted = False
+            conn.closed = True
             self._open -= 1
             self._wake_one()
             if isinstance(exc, OSError):

@@ -131,3 +131,38 @@ async def test_db_in_the_query_keeps_scripts_and_commands_in_one_database(tmp_pa
         await store.close()
     finally:
         own.kill()
+
+
+async def _reads_processed(info_client) -> int:
+    return (await info_client.info("stats"))["total_reads_processed"]
+
+
+async def test_deferred_commands_ride_along_with_the_next_urgent_write(own_redis):
+    """Settlements sent deferred over several loop iterations reach Redis in one read with the next hold."""
+    import redis.asyncio as aioredis
+
+    client = ScriptClient(own_redis.url, timeout=2)
+    info = aioredis.from_url(own_redis.url)
+    try:
+        assert await ECHO(client, ["warm"], ["v", 0]) == ["warm", "v", 1]  # connected, script loaded
+        before = await _reads_processed(info)
+        deferred = []
+        for i in range(3):  # three loop iterations: urgent sends would make three writes
+            deferred.append(asyncio.ensure_future(ECHO(client.deferred, [f"d{i}"], ["v", i])))
+            await asyncio.sleep(0)
+        assert await ECHO(client, ["urgent"], ["v", 9]) == ["urgent", "v", 10]
+        assert await asyncio.gather(*deferred) == [[f"d{i}", "v", i + 1] for i in range(3)]
+        # One read for all four commands, one for the INFO call that measures it.
+        assert await _reads_processed(info) - before == 2
+    finally:
+        await info.aclose()
+        await client.aclose()
+
+
+async def test_a_deferred_command_alone_still_goes_out(own_redis):
+    client = ScriptClient(own_redis.url, timeout=2)
+    try:
+        assert await asyncio.wait_for(ECHO(client.deferred, ["k"], ["v", 1]), 1) == ["k", "v", 2]
+        assert await asyncio.wait_for(SLEEPY(client.deferred, ["n"], []), 1) == 1
+    finally:
+        await client.aclose()

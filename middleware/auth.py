@@ -88,9 +88,15 @@ class AuthUnit(Unit):
         if header[: len(BEARER)].lower() != BEARER:
             raise unauthorized(MISSING)
         token = header[len(BEARER):].strip()
-        if not looks_like_key(token):
+        digest = hashlib.sha256(token.encode()).hexdigest()
+        hit = self._cache.get(digest)
+        if hit is not None and time.monotonic() - hit[2] < self.settings.cache_seconds:
+            # Only well-formed keys are ever looked up, so a cached digest is one.
+            record, principal = hit[0], hit[1]
+        elif not looks_like_key(token):
             raise unauthorized(MALFORMED)
-        record, principal = await self._record(hashlib.sha256(token.encode()).hexdigest())
+        else:
+            record, principal = await self._record(digest)
         if record is None or principal is None:
             raise unauthorized(INCORRECT)
         if record.revoked_at is not None:
@@ -100,12 +106,9 @@ class AuthUnit(Unit):
         return principal
 
     async def _record(self, digest: str) -> tuple[KeyRecord | None, Principal | None]:
+        """Read a key record that is not in the cache (the caller looked)."""
         ttl = self.settings.cache_seconds
         now = time.monotonic()
-        if ttl > 0:
-            hit = self._cache.get(digest)
-            if hit is not None and now - hit[2] < ttl:
-                return hit[0], hit[1]
         # Single flight: a burst of requests with the same uncached key shares
         # one Redis read instead of sending one each.
         pending = self._lookups.get(digest)

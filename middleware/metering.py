@@ -11,6 +11,11 @@ Per request, for a priced model:
    ``max_output_tokens`` — which is then written into the request under the
    model's ``output_cap_param``, so the provider cannot produce more than was
    held.
+   With ``speculative_hold`` (see `MeteringUnit._forward_speculatively`),
+   the hold and the provider request go out together when the tenant's room
+   at its last hold covered ``speculation_margin`` such holds; nothing is
+   relayed before the hold is confirmed, and a refused hold cancels the
+   provider request before answering 402.
 2. Streams: unless the client asked for ``stream_options.include_usage``, the
    gateway asks for it and removes what that adds (the trailing usage chunk
    and the ``"usage": null`` field on every other chunk), so the client gets
@@ -50,9 +55,9 @@ Free models (``free: true``): no hold and no charge; usage is still recorded
 from __future__ import annotations
 
 import asyncio
-import os
 import time
 from dataclasses import dataclass
+from random import getrandbits
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
@@ -79,6 +84,8 @@ RETRY_PAUSES = (0.05, 0.2, 0.5, 1.0, 2.0, 4.0)
 USAGE_NULL_FIELDS = (b',"usage":null', b', "usage": null')
 # Delta fields whose text counts as produced output.
 TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+# Most tenants whose room (speculative holds) and key names this process remembers.
+TENANT_ENTRIES = 10_000
 
 
 def insufficient_credits(needed: int, available: int) -> ApiError:
@@ -88,6 +95,14 @@ def insufficient_credits(needed: int, available: int) -> ApiError:
         code="insufficient_credits",
         headers={"x-should-retry": "false"},
     )
+
+
+@dataclass(slots=True)
+class Room:
+    """A tenant's credits as this process last saw them, for the speculative-hold check."""
+
+    available: int  # reported by the last successful hold script
+    speculating: int = 0  # speculative holds sent and not yet answered
 
 
 @dataclass(slots=True)
@@ -123,6 +138,13 @@ class MeteringUnit(Unit):
         chars_per_token: float = Field(
             3.0, ge=1, description="Request bytes per token of the prompt estimate (1 = strict upper bound)."
         )
+        speculative_hold: bool = Field(
+            True,
+            description="Send the hold and the provider request together when the tenant's last seen room is at least `speculation_margin` holds; nothing is relayed before the hold is confirmed, and a refused hold cancels the provider request (402).",
+        )
+        speculation_margin: int = Field(
+            4, ge=1, description="Room (in holds of this size) a tenant must have had at its last hold for the next one to be speculative."
+        )
 
     settings: Settings
 
@@ -131,6 +153,10 @@ class MeteringUnit(Unit):
         self.store = gateway.store
         self.pricing = pricing_table(gateway.settings)
         self.hold_ms = int(settings.hold_ttl_seconds * 1000)
+        # Tenant -> what this process last saw of its room (see _speculate).
+        self._room: dict[str, Room] = {}
+        self._tenant_keys: dict[str, list[str]] = {}
+        self._speculative = settings.speculative_hold and settings.on_low_balance == "reject"
         longest = max((u.timeouts.total for u in gateway.settings.upstreams.values()), default=0.0)
         if settings.hold_ttl_seconds <= longest:
             log.warning(
@@ -146,9 +172,15 @@ class MeteringUnit(Unit):
         pricing = self.pricing.get(model) if isinstance(model, str) else None
         if pricing is None:
             return await next(call)  # the forwarder answers unknown models
-        ticket = await self._open(call, model, pricing)
+        ticket = self._size(call, model, pricing)
+        hold = 0 if pricing.free else pricing.cost(ticket.prompt, ticket.output_limit)
         try:
-            reply = await next(call)
+            if hold and self._speculate(call.principal.tenant, hold):
+                reply = await self._forward_speculatively(call, next, ticket, hold)
+            else:
+                if hold:  # else free, or a zero price: nothing to hold
+                    await self._hold(ticket, hold)
+                reply = await next(call)
         except Exception:
             await self._release(ticket)
             raise
@@ -172,8 +204,8 @@ class MeteringUnit(Unit):
         self.gateway.spawn(self._settle(ticket, usage, 0, chars, inline=False), "metering.settle")
         return reply
 
-    async def _open(self, call: Call, model: str, pricing: Pricing) -> Ticket:
-        """Size the hold, put the output cap on the request and reserve the hold."""
+    def _size(self, call: Call, model: str, pricing: Pricing) -> Ticket:
+        """Estimate the prompt, put the output cap on the request and ask for usage."""
         body = call.body
         size = len(call.body_bytes())  # the original bytes when no unit changed the body
         messages = body.get("messages")
@@ -190,35 +222,88 @@ class MeteringUnit(Unit):
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 call.set("stream_options", {**(options if isinstance(options, dict) else {}), "include_usage": True})
                 added_usage = True
-        tenant = call.principal.tenant
-        k = self.store.tenant_key
-        keys = [k(tenant, "tenant"), k(tenant, "holds"), k(tenant, "hold_amounts"), k(tenant, "ledger"), k(tenant, "ledger_ids")]
-        ticket = Ticket(call, pricing, model, keys, "", 0, prompt, cap * n, added_usage)
-        if pricing.free:
-            return ticket
-        hold = pricing.cost(prompt, cap * n)
-        if hold == 0:
-            return ticket  # a zero price: nothing to hold
-        hold_id = f"{call.request_id}:{os.urandom(4).hex()}"
-        status, available = await self._reserve(ticket, hold_id, hold)
-        if status == 0 and self.settings.on_low_balance == "clamp":
-            affordable = min(pricing.affordable_output(prompt, n, available), cap)
-            if affordable >= 1:
-                _cap_request(call, pricing.output_cap_param, affordable)
-                cap, hold = affordable, pricing.cost(prompt, affordable * n)
-                ticket.output_limit = cap * n
-                status, available = await self._reserve(ticket, hold_id, hold)
-        if status != 1:
-            raise insufficient_credits(hold, available)
-        ticket.hold_id, ticket.hold = hold_id, hold
+        return Ticket(call, pricing, model, self._keys(call.principal.tenant), "", 0, prompt, cap * n, added_usage)
+
+    def _keys(self, tenant: str) -> list[str]:
+        """The tenant's credit keys (tenant, holds, hold_amounts, ledger, ledger_ids), built once."""
+        keys = self._tenant_keys.get(tenant)
+        if keys is None:
+            if len(self._tenant_keys) >= TENANT_ENTRIES:
+                self._tenant_keys.clear()
+            k = self.store.tenant_key
+            keys = self._tenant_keys[tenant] = [
+                k(tenant, "tenant"), k(tenant, "holds"), k(tenant, "hold_amounts"), k(tenant, "ledger"), k(tenant, "ledger_ids")
+            ]
+        return keys
+
+    async def _hold(self, ticket: Ticket, hold: int) -> None:
+        """Reserve the hold (or, under `clamp`, a smaller one); 402 when the balance cannot cover it."""
+        call, pricing = ticket.call, ticket.pricing
+        # Known before the round trip: a request cancelled while it is under
+        # way still releases the hold (a no-op when it never got there).
+        # The suffix tells apart requests that reuse a client-supplied request id
+        # (unique, not secret: the PRNG spares a urandom syscall).
+        ticket.hold_id = hold_id = f"{call.request_id}:{getrandbits(32):08x}"
+        try:
+            status, available = await self._reserve(ticket, hold_id, hold)
+            if status == 0 and self.settings.on_low_balance == "clamp":
+                n = choices(call.body)
+                affordable = min(pricing.affordable_output(ticket.prompt, n, available), ticket.output_limit // n)
+                if affordable >= 1:
+                    _cap_request(call, pricing.output_cap_param, affordable)
+                    hold = pricing.cost(ticket.prompt, affordable * n)
+                    ticket.output_limit = affordable * n
+                    status, available = await self._reserve(ticket, hold_id, hold)
+            if status != 1:
+                raise insufficient_credits(hold, available)
+        except Exception:
+            ticket.hold_id = ""  # nothing held (a store error already scheduled its own release)
+            raise
+        ticket.hold = hold
         self.gateway.metrics.holds_open.inc()
-        return ticket
+
+    # -- speculative holds -------------------------------------------------------
+    def _speculate(self, tenant: str, hold: int) -> bool:
+        """True when this tenant's last seen room covers `speculation_margin` holds of this size.
+
+        The room is what the last hold script reported as still available,
+        less the speculative holds still under way, so a burst of concurrent
+        requests stops speculating as it eats into the margin.
+        """
+        if not self._speculative:
+            return False
+        room = self._room.get(tenant)
+        if room is None or room.available - room.speculating < hold * self.settings.speculation_margin:
+            return False
+        room.speculating += hold
+        return True
+
+    async def _forward_speculatively(self, call: Call, next: Next, ticket: Ticket, hold: int) -> Reply:
+        """Send the provider request while the hold is being reserved.
+
+        The hold's Redis round trip overlaps the provider's time to its first
+        byte instead of preceding it. Nothing reaches the client before the
+        hold is confirmed: a refused hold (or a store error) cancels the
+        provider request, whose connection is closed, and answers 402 (503).
+        """
+        room = self._room[call.principal.tenant]
+        forward = asyncio.ensure_future(next(call))
+        try:
+            await self._hold(ticket, hold)
+        except BaseException:
+            await _abandon(forward)
+            raise
+        finally:
+            room.speculating -= hold  # answered (a Room dropped meanwhile is simply forgotten)
+        return await forward
 
     async def _reserve(self, ticket: Ticket, hold_id: str, hold: int) -> tuple[int, int]:
         now = now_ms()
+        tenant = ticket.call.principal.tenant
         try:
             status, available = await self.store.run("hold_reserve", ticket.keys[:3], [hold_id, hold, now, now + self.hold_ms])
         except STORE_DOWN_ERRORS:
+            self._room.clear()  # no speculation until the store answers again
             # The script may have run before the connection broke: drop the
             # hold in the background (a no-op if it never got there), then 503.
             forget = Ticket(
@@ -226,7 +311,18 @@ class MeteringUnit(Unit):
             )
             self.gateway.spawn(self._retry(forget, "hold_release", [hold_id], 0, RETRY_PAUSES), "metering.release")
             raise
-        return int(status), int(available)
+        status, available = int(status), int(available)
+        if status == 1:
+            room = self._room.get(tenant)
+            if room is not None:
+                room.available = available
+            else:
+                if len(self._room) >= TENANT_ENTRIES:
+                    self._room.clear()  # bounded; an evicted tenant's next hold is simply not speculative
+                self._room[tenant] = Room(available)
+        else:
+            self._room.pop(tenant, None)
+        return status, available
 
     # -- settlement ----------------------------------------------------------
     async def _settle(self, ticket: Ticket, usage: Any, chunks: int, chars: int, inline: bool) -> None:
@@ -443,6 +539,24 @@ class MeteredStream:
             if field in event.raw:
                 return SSEEvent.with_json(event.raw.replace(field, b"", 1), rest)
         return SSEEvent.from_json(rest)
+
+
+async def _abandon(forward: asyncio.Future[Reply]) -> None:
+    """Cancel a speculative provider request; close its reply if it already came back."""
+    if not forward.done():
+        forward.cancel()
+        # Let the cancellation land (it closes the provider connection); the
+        # caller's own cancellation still wins if it comes meanwhile.
+        await asyncio.wait({forward})
+    if forward.cancelled() or forward.exception() is not None:
+        return
+    reply = forward.result()
+    if reply.events is not None:
+        await reply.events.aclose()
+        for close in reversed(reply.closers):
+            done = close()
+            if done is not None:
+                await done
 
 
 def _cap_request(call: Call, field: str, cap: int) -> None:

@@ -10,7 +10,6 @@ field path (``units.metering.on_low_balance``).
 
 from __future__ import annotations
 
-import functools
 import importlib
 from collections.abc import Awaitable, Callable
 from importlib.metadata import entry_points
@@ -120,6 +119,10 @@ def chain(units: list[Unit], terminal: Next) -> Next:
 
 
 def _bind(unit: Unit, next: Next) -> Callable[[Call], Awaitable[Reply]]:
-    # A partial, not a wrapping coroutine: calling it returns the unit's own
-    # coroutine, so each unit costs one coroutine frame per request, not two.
-    return functools.partial(unit.__call__, next=next)
+    # A plain function, not a wrapping coroutine: calling it returns the unit's
+    # own coroutine, so each unit costs one coroutine frame per request, not two.
+    def step(call: Call) -> Awaitable[Reply]:
+        return unit(call, next)
+
+    step.__qualname__ = f"{type(unit).__name__}.step"
+    return step

@@ -239,10 +239,10 @@ class MeteringUnit(Unit):
     async def _hold(self, ticket: Ticket, hold: int) -> None:
         """Reserve the hold (or, under `clamp`, a smaller one); 402 when the balance cannot cover it."""
         call, pricing = ticket.call, ticket.pricing
-        # Known before the round trip: a request cancelled while it is under
-        # way still releases the hold (a no-op when it never got there).
-        # The suffix tells apart requests that reuse a client-supplied request id
-        # (unique, not secret: the PRNG spares a urandom syscall).
+        # Set before the round trip, so a request cancelled meanwhile still
+        # releases its hold (a no-op if the script never ran). The suffix tells
+        # apart requests reusing a client-supplied request id; the PRNG (not
+        # urandom) because it needs to be unique, not secret.
         ticket.hold_id = hold_id = f"{call.request_id}:{getrandbits(32):08x}"
         try:
             status, available = await self._reserve(ticket, hold_id, hold)

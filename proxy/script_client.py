@@ -171,6 +171,8 @@ class ScriptClient:
         self.timeout = timeout
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
+        # The same client, sending deferred (see the module docstring).
+        self.deferred = DeferredScripts(self)
 
     @staticmethod
     def supports(url: str) -> bool:
@@ -184,11 +186,6 @@ class ScriptClient:
 
     async def script_load(self, source: str) -> Any:
         return await self._call("SCRIPT", "LOAD", source)
-
-    @property
-    def deferred(self) -> DeferredScripts:
-        """The same client, sending deferred (see the module docstring)."""
-        return DeferredScripts(self)
 
     async def _call(self, *args: Any, deferred: bool = False) -> Any:
         connection = self._connection

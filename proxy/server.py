@@ -9,6 +9,7 @@ the process exits 0.
 from __future__ import annotations
 
 import asyncio
+import gc
 import signal
 
 import structlog
@@ -57,6 +58,12 @@ async def serve_async(settings: Settings, ready: asyncio.Event | None = None) ->
         sites.append(web.TCPSite(admin_runner, settings.admin.host, settings.admin.port))
     for site in sites:
         await site.start()
+    # Everything built so far (settings, schemas, units) lives as long as the
+    # process: moving it out of the collector's reach keeps each full
+    # collection from walking ~70k objects (~15 ms, a stall every few hundred
+    # requests) for objects that are never garbage.
+    gc.collect()
+    gc.freeze()
     log.info(
         "gateway.listening",
         address=f"http://{settings.server.host}:{settings.server.port}",

@@ -1,11 +1,12 @@
 """Talking to providers: pooled clients, timeouts, failover and circuit breakers.
 
 One keep-alive connection pool (`upstream_client.ConnectionPool`) per
-configured upstream, created at start-up and shared by every request. `UpstreamRouter.send` posts a chat
-request to a model's targets in order: connection errors, timeouts, 5xx and
-429 move on to the next attempt (bounded, jittered, honouring a short
-`Retry-After`) as long as nothing has reached the client. A per-upstream
-breaker skips a target that keeps failing until its cool-down has passed.
+configured upstream, created at start-up and shared by every request.
+`UpstreamRouter.send` posts a chat request to a model's targets in order:
+connection errors, timeouts, 5xx and 429 move on to the next attempt
+(bounded, jittered, honouring a short `Retry-After`) as long as nothing has
+reached the client. A per-upstream breaker skips a target that keeps failing
+until its cool-down has passed.
 """
 
 from __future__ import annotations

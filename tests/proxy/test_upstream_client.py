@@ -11,6 +11,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import random
+import shutil
+import ssl
+import subprocess
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -37,10 +40,10 @@ class RawServer:
         self._tasks: set[asyncio.Task] = set()
         self._writers: list[asyncio.StreamWriter] = []
 
-    async def start(self) -> RawServer:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+    async def start(self, tls: ssl.SSLContext | None = None) -> RawServer:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, ssl=tls)
         self.port = self.server.sockets[0].getsockname()[1]
-        self.url = f"http://127.0.0.1:{self.port}"
+        self.url = f"{'https' if tls else 'http'}://127.0.0.1:{self.port}"
         return self
 
     async def close(self) -> None:
@@ -789,3 +792,55 @@ async def test_cancellation_at_any_point_frees_exactly_one_slot(serve, pools):
         for _ in range(5):
             await asyncio.sleep(0)  # let any late connection_lost run
         assert pool._open == 0, f"cancelled after {spins} iterations"
+
+
+# -- TLS ----------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def certificate(tmp_path):
+    """A self-signed certificate for 127.0.0.1 (made with the openssl CLI) and its key."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
+         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
+
+
+async def test_https_provider_with_a_trusted_certificate(certificate, monkeypatch):
+    """TLS with certificate and host verification; the connection is kept alive across requests."""
+    cert, key = certificate
+    monkeypatch.setenv("SSL_CERT_FILE", str(cert))  # the system trust store, as the pool loads it
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    server = await RawServer(keepalive(lambda request, n: reply(b"secure %d" % n))).start(tls)
+    pool = ConnectionPool(server.url + "/v1", 4, 2.0)
+    try:
+        for n in range(3):
+            response = await post(pool)
+            assert (response.status, await response.read()) == (200, b"secure %d" % n)
+            response.release()
+        assert server.accepted == 1
+        assert server.requests[0].startswith(b"POST /v1/chat/completions HTTP/1.1\r\n")
+    finally:
+        await pool.close()
+        await server.close()
+
+
+async def test_https_provider_with_an_untrusted_certificate_is_a_connection_error(certificate):
+    cert, key = certificate
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(cert, key)
+    server = await RawServer(keepalive(lambda request, n: reply(b"never"))).start(tls)
+    pool = ConnectionPool(server.url, 1, 2.0)
+    try:
+        with pytest.raises(UpstreamConnectionError, match="certificate"):
+            await post(pool)
+        assert pool._open == 0  # the slot came back
+    finally:
+        await pool.close()
+        await server.close()

@@ -43,16 +43,14 @@ class ResponseStore:
         input_items: list[dict[str, Any]],
         messages: list[dict[str, Any]],
     ) -> None:
-        key = self._key(tenant, response["id"])
-        fields = {
-            "response": orjson.dumps(response),
-            "input_items": orjson.dumps(input_items),
-            "messages": orjson.dumps(messages),
-        }
-        async with self.store.redis.pipeline(transaction=True) as pipe:
-            pipe.hset(key, mapping=fields)
-            pipe.expire(key, self.ttl)
-            await pipe.execute()
+        # One script rather than a MULTI/EXEC pipeline: the same atomicity, and it
+        # takes the hot-path script client instead of redis-py's machinery.
+        fields = [
+            "response", orjson.dumps(response),
+            "input_items", orjson.dumps(input_items),
+            "messages", orjson.dumps(messages),
+        ]
+        await self.store.run("response_put", [self._key(tenant, response["id"])], [self.ttl, *fields])
 
     async def field(self, tenant: str, response_id: str, name: str) -> str | None:
         """One stored field (JSON text), or None for an unknown id."""

@@ -176,7 +176,7 @@ async def test_no_plaintext_key_in_redis_or_in_the_logs(mock, redis_prefix, tmp_
 
         redis = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
         values = []
-        async for name in redis.scan_iter(match=f"{redis_prefix}:*"):
+        async for name in redis.scan_iter(match=f"{redis_prefix}:*", count=1000):
             values.append(name)
             kind = await redis.type(name)
             if kind == "string":

@@ -173,10 +173,10 @@ async def test_rpm_parity_and_keys_without_limits_touch_no_limit_state(mock, gat
     # The window is 60 s: the wait until the first admission leaves it.
     assert 55 <= assert_rate_limited(results[-1]) <= 60
     redis = running.gateway.store.redis
-    before = sorted([k async for k in redis.scan_iter(match=f"{redis_prefix}:*")])
+    before = sorted([k async for k in redis.scan_iter(match=f"{redis_prefix}:*", count=1000)])
     for _ in range(10):
         assert (await running.openai(free).chat.completions.create(**CHAT)).choices
-    after = sorted([k async for k in redis.scan_iter(match=f"{redis_prefix}:*")])
+    after = sorted([k async for k in redis.scan_iter(match=f"{redis_prefix}:*", count=1000)])
     assert before == after  # unlimited keys write no rate-limit state
 
 

@@ -84,7 +84,7 @@ async def api(running: RunningGateway, method: str, path: str, key: str | None =
 
 async def session_keys(running: RunningGateway) -> list[str]:
     redis = running.gateway.store.redis
-    return [k async for k in redis.scan_iter(match=f"{running.gateway.store.prefix}:*session*")]
+    return [k async for k in redis.scan_iter(match=f"{running.gateway.store.prefix}:*session*", count=1000)]
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])

@@ -164,6 +164,7 @@ class Profile:
     name: str
     description: str
     pipeline: list[str] | None = None
+    units: dict[str, Any] = field(default_factory=dict)  # unit settings (config `units:`)
     path: str = CHAT_PATH
     sse: SSEKind = CHAT_SSE
 
@@ -191,6 +192,12 @@ PROFILES = [
     Profile("passthrough", "sovereign serve, pipeline []", pipeline=[]),
     Profile("governed", "sovereign serve, auth + validation + metering on Redis", pipeline=["auth", "validation", "metering"]),
     Profile(
+        "governed_strict",
+        "governed with speculative_hold: false (every hold confirmed before the provider is called)",
+        pipeline=["auth", "validation", "metering"],
+        units={"metering": {"speculative_hold": False}},
+    ),
+    Profile(
         "responses",
         "governed + responses unit, POST /v1/responses",
         pipeline=["auth", "validation", "responses", "metering"],
@@ -200,7 +207,9 @@ PROFILES = [
 ]
 
 
-def gateway_config(port: int, upstream_base: str, pipeline: list[str], store_url: str, prefix: str) -> dict[str, Any]:
+def gateway_config(
+    port: int, upstream_base: str, pipeline: list[str], store_url: str, prefix: str, units: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Settings data of a benchmarked gateway (no access log; metrics stay on)."""
     return {
         "server": {"host": "127.0.0.1", "port": port, "drain_seconds": 1},
@@ -210,7 +219,7 @@ def gateway_config(port: int, upstream_base: str, pipeline: list[str], store_url
         # 1 credit per input token, 2 per output token: every request visibly moves the balance.
         "models": {MODEL: {"upstream": "default", "price": {"input_per_million": 1_000_000, "output_per_million": 2_000_000}}},
         "pipeline": pipeline,
-        "units": {},
+        "units": units or {},
     }
 
 
@@ -245,7 +254,7 @@ def start_target(profile: Profile, upstream_base: str, log_dir: Path, core: int 
         argv = ["-m", "bench.floor", "--port", str(port), "--upstream", upstream_base]
     else:
         config = log_dir / f"{profile.name}.yaml"
-        config.write_text(yaml.safe_dump(gateway_config(port, upstream_base, profile.pipeline, store_url, prefix)))
+        config.write_text(yaml.safe_dump(gateway_config(port, upstream_base, profile.pipeline, store_url, prefix, profile.units)))
         argv = ["-m", "proxy", "serve", "--config", str(config)]
     return Proc(profile.name, argv, core, log_dir), f"http://127.0.0.1:{port}"
 

@@ -25,8 +25,24 @@ from pathlib import Path
 from typing import Any
 
 from . import report, streams, wrk
-from .profiles import LOAD_CORE, PROFILES, REDIS_URL, REPO, TARGET_CORE, Proc, Target, Tenant, can_pin, request_body, start_mock, start_target, wait_http
+from .profiles import (
+    LOAD_CORE,
+    PROFILES,
+    REDIS_URL,
+    REPO,
+    TARGET_CORE,
+    Proc,
+    Profile,
+    Target,
+    Tenant,
+    can_pin,
+    request_body,
+    start_mock,
+    start_target,
+    wait_http,
+)
 
+WORKLOADS = ("latency_1c", "throughput_64c", "streams_100x50", "open_streams_1000")
 JSON_TOKENS = 16  # content chunks of a JSON reply (mock --chunks) and the request's max_tokens
 STREAM_CHUNKS, STREAM_DELAY_MS, STREAM_COUNT = 50, 20, 100
 OPEN_STREAMS = 1000
@@ -38,12 +54,35 @@ class Plan:
     rounds: int
     duration: float  # seconds of each timed workload (1-conn latency and 64-conn throughput) per target
     budget: float  # no new round starts after this many seconds
+    profiles: tuple[Profile, ...] = tuple(PROFILES)
+    workloads: tuple[str, ...] = WORKLOADS
 
 
 def plan_from(args: argparse.Namespace) -> Plan:
     rounds = args.rounds or (1 if args.quick else 3)
     duration = args.duration or (1.0 if args.quick else 6.0)
-    return Plan(rounds, duration, 50.0 if args.quick else 420.0)
+    return Plan(rounds, duration, 50.0 if args.quick else 420.0, _chosen_profiles(args.targets), _chosen_workloads(args.workloads))
+
+
+def _names(text: str | None, known: list[str], what: str) -> list[str]:
+    names = [n.strip() for n in (text or "").split(",") if n.strip()]
+    unknown = [n for n in names if n not in known]
+    if unknown:
+        raise SystemExit(f"unknown {what}: {', '.join(unknown)} (known: {', '.join(known)})")
+    return names
+
+
+def _chosen_profiles(text: str | None) -> tuple[Profile, ...]:
+    """All profiles, or the named ones plus direct and floor (every ratio is against those two)."""
+    names = _names(text, [p.name for p in PROFILES], "target")
+    if not names:
+        return tuple(PROFILES)
+    return tuple(p for p in PROFILES if p.name in ("direct", "floor") or p.name in names)
+
+
+def _chosen_workloads(text: str | None) -> tuple[str, ...]:
+    names = _names(text, list(WORKLOADS), "workload")
+    return tuple(w for w in WORKLOADS if w in names) if names else WORKLOADS
 
 
 class Bench:
@@ -78,10 +117,10 @@ class Bench:
         self.say(line)
         self.mock, upstream = start_mock(self.work_dir, JSON_TOKENS, self.load_core)
         await wait_http(upstream + "/v1/models", self.mock)
-        self.targets.append(Target(PROFILES[0], self.mock, upstream))
+        self.targets.append(Target(self.plan.profiles[0], self.mock, upstream))
         self.status["direct"] = "ok"
 
-        governed = [p for p in PROFILES if p.governed and not p.missing_units()]
+        governed = [p for p in self.plan.profiles if p.governed and not p.missing_units()]
         if governed:
             try:
                 self.tenant = Tenant(REDIS_URL)
@@ -91,7 +130,7 @@ class Bench:
                 for p in governed:
                     self.status[p.name] = f"skipped: store {REDIS_URL} unusable ({type(exc).__name__}: {exc})"
         started: list[tuple[Target, str]] = []
-        for profile in PROFILES[1:]:
+        for profile in self.plan.profiles[1:]:
             if missing := profile.missing_units():
                 self.status[profile.name] = f"skipped: unit {', '.join(missing)} not available"
                 continue
@@ -110,8 +149,8 @@ class Bench:
                 continue
             self.status[target.name] = "ok"
             self.targets.append(target)
-        for profile in PROFILES:
-            self.say(f"  {profile.name:12} {self.status.get(profile.name, '?')}")
+        for profile in self.plan.profiles:
+            self.say(f"  {profile.name:15} {self.status.get(profile.name, '?')}")
 
     async def stop(self) -> None:
         for target in self.targets[1:]:
@@ -216,7 +255,6 @@ class Bench:
         return {"rss_mb": float(rss)}  # type: ignore[arg-type]
 
     # -- rounds -------------------------------------------------------------
-    WORKLOADS = ("latency_1c", "throughput_64c", "streams_100x50", "open_streams_1000")
     CHARGED = {"latency_1c", "throughput_64c", "streams_100x50"}  # open streams are cut before any output
 
     async def run_rounds(self) -> None:
@@ -226,7 +264,7 @@ class Bench:
                 self.say(f"time budget reached: stopping after {n} rounds")
                 break
             order = self.targets[n % len(self.targets):] + self.targets[: n % len(self.targets)]
-            for workload in self.WORKLOADS:
+            for workload in self.plan.workloads:
                 for target in order:
                     work = getattr(self, workload)
                     charge = target.profile.governed and workload in self.CHARGED and self.tenant is not None
@@ -234,7 +272,7 @@ class Bench:
                     result = await self.measured(target, lambda: work(target), charge)
                     self.rounds.setdefault(workload, {}).setdefault(target.name, []).append(result)
                     state = "FAILED: " + result["failed"].splitlines()[0] if "failed" in result else "ok"
-                    print(f"round {n + 1} {workload:18} {target.name:12} {time.monotonic() - began:5.1f}s {state}", flush=True)
+                    print(f"round {n + 1} {workload:18} {target.name:15} {time.monotonic() - began:5.1f}s {state}", flush=True)
             self.add_relative(n)
 
     def add_relative(self, n: int) -> None:
@@ -302,7 +340,13 @@ async def main_async(args: argparse.Namespace) -> int:
     data = {
         "started_at": began,
         "seconds": time.time() - began,
-        "plan": {"rounds": plan.rounds, "duration": plan.duration, "quick": args.quick},
+        "plan": {
+            "rounds": plan.rounds,
+            "duration": plan.duration,
+            "quick": args.quick,
+            "targets": [p.name for p in plan.profiles],
+            "workloads": list(plan.workloads),
+        },
         "host": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(), "pinned": bench.pin},
         "load_generator": "wrk" if bench.wrk_path else "asyncio",
         "targets": bench.status,
@@ -323,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rounds", type=int, default=0, help="interleaved rounds (default 3, quick 1)")
     parser.add_argument("--duration", type=float, default=0.0, help="seconds per target of each timed workload (default 6, quick 1)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "latest.json"), help="JSON results file")
+    parser.add_argument("--targets", help="comma-separated targets to run (direct and floor always run)")
+    parser.add_argument("--workloads", help=f"comma-separated workloads to run (default all: {','.join(WORKLOADS)})")
     args = parser.parse_args(argv)
     try:
         import uvloop

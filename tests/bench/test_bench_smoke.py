@@ -5,6 +5,7 @@ No timing assertions: these only prove that what bench/run.py measures is measur
 
 from __future__ import annotations
 
+import argparse
 import re
 
 import aiohttp
@@ -207,3 +208,16 @@ def test_every_gateway_profile_is_a_valid_configuration():
         assert [u.name for u in units] == profile.pipeline
         if profile.name == "governed_strict":
             assert units[-1].settings.speculative_hold is False
+
+
+def test_target_and_workload_filters_keep_the_references():
+    from bench import run
+
+    args = argparse.Namespace(quick=True, rounds=0, duration=0.0, targets="governed", workloads="latency_1c")
+    plan = run.plan_from(args)
+    assert [p.name for p in plan.profiles] == ["direct", "floor", "governed"]
+    assert plan.workloads == ("latency_1c",)
+    full = run.plan_from(argparse.Namespace(quick=False, rounds=0, duration=0.0, targets=None, workloads=None))
+    assert len(full.profiles) == len(run.PROFILES) and full.workloads == run.WORKLOADS
+    with pytest.raises(SystemExit, match="unknown target: nope"):
+        run.plan_from(argparse.Namespace(quick=True, rounds=0, duration=0.0, targets="nope", workloads=None))

@@ -88,7 +88,9 @@ class AuthUnit(Unit):
         if header[: len(BEARER)].lower() != BEARER:
             raise unauthorized(MISSING)
         token = header[len(BEARER):].strip()
-        digest = hashlib.sha256(token.encode()).hexdigest()
+        # surrogateescape: aiohttp keeps non-UTF-8 header bytes as surrogates;
+        # such a token is malformed (401), not a crash.
+        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
         hit = self._cache.get(digest)
         if hit is not None and time.monotonic() - hit[2] < self.settings.cache_seconds:
             # Only well-formed keys are ever looked up, so a cached digest is one.

@@ -140,7 +140,7 @@ class MeteringUnit(Unit):
         )
         speculative_hold: bool = Field(
             True,
-            description="Send the hold and the provider request together when the tenant's last seen room is at least `speculation_margin` holds; nothing is relayed before the hold is confirmed, and a refused hold cancels the provider request (402).",
+            description="Send the hold and the provider request together when the tenant's last seen room is at least `speculation_margin` holds; nothing is relayed before the hold is confirmed, and a refused hold cancels the provider request (402). Applies when metering is the last unit and `on_low_balance` is `reject`.",
         )
         speculation_margin: int = Field(
             4, ge=1, description="Room (in holds of this size) a tenant must have had at its last hold for the next one to be speculative."
@@ -156,7 +156,11 @@ class MeteringUnit(Unit):
         # Tenant -> what this process last saw of its room (see _speculate).
         self._room: dict[str, Room] = {}
         self._tenant_keys: dict[str, list[str]] = {}
-        self._speculative = settings.speculative_hold and settings.on_low_balance == "reject"
+        # Only as the last unit: a unit after metering would act on the request
+        # (store a session turn, say) before its hold is confirmed.
+        pipeline = gateway.settings.pipeline
+        last = bool(pipeline) and pipeline[-1] == self.name
+        self._speculative = settings.speculative_hold and settings.on_low_balance == "reject" and last
         longest = max((u.timeouts.total for u in gateway.settings.upstreams.values()), default=0.0)
         if settings.hold_ttl_seconds <= longest:
             log.warning(
@@ -295,7 +299,13 @@ class MeteringUnit(Unit):
             raise
         finally:
             room.speculating -= hold  # answered (a Room dropped meanwhile is simply forgotten)
-        return await forward
+        try:
+            return await forward
+        except BaseException:
+            # Cancelled (client gone) in the very iteration the forward finished:
+            # its reply would be dropped with the provider connection still open.
+            await _abandon(forward)
+            raise
 
     async def _reserve(self, ticket: Ticket, hold_id: str, hold: int) -> tuple[int, int]:
         now = now_ms()
@@ -312,7 +322,9 @@ class MeteringUnit(Unit):
             self.gateway.spawn(self._retry(forget, "hold_release", [hold_id], 0, RETRY_PAUSES), "metering.release")
             raise
         status, available = int(status), int(available)
-        if status == 1:
+        if not self._speculative:
+            pass
+        elif status == 1:
             room = self._room.get(tenant)
             if room is not None:
                 room.available = available

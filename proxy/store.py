@@ -50,6 +50,18 @@ def load_lua(name: str) -> str:
     return _INCLUDE.sub(lambda m: (LUA_DIR / f"{m.group(1)}.lua").read_text(), source)
 
 
+# Script arguments above this size leave the hot-path connection (see Store.run).
+BULK_BYTES = 64 * 1024
+
+
+def _bulky(args: list[Any]) -> bool:
+    size = 0
+    for arg in args:
+        if isinstance(arg, (bytes, str)):
+            size += len(arg)
+    return size > BULK_BYTES
+
+
 class Script:
     """A Lua script run by SHA, loaded again if the server forgot it."""
 
@@ -174,9 +186,15 @@ class Store:
         return script
 
     async def run(self, name: str, keys: list[str], args: list[Any], deferred: bool = False) -> Any:
-        """Run a Lua script by SHA. `deferred`: nobody is waiting on the answer
-        (a settlement), so its write may share the next one (see script_client)."""
+        """Run a Lua script by SHA.
+
+        `deferred`: nobody is waiting on the answer (a settlement), so its write
+        may share the next one (see script_client). Arguments over
+        `BULK_BYTES` go over redis-py's pooled connections instead of the
+        script client's single pipelined one: a multi-megabyte write there would
+        hold up every hold queued behind it.
+        """
         client = self.script_client
-        if client is None:
+        if client is None or _bulky(args):
             return await self.script(name)(self.redis, keys, args)
         return await self.script(name)(client.deferred if deferred else client, keys, args)

@@ -147,11 +147,14 @@ class UpstreamResponse:
 
     def release(self) -> None:
         """Done with this response: its connection goes back to the pool if it can be reused."""
+        if not self._complete:
+            self.close()  # released early: the same as abandoned
+            return
         if self._done:
             return
         self._done = True
         self._stop_timer()
-        if self._complete and self._error is None and self._keep_alive:
+        if self._error is None and self._keep_alive:
             self._conn.pool._put_back(self._conn)
         else:
             self._conn.discard()
@@ -161,6 +164,9 @@ class UpstreamResponse:
         if self._done:
             return
         self._done = True
+        if not self._complete:
+            # A reader still waiting (another task) gets an error, not a hang.
+            self._fail(UpstreamConnectionError("the response was closed"))
         self._stop_timer()
         self._conn.discard()
 
@@ -242,8 +248,8 @@ class UpstreamResponse:
     def _connection_lost(self, exc: BaseException | None) -> None:
         if self._complete or self._error is not None:
             return
-        if self._until_eof and self.status:
-            self.on_message_complete()  # a close-delimited body ends here
+        if self._until_eof and self.status and exc is None:
+            self.on_message_complete()  # a close-delimited body ends with a clean close, not a reset
             return
         reason = f": {exc}" if exc else ""
         self._fail(UpstreamConnectionError(f"the provider closed the connection{reason}"))
@@ -418,6 +424,12 @@ class ConnectionPool:
 
     # -- slots and connections ------------------------------------------------------
     async def _acquire(self) -> _Connection:
+        if self._closed:
+            raise UpstreamConnectionError("the connection pool is closed")
+        if self._waiters:
+            # First come, first served: while requests wait, connections and
+            # slots are handed to them in order (see _put_back, _free_slot).
+            return await self._wait_for_slot()
         idle = self._idle
         if idle:
             now = self.loop.time()
@@ -426,40 +438,42 @@ class ConnectionPool:
                 if not conn.closed and now - conn.idle_since < self.keepalive:
                     return conn
                 conn.discard()
-        if self._closed:
-            raise UpstreamConnectionError("the connection pool is closed")
         if self._open >= self.limit:
             return await self._wait_for_slot()
-        return await self._connect()
+        self._open += 1
+        return await self._connect(self.connect_timeout)
 
     async def _wait_for_slot(self) -> _Connection:
-        # Only reached when `limit` connections are busy; the connect timeout
-        # covers the wait (as it did with aiohttp).
-        async with asyncio.timeout(self.connect_timeout):
-            while True:
-                waiter = self.loop.create_future()
-                self._waiters.append(waiter)
-                try:
-                    await waiter
-                except BaseException:
-                    if waiter in self._waiters:
-                        self._waiters.remove(waiter)
-                    elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:
-                        self._wake_one()  # woken but gone: pass the slot on
-                    raise
-                while self._idle:
-                    conn = self._idle.pop()
-                    if not conn.closed:
-                        return conn
-                    conn.discard()
-                if self._open < self.limit:
-                    return await self._connect()
+        """Queue for a connection or a free slot; the connect timeout covers the wait too (as with aiohttp)."""
+        deadline = self.loop.time() + self.connect_timeout
+        waiter: asyncio.Future[_Connection | None] = self.loop.create_future()
+        self._waiters.append(waiter)
+        try:
+            async with asyncio.timeout_at(deadline):
+                handed = await waiter
+        except BaseException:
+            if waiter in self._waiters:
+                self._waiters.remove(waiter)
+            elif waiter.done() and not waiter.cancelled() and waiter.exception() is None:
+                # Handed something, but this request is gone: pass it on.
+                handed = waiter.result()
+                if handed is None:
+                    self._open -= 1
+                    self._free_slot()
+                else:
+                    self._put_back(handed)
+            raise
+        if handed is None:  # a slot, already counted for this request
+            return await self._connect(max(0.0, deadline - self.loop.time()))
+        if handed.closed:  # the provider closed it after the hand-over: start again
+            return await self._acquire()
+        return handed
 
-    async def _connect(self) -> _Connection:
-        self._open += 1
+    async def _connect(self, timeout: float) -> _Connection:
+        """Open a connection in a slot the caller has already counted in `_open`."""
         conn = _Connection(self)
         try:
-            async with asyncio.timeout(self.connect_timeout):
+            async with asyncio.timeout(timeout):
                 await self.loop.create_connection(
                     lambda: conn,
                     self.host,
@@ -473,33 +487,41 @@ class ConnectionPool:
             conn.counted = False
             conn.closed = True
             self._open -= 1
-            self._wake_one()
-            if isinstance(exc, OSError):
+            self._free_slot()
+            # TimeoutError is an OSError too: it stays a timeout (504, not 502).
+            if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
                 raise UpstreamConnectionError(f"could not connect to the provider ({exc.strerror or exc})") from None
             raise
         return conn
 
     def _put_back(self, conn: _Connection) -> None:
+        """A finished connection: to the first waiting request, else to the idle list."""
         if conn.closed or self._closed:
             conn.discard()
             return
+        while self._waiters:
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_result(conn)
+                return
         conn.idle_since = self.loop.time()
         self._idle.append(conn)
-        self._wake_one()
 
     def _forget(self, conn: _Connection) -> None:
         """A connection closed: free its slot (once) and drop it from the idle list."""
         if conn.counted:
             conn.counted = False
             self._open -= 1
-            self._wake_one()
+            self._free_slot()
         if self._idle and conn in self._idle:
             self._idle.remove(conn)
 
-    def _wake_one(self) -> None:
-        while self._waiters:
+    def _free_slot(self) -> None:
+        """A slot came free: give it to the first waiting request, which opens a connection in it."""
+        while self._waiters and self._open < self.limit:
             waiter = self._waiters.popleft()
             if not waiter.done():
+                self._open += 1  # counted for that request, so no newcomer can take it meanwhile
                 waiter.set_result(None)
                 return
 

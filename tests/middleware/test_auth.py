@@ -60,6 +60,21 @@ async def test_every_invalid_key_is_401_invalid_api_key(mock, gateway_factory, s
     assert mock.stats["requests"] == 0  # nothing reached the provider
 
 
+async def test_an_authorization_header_that_is_not_utf8_is_a_401_not_a_crash(mock, gateway_factory, redis_prefix):
+    """Raw bytes, as only a hand-written client sends them (aiohttp keeps them as surrogates)."""
+    running, _ = await auth_gateway(mock, gateway_factory, REDIS_URL, redis_prefix)
+    host, port = running.base_url.removeprefix("http://").split(":")
+    body = b'{"model": "sovereign-alpha", "messages": [{"role": "user", "content": "hi"}]}'
+    reader, writer = await asyncio.open_connection(host, int(port))
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                 b"Authorization: Bearer sk-sov-live-\xff\xfe" + b"a" * 40 + b"\r\n"
+                 b"Content-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+    answer = await asyncio.wait_for(reader.read(), 5)
+    writer.close()
+    assert answer.startswith(b"HTTP/1.1 401 ") and b'"invalid_api_key"' in answer
+    assert mock.stats["requests"] == 0
+
+
 async def test_valid_key_is_served_and_expiry_applies_to_a_cached_record(mock, gateway_factory, store_url, redis_prefix):
     running, accounts = await auth_gateway(mock, gateway_factory, store_url, redis_prefix, auth={"cache_seconds": 60})
     await accounts.create_tenant("acme", 100)

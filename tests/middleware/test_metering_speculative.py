@@ -58,8 +58,8 @@ class RecordingProvider:
         })
 
 
-async def metered(gateway_factory, url: str, store_url: str, prefix: str | None, **metering):
-    settings = make_settings(url, store_url=store_url, prefix=prefix, pipeline=PIPELINE, units={"metering": metering},
+async def metered(gateway_factory, url: str, store_url: str, prefix: str | None, pipeline=PIPELINE, **metering):
+    settings = make_settings(url, store_url=store_url, prefix=prefix, pipeline=pipeline, units={"metering": metering},
                              admin_token=None, models=PRICED, store={"timeout": 0.5})
     running = await gateway_factory(settings)
     return running, Accounts(running.gateway.store)
@@ -69,12 +69,22 @@ def ask(client: openai.AsyncOpenAI, max_tokens: int = 2, **kwargs):
     return client.chat.completions.create(model="sovereign-alpha", messages=MESSAGES, max_tokens=max_tokens, **kwargs)
 
 
-@pytest.mark.parametrize("speculative", [True, False])
-async def test_the_provider_gets_the_request_while_the_hold_is_still_under_way(gateway_factory, own_redis, speculative):
-    """Redis paused mid-request: a speculative request is already at the provider, a plain one is not."""
+@pytest.mark.parametrize(
+    ("pipeline", "setting", "speculative"),
+    [(PIPELINE, True, True), (PIPELINE, False, False), ([*PIPELINE, "sessions"], True, False)],
+    ids=["speculative", "switched-off", "metering-not-last"],
+)
+async def test_the_provider_gets_the_request_while_the_hold_is_still_under_way(
+    gateway_factory, own_redis, pipeline, setting, speculative
+):
+    """Redis paused mid-request: a speculative request is already at the provider, a plain one is not.
+
+    A unit after metering (sessions here) would act on the request before its
+    hold is confirmed, so metering only speculates as the last unit.
+    """
     recorder = RecordingProvider()
     async with provider(recorder.handle) as url:
-        running, accounts = await metered(gateway_factory, url, own_redis.url, None, speculative_hold=speculative)
+        running, accounts = await metered(gateway_factory, url, own_redis.url, None, pipeline, speculative_hold=setting)
         tenant, key = await new_tenant(accounts, 1_000_000)
         client = running.openai(key)
         await ask(client)  # the first hold tells the gateway how much room the tenant has
@@ -176,3 +186,65 @@ async def test_no_overspend_and_no_wasted_provider_call_when_a_burst_meets_a_sma
         ledger = await accounts.ledger(tenant, limit=1000)
         assert (view["balance"], view["reserved"]) == (0, 0)
         assert sum(e["credits"] for e in ledger) == 0 and len([e for e in ledger if e["type"] == "charge"]) == n
+
+
+async def test_a_client_gone_as_the_forward_finishes_still_closes_the_provider_stream(gateway_factory, redis_prefix, monkeypatch):
+    """The handler is cancelled in the very loop iteration the speculative forward returns its stream reply.
+
+    Fault injection: the forward task's completion cancels the request's task
+    at once, as aiohttp does when the client's connection drops. The reply must
+    not be dropped with its provider connection left open.
+    """
+    import types
+
+    import middleware.metering as metering
+
+    closed = asyncio.Event()
+    hang = False
+
+    async def streaming(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        await response.write(b'data: {"choices":[{"index":0,"delta":{"content":"x"}}]}\n\n')
+        if hang:
+            try:
+                await asyncio.sleep(30)
+            except asyncio.CancelledError:
+                closed.set()  # the gateway closed the connection
+                raise
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    real = asyncio.ensure_future
+    armed = False
+
+    def ensure_future(coro):
+        task = real(coro)
+        if armed:
+            handler = asyncio.current_task()
+            task.add_done_callback(lambda _: handler.cancel())
+        return task
+
+    patched = types.SimpleNamespace(**{name: getattr(asyncio, name) for name in dir(asyncio) if not name.startswith("__")})
+    patched.ensure_future = ensure_future
+    monkeypatch.setattr(metering, "asyncio", patched)
+    async with provider(streaming) as url:
+        running, accounts = await metered(gateway_factory, url, REDIS_URL, redis_prefix)
+        tenant, key = await new_tenant(accounts, 1_000_000)
+        client = running.openai(key)
+        async for _ in await ask(client, stream=True):  # not speculative: it teaches the gateway the room
+            pass
+        armed = hang = True
+        with pytest.raises(openai.APIConnectionError):
+            async for _ in await ask(client, stream=True):
+                pass
+        await asyncio.wait_for(closed.wait(), 2)  # at once, not after the provider's idle or total timeout
+        pool = running.gateway.router.upstreams["default"].pool
+        for _ in range(100):
+            if pool._open == 0:
+                break
+            await asyncio.sleep(0.01)
+        assert pool._open == 0
+        await running.gateway.drain()
+        assert (await accounts.tenant(tenant))["reserved"] == 0

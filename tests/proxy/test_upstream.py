@@ -116,6 +116,25 @@ async def test_request_id_is_generated_when_absent_or_unsafe(mock, passthrough):
     assert generated.startswith("req_") and mock.requests[-1]["headers"]["x-request-id"] == generated
 
 
+async def test_a_provider_that_never_completes_the_connection_is_a_504(gateway_factory):
+    """TCP accepted, TLS handshake never answered: the connect timeout is a timeout (504), not a 502."""
+    async def silent(reader, writer):
+        await reader.read()  # until the gateway gives up
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        gw = await gateway_factory(make_settings(
+            f"https://127.0.0.1:{port}/v1", admin_token=None, routing={"attempts": 1},
+            upstreams={"default": {"timeouts": {"connect": 0.3}}},
+        ))
+        status, _, body = await post(gw.v1, BODY)
+        assert status == 504 and b'"code":"upstream_timeout"' in body
+    finally:
+        server.close()
+
+
 async def test_connection_refused_fails_over_to_the_next_target(mock, gateway_factory):
     dead = f"http://127.0.0.1:{free_port()}/v1"
     settings = make_settings(

@@ -12,7 +12,9 @@ import asyncio
 import gzip
 import random
 import shutil
+import socket
 import ssl
+import struct
 import subprocess
 import time
 import zlib
@@ -844,3 +846,83 @@ async def test_https_provider_with_an_untrusted_certificate_is_a_connection_erro
     finally:
         await pool.close()
         await server.close()
+
+
+# -- regressions found in review ------------------------------------------------------------
+
+
+async def test_a_reset_during_a_close_delimited_body_is_an_error_not_its_end(serve, pools):
+    async def handler(server, reader, writer, index):
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: {\"partial\": 1}\n\n")
+        await writer.drain()
+        sock = writer.get_extra_info("socket")
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # close = RST
+        writer.transport.abort()
+
+    pool = pools((await serve(handler)).url)
+    response = await post(pool)
+    received = []
+    with pytest.raises(UpstreamConnectionError, match="reset"):
+        async for chunk in response.chunks():
+            received.append(chunk)
+    assert b"".join(received) == b'data: {"partial": 1}\n\n'
+
+
+async def test_a_connect_timeout_is_a_timeout(pools):
+    """TCP accepted, TLS never answered: TimeoutError (a 504 upstream), and the slot comes back."""
+    async def silent(reader, writer):
+        await reader.read()
+        writer.close()
+
+    server = await asyncio.start_server(silent, "127.0.0.1", 0)
+    try:
+        pool = pools(f"https://127.0.0.1:{server.sockets[0].getsockname()[1]}", 1, 0.2)
+        with pytest.raises(TimeoutError):
+            await post(pool)
+        assert pool._open == 0
+    finally:
+        server.close()
+
+
+async def test_waiting_requests_are_served_first_come_first_served(serve, pools):
+    """With every slot busy and newcomers arriving as each request finishes, an early waiter is not starved."""
+    pool = pools((await serve(keepalive(lambda request, n: reply(b"ok")))).url, 2, 1.0)
+    stop = False
+
+    async def one() -> None:
+        response = await post(pool)
+        await response.read()
+        response.release()
+
+    async def busy() -> None:  # a newcomer arrives in the very iteration each request finishes
+        while not stop:
+            await one()
+            asyncio.ensure_future(one())
+
+    load = [asyncio.ensure_future(busy()) for _ in range(2)]
+    await asyncio.sleep(0.05)
+    started = asyncio.get_running_loop().time()
+    try:
+        await one()  # queued behind the two busy slots, competing with the newcomers
+        assert asyncio.get_running_loop().time() - started < 0.5
+    finally:
+        stop = True
+        await asyncio.gather(*load)
+        await until(lambda: not pool._waiters and pool._open <= 2)
+
+
+async def test_closing_a_response_wakes_a_reader_waiting_on_it(serve, pools):
+    async def handler(server, reader, writer, index):
+        await server.read_request(reader)
+        writer.write(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nhalf")
+        await writer.drain()
+        await server.until_eof(reader)
+
+    pool = pools((await serve(handler)).url)
+    response = await post(pool)
+    reading = asyncio.ensure_future(response.read())
+    await asyncio.sleep(0.05)
+    response.close()
+    with pytest.raises(UpstreamConnectionError):
+        await asyncio.wait_for(reading, 1)

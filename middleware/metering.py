@@ -309,7 +309,6 @@ class MeteringUnit(Unit):
 
     async def _reserve(self, ticket: Ticket, hold_id: str, hold: int) -> tuple[int, int]:
         now = now_ms()
-        tenant = ticket.call.principal.tenant
         try:
             status, available = await self.store.run("hold_reserve", ticket.keys[:3], [hold_id, hold, now, now + self.hold_ms])
         except STORE_DOWN_ERRORS:
@@ -322,19 +321,22 @@ class MeteringUnit(Unit):
             self.gateway.spawn(self._retry(forget, "hold_release", [hold_id], 0, RETRY_PAUSES), "metering.release")
             raise
         status, available = int(status), int(available)
-        if not self._speculative:
-            pass
-        elif status == 1:
-            room = self._room.get(tenant)
-            if room is not None:
-                room.available = available
-            else:
-                if len(self._room) >= TENANT_ENTRIES:
-                    self._room.clear()  # bounded; an evicted tenant's next hold is simply not speculative
-                self._room[tenant] = Room(available)
-        else:
-            self._room.pop(tenant, None)
+        if self._speculative:
+            self._remember_room(ticket.call.principal.tenant, status, available)
         return status, available
+
+    def _remember_room(self, tenant: str, status: int, available: int) -> None:
+        """Keep what a hold script reported for the next speculative-hold check."""
+        if status != 1:
+            self._room.pop(tenant, None)  # refused: hold first until a hold succeeds again
+            return
+        room = self._room.get(tenant)
+        if room is not None:
+            room.available = available
+            return
+        if len(self._room) >= TENANT_ENTRIES:
+            self._room.clear()  # bounded; an evicted tenant's next hold is simply not speculative
+        self._room[tenant] = Room(available)
 
     # -- settlement ----------------------------------------------------------
     async def _settle(self, ticket: Ticket, usage: Any, chunks: int, chars: int, inline: bool) -> None:

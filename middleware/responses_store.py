@@ -43,8 +43,9 @@ class ResponseStore:
         input_items: list[dict[str, Any]],
         messages: list[dict[str, Any]],
     ) -> None:
-        # One script rather than a MULTI/EXEC pipeline: the same atomicity, and it
-        # takes the hot-path script client instead of redis-py's machinery.
+        # One script rather than a MULTI/EXEC pipeline: the same atomicity, and a
+        # small record takes the hot-path script client (a large one, redis-py's
+        # pool: see Store.run).
         fields = [
             "response", orjson.dumps(response),
             "input_items", orjson.dumps(input_items),

@@ -567,10 +567,7 @@ async def _abandon(forward: asyncio.Future[Reply]) -> None:
     reply = forward.result()
     if reply.events is not None:
         await reply.events.aclose()
-        for close in reversed(reply.closers):
-            done = close()
-            if done is not None:
-                await done
+        await reply.run_closers()
 
 
 def _cap_request(call: Call, field: str, cap: int) -> None:

@@ -213,6 +213,13 @@ class Reply:
     def is_stream(self) -> bool:
         return self.events is not None
 
+    async def run_closers(self) -> None:
+        """Run the closers, outermost layer first, for a stream dropped before its first event."""
+        for close in reversed(self.closers):
+            done = close()
+            if done is not None:
+                await done
+
     def json(self) -> Any:
         """The parsed body (cached); None when the body is not JSON."""
         if self._json is None and self.body is not None:

@@ -88,10 +88,7 @@ async def send_stream(
             await events.aclose()
         await reply.events.aclose()
         if not started:
-            for close in reversed(reply.closers):
-                done = close()
-                if done is not None:
-                    await done
+            await reply.run_closers()
     if request[STREAM_OUTCOME] != "client_disconnected":
         with suppress(*CLIENT_GONE):
             await response.write_eof()

@@ -387,7 +387,8 @@ class ConnectionPool:
         self.keepalive = keepalive
         self._idle: list[_Connection] = []
         self._open = 0  # connections holding a slot: idle, busy or being opened
-        self._waiters: deque[asyncio.Future[None]] = deque()
+        # Requests queued for a slot; each is handed a connection, or None (a slot to connect in).
+        self._waiters: deque[asyncio.Future[_Connection | None]] = deque()
         self._closed = False
 
     async def post(
@@ -407,8 +408,10 @@ class ConnectionPool:
         head = encode_head(self.base_path + path, self.host_header, headers, len(body))
         conn = await self._acquire()
         response = conn.response = UpstreamResponse(conn, header_timeout, idle_timeout, total_timeout)
-        conn.transport.write(head + body if len(body) < 65536 else head)
-        if len(body) >= 65536:
+        if len(body) < 65536:
+            conn.transport.write(head + body)  # one write
+        else:
+            conn.transport.write(head)
             conn.transport.write(body)  # no copy of a large body
         await response._wait_headers()
         return response

@@ -12,10 +12,15 @@ does the same hop for ~20 µs. It does only what the provider hop needs:
 - the body delivered as it arrives, with back-pressure (reading pauses while
   the consumer lags ``HIGH_WATER`` bytes behind);
 - ``upstreams.*.timeouts``: connect (including the wait for a pool slot), the
-  wait for the response headers, the largest gap between two body reads, and
-  the whole request. One timer per request keeps all of them: it is armed for
-  the nearest deadline and, when it fires early (data came in meanwhile), moves
-  itself on instead of being cancelled and re-created on every read.
+  time from sending the request to the end of the response headers, the
+  largest gap between two body reads, and the whole request. One timer per
+  request keeps all of them: it is armed for the nearest deadline and, when it
+  fires early (data came in meanwhile), moves itself on instead of being
+  cancelled and re-created on every read;
+- response heads (informational responses included) of at most
+  ``MAX_HEAD_BYTES``: llhttp buffers a header until it is complete, so a
+  provider sending endless header bytes would otherwise grow memory for as
+  long as the header deadline lasts.
 
 A connection goes back to the pool only when its response was read to the
 end and the provider did not ask to close it; a response closed early (client
@@ -37,6 +42,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 HIGH_WATER = 256 * 1024  # buffered body bytes at which reading pauses
 LOW_WATER = 64 * 1024  # ... and below which it resumes
 KEEPALIVE_SECONDS = 15.0  # an idle pooled connection older than this is not reused
+MAX_HEAD_BYTES = 64 * 1024  # response bytes before the end of the headers (aiohttp allows 8 KiB per line)
 
 
 class UpstreamConnectionError(Exception):
@@ -69,7 +75,9 @@ class UpstreamResponse:
         "_done",
         "_paused",
         "_last_read",
+        "_head_bytes",
         "_header_limit",
+        "_header_deadline",
         "_idle",
         "_deadline",
         "_timer",
@@ -96,10 +104,14 @@ class UpstreamResponse:
         self._done = False  # released or closed
         self._paused = False
         self._last_read = now
+        self._head_bytes = 0  # received while the headers were not complete
         self._header_limit = header_limit
+        # From the request, not from the last byte: a provider trickling header
+        # bytes (or 1xx responses) must not hold the request open until `total`.
+        self._header_deadline = now + header_limit
         self._idle = idle
         self._deadline = now + total
-        self._timer: asyncio.TimerHandle | None = loop.call_at(min(self._deadline, now + header_limit), self._on_timer)
+        self._timer: asyncio.TimerHandle | None = loop.call_at(min(self._deadline, self._header_deadline), self._on_timer)
 
     # -- consumer side -----------------------------------------------------------
     @property
@@ -221,14 +233,18 @@ class UpstreamResponse:
         if now >= self._deadline:
             self._fail(TimeoutError("the provider request exceeded its total time"))
             return
-        limit = self._idle if self.status else self._header_limit
+        if not self.status:
+            if now >= self._header_deadline:
+                self._fail(TimeoutError(f"the provider sent no response headers within {self._header_limit:g} s"))
+                return
+            self._timer = self._loop.call_at(min(self._deadline, self._header_deadline), self._on_timer)
+            return
         if self._paused:
             self._last_read = now  # reading is paused for the consumer: not the provider's gap
-        elif now - self._last_read >= limit:
-            what = "sent nothing more" if self.status else "sent no response headers"
-            self._fail(TimeoutError(f"the provider {what} within {limit:g} s"))
+        elif now - self._last_read >= self._idle:
+            self._fail(TimeoutError(f"the provider sent nothing more within {self._idle:g} s"))
             return
-        self._timer = self._loop.call_at(min(self._deadline, self._last_read + limit), self._on_timer)
+        self._timer = self._loop.call_at(min(self._deadline, self._last_read + self._idle), self._on_timer)
 
     def _stop_timer(self) -> None:
         if self._timer is not None:
@@ -244,6 +260,13 @@ class UpstreamResponse:
             self._fail(UpstreamConnectionError("the provider tried to switch protocols"))
         except httptools.HttpParserError as exc:
             self._fail(UpstreamConnectionError(f"the provider sent malformed HTTP ({exc})"))
+            return
+        if not self.status and self._error is None:
+            # Counted after parsing, so a read that completes the headers (and
+            # carries body bytes) is never refused; the bound is this plus one read.
+            self._head_bytes += len(data)
+            if self._head_bytes > MAX_HEAD_BYTES:
+                self._fail(UpstreamConnectionError(f"the provider sent response headers over {MAX_HEAD_BYTES // 1024} KiB"))
 
     def _connection_lost(self, exc: BaseException | None) -> None:
         if self._complete or self._error is not None:
@@ -281,7 +304,7 @@ class UpstreamResponse:
         # Read here: llhttp resets its keep-alive flag once the message is complete.
         self._keep_alive = self._parser.should_keep_alive() and not self._until_eof
         self.status = status
-        if self._idle < self._header_limit and self._timer is not None:
+        if self._last_read + self._idle < self._header_deadline and self._timer is not None:
             # The timer is armed for the header deadline and only ever moves
             # later: bring it forward to the (nearer) first idle deadline.
             self._timer.cancel()
@@ -542,4 +565,4 @@ def encode_head(target: str, host: str, headers: Iterable[tuple[str, str]], leng
     return "".join(lines).encode("utf-8", "surrogateescape")
 
 
-__all__ = ["ConnectionPool", "UpstreamConnectionError", "UpstreamResponse", "encode_head"]
+__all__ = ["MAX_HEAD_BYTES", "ConnectionPool", "UpstreamConnectionError", "UpstreamResponse", "encode_head"]

@@ -22,7 +22,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from proxy.upstream_client import HIGH_WATER, ConnectionPool, UpstreamConnectionError, UpstreamResponse, encode_head
+from proxy.upstream_client import HIGH_WATER, MAX_HEAD_BYTES, ConnectionPool, UpstreamConnectionError, UpstreamResponse, encode_head
 from tests.support import free_port
 
 Handler = Callable[["RawServer", asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
@@ -430,6 +430,31 @@ async def test_no_headers_within_header_timeout(serve, pools):
     assert pool._open == 0
 
 
+@pytest.mark.parametrize(
+    ("first", "then"),
+    [(b"HTTP/1.1 200 OK\r\n", b"X-Slow: y\r\n"), (b"", b"HTTP/1.1 100 Continue\r\n\r\n")],
+    ids=["header-lines", "informational-responses"],
+)
+async def test_header_timeout_counts_from_the_request_not_from_the_last_byte(serve, pools, first, then):
+    """A provider that keeps sending header bytes (or 1xx responses) still times out at the header deadline."""
+
+    async def handler(server, reader, writer, index):
+        await server.read_request(reader)
+        writer.write(first)
+        while True:  # each gap is far shorter than the header timeout
+            writer.write(then)
+            await writer.drain()
+            await asyncio.sleep(0.02)
+
+    server = await serve(handler)
+    pool = pools(server.url, limit=1)
+    started = time.monotonic()
+    with pytest.raises(TimeoutError, match="no response headers within 0.3 s"):
+        await post(pool, header=0.3, idle=5.0, total=10.0)
+    assert 0.25 <= time.monotonic() - started < 2.0
+    assert pool._open == 0
+
+
 async def test_body_gap_longer_than_idle_timeout(serve, pools):
     """Headers and part of the body, then silence: TimeoutError after idle, even with a longer header timeout."""
 
@@ -557,6 +582,56 @@ async def test_malformed_response(serve, pools, sent, message):
         await response.read()
     await server.wait_for(lambda: server.eofs == 1)  # the untrustworthy connection was closed
     assert pool._open == 0
+
+
+@pytest.mark.parametrize(
+    "head",
+    [
+        b"HTTP/1.1 200 OK\r\nX-Huge: " + b"h" * (MAX_HEAD_BYTES + 1),  # one header, never finished
+        b"HTTP/1.1 200 OK\r\n" + b"X-Many: 0123456789abcdef\r\n" * (MAX_HEAD_BYTES // 26 + 10),
+        b"HTTP/1.1 100 Continue\r\nX-Pad: " + b"p" * 1000 + b"\r\n\r\n",
+    ],
+    ids=["one-endless-header", "many-headers", "informational-responses"],
+)
+async def test_response_heads_over_the_bound_are_refused(serve, pools, head):
+    """Header bytes past MAX_HEAD_BYTES fail the request at once, not at the header deadline."""
+
+    async def handler(server, reader, writer, index):
+        await server.read_request(reader)
+        if head.startswith(b"HTTP/1.1 100"):
+            for _ in range(MAX_HEAD_BYTES // len(head) + 2):  # 1xx after 1xx, each small
+                writer.write(head)
+                await writer.drain()
+        else:
+            writer.write(head)
+        await server.until_eof(reader)
+
+    server = await serve(handler)
+    pool = pools(server.url, limit=1)
+    started = time.monotonic()
+    with pytest.raises(UpstreamConnectionError, match="response headers over 64 KiB"):
+        await post(pool, header=10.0, idle=10.0, total=10.0)
+    assert time.monotonic() - started < 5.0
+    await server.wait_for(lambda: server.eofs == 1)  # the connection was closed
+    assert pool._open == 0
+
+
+async def test_a_large_head_under_the_bound_with_its_body_in_the_same_read(serve, pools):
+    """Body bytes arriving with the end of the headers do not count against the header bound."""
+    padding = [f"X-Pad-{i}: {'v' * 200}" for i in range((MAX_HEAD_BYTES - 4096) // 212)]
+    body = b"b" * (3 * MAX_HEAD_BYTES)
+
+    async def handler(server, reader, writer, index):
+        await server.read_request(reader)
+        writer.write(reply(body, *padding))  # one write: head and body together
+        await server.until_eof(reader)
+
+    server = await serve(handler)
+    response = await post(pools(server.url))
+    assert response.status == 200
+    assert response.headers["X-Pad-0"] == "v" * 200
+    assert await response.read() == body
+    response.release()
 
 
 @pytest.mark.parametrize(

@@ -90,9 +90,15 @@ class SessionStore:
         return meta, [orjson.loads(row) for row in rows]
 
     async def append(
-        self, tenant: str, session_id: str, system: dict[str, Any] | None, messages: list[dict[str, Any]]
-    ) -> tuple[int, bool]:
-        """Store one finished turn atomically; returns (message_count, first stored turn)."""
+        self, tenant: str, session_id: str, system: dict[str, Any] | None, messages: list[dict[str, Any]],
+        read_created_at: str = "",
+    ) -> tuple[int, bool] | None:
+        """Store one finished turn atomically; returns (message_count, first stored turn).
+
+        `read_created_at` is the ``created_at`` of the session as the turn
+        loaded it ("" when it was new); None means that session is gone
+        (deleted or expired while the turn ran) and nothing was stored.
+        """
         args: list[Any] = [
             session_id,
             int(time.time() * 1000),
@@ -100,10 +106,13 @@ class SessionStore:
             self.max_messages,
             self.max_tokens,
             encode_message(system) if system is not None else "",
+            read_created_at,
             *(encode_message(m) for m in messages),
         ]
         keys = [*self._keys(tenant, session_id), self._index(tenant)]
         count, first = await self.store.run("session_append", keys, args)
+        if int(count) < 0:
+            return None
         return int(count), first == 1
 
     async def set_title(self, tenant: str, session_id: str, title: str, state: str) -> bool:

@@ -120,8 +120,10 @@ class SessionsUnit(Unit):
         tenant = call.principal.tenant
         stored_system: dict[str, Any] | None = None
         history: list[dict[str, Any]] = []
+        read_created_at = ""  # the session as this turn found it ("": new)
         if not fresh:
             meta, history = await self.sessions.load(tenant, session_id)
+            read_created_at = meta.get("created_at", "")
             if meta.get("system"):
                 stored_system = orjson.loads(meta["system"])
         lead = 0
@@ -135,7 +137,7 @@ class SessionsUnit(Unit):
 
         call.state[self.name] = session_id
         call.response_headers[HEADER] = session_id
-        context = _TurnContext(self, next, call, session_id, new_system, turn)
+        context = _TurnContext(self, next, call, session_id, new_system, turn, read_created_at)
         reply = await next(call)
         if reply.status >= 400:
             return reply
@@ -143,7 +145,8 @@ class SessionsUnit(Unit):
             assistant = _assistant_from_json(reply.json())
             if assistant is not None:
                 try:
-                    await context.save(assistant)
+                    if not await context.save(assistant):
+                        call.response_headers["X-Session-Saved"] = "false"
                 except STORE_DOWN_ERRORS as exc:
                     # The reply exists and is paid for: deliver it, say the turn was not kept.
                     self.gateway.metrics.store_errors.inc()
@@ -267,11 +270,11 @@ class SessionsUnit(Unit):
 class _TurnContext:
     """What saving one turn needs, captured before the call goes on (later units change the body)."""
 
-    __slots__ = ("unit", "next", "call", "model", "session_id", "system", "turn")
+    __slots__ = ("unit", "next", "call", "model", "session_id", "system", "turn", "read_created_at")
 
     def __init__(
         self, unit: SessionsUnit, next: Next, call: Call, session_id: str,
-        system: dict[str, Any] | None, turn: list[dict[str, Any]],
+        system: dict[str, Any] | None, turn: list[dict[str, Any]], read_created_at: str,
     ) -> None:
         self.unit = unit
         self.next = next
@@ -279,14 +282,23 @@ class _TurnContext:
         self.session_id = session_id
         self.system = system
         self.turn = turn
+        self.read_created_at = read_created_at
         self.model = call.model  # the public name; the forwarder swaps in the provider's
 
-    async def save(self, assistant: dict[str, Any]) -> None:
+    async def save(self, assistant: dict[str, Any]) -> bool:
+        """Append the finished turn; False when its session was deleted (or expired) meanwhile."""
         unit = self.unit
         turn = [*self.turn, assistant]
-        _, first = await unit.sessions.append(self.call.principal.tenant, self.session_id, self.system, turn)
-        if first and unit.settings.titles:
+        stored = await unit.sessions.append(
+            self.call.principal.tenant, self.session_id, self.system, turn, self.read_created_at
+        )
+        if stored is None:
+            # Deleted while this turn ran: bringing it back would undo the client's delete.
+            log.info("session.gone", session_id=self.session_id, request_id=self.call.request_id)
+            return False
+        if stored[1] and unit.settings.titles:
             unit.gateway.spawn(unit.make_title(self, turn), "session title")
+        return True
 
 
 class _StreamedMessage:

@@ -2,14 +2,22 @@
 -- so concurrent turns on one session never lose each other).
 -- KEYS: meta (HASH), messages (LIST), index (ZSET of the tenant's sessions by updated_at ms)
 -- ARGV: id, now_ms, ttl_seconds, max_messages, max_tokens, system ('' = keep the stored one),
---       then the turn's messages as JSON, each serialised with "role" as its first key.
+--       created_at the turn read the session with ('' = it was new), then the turn's messages
+--       as JSON, each serialised with "role" as its first key.
 -- Layout: meta holds id, created_at, updated_at (ms), message_count, tokens (estimate of the
 -- list), system (the session's system message, JSON, never trimmed), title, title_state.
--- Returns {message_count, first}: first is 1 for the session's first stored turn (start a title).
+-- Returns {message_count, first}: first is 1 for the session's first stored turn (start a title);
+-- {-1, 0} when the session the turn was read from is gone (deleted or expired meanwhile): a
+-- deleted session is not brought back by a turn that was in flight.
 local meta, list, index = KEYS[1], KEYS[2], KEYS[3]
 local now, ttl = tonumber(ARGV[2]), tonumber(ARGV[3])
 local max_messages, max_tokens = tonumber(ARGV[4]), tonumber(ARGV[5])
-local system = ARGV[6]
+local system, read_created_at = ARGV[6], ARGV[7]
+local first_message = 8
+
+if read_created_at ~= '' and redis.call('HGET', meta, 'created_at') ~= read_created_at then
+  return {-1, 0}
+end
 
 -- Same estimate as elsewhere in the gateway: ~4 bytes of JSON per token plus framing.
 local function estimate(message) return math.floor(#message / 4) + 4 end
@@ -24,8 +32,8 @@ else
 end
 
 local tokens = tonumber(redis.call('HGET', meta, 'tokens')) or 0
-local added = #ARGV - 6
-for i = 7, #ARGV do
+local added = #ARGV - first_message + 1
+for i = first_message, #ARGV do
   redis.call('RPUSH', list, ARGV[i])
   tokens = tokens + estimate(ARGV[i])
 end

@@ -310,6 +310,41 @@ async def test_list_paginate_get_delete(mock, gateway_factory, store_url, redis_
     assert mock.requests[-1]["body"]["messages"] == [{"role": "user", "content": "fresh"}]
 
 
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_session_deleted_while_a_turn_runs_stays_deleted(mock, gateway_factory, store_url, redis_prefix, stream):
+    """The turn in flight still gets its reply, but does not bring the deleted session back."""
+    running = await start(mock, gateway_factory, store_url, redis_prefix)
+    client = running.openai()
+    await turn(client, "doomed", [{"role": "user", "content": "first"}])
+    slow = {HEADER: "doomed", "x-mock-first-byte-delay-ms": "400"}
+    second = asyncio.create_task(
+        client.chat.completions.with_raw_response.create(
+            model="sovereign-alpha", messages=[{"role": "user", "content": "second"}], stream=stream, extra_headers=slow
+        )
+    )
+    async with asyncio.timeout(5):  # the provider has the second turn (with the first as history)
+        while len(mock.requests) < 2:
+            await asyncio.sleep(0.005)
+    assert len(mock.requests[1]["body"]["messages"]) == 3
+    assert (await api(running, "DELETE", "/sessions/doomed"))[0] == 200
+    raw = await second
+    if stream:
+        assert [chunk async for chunk in raw.parse()]  # the whole stream was relayed
+    else:
+        assert raw.parse().choices[0].message.content
+        assert raw.headers["X-Session-Saved"] == "false"
+    assert (await api(running, "GET", "/sessions/doomed"))[0] == 404
+    if store_url == REDIS_URL:
+        assert await session_keys(running) == []  # no meta, messages or index entry came back
+    _, page = await api(running, "GET", "/sessions")
+    assert page["data"] == []
+    # The id is free again: the next turn starts a new session, without the old history.
+    await turn(client, "doomed", [{"role": "user", "content": "anew"}])
+    assert mock.requests[-1]["body"]["messages"] == [{"role": "user", "content": "anew"}]
+    status, view = await api(running, "GET", "/sessions/doomed")
+    assert status == 200 and view["message_count"] == 2
+
+
 async def test_tenant_isolation_with_shared_session_id(mock, gateway_factory, redis_prefix):
     running = await start(mock, gateway_factory, REDIS_URL, redis_prefix, pipeline=["auth", "sessions"])
     accounts = Accounts(running.gateway.store)

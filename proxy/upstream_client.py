@@ -6,7 +6,8 @@ timer per read), more than all the gateway's own units together; this client
 does the same hop for ~20 µs. It does only what the provider hop needs:
 
 - ``POST`` over pooled keep-alive connections, plain or TLS, at most
-  ``limit`` connections per pool (further requests wait for one);
+  ``limit`` connections per pool (further requests wait for one), opened by
+  `proxy.upstream_connect.Connector` (cached lookups, Happy Eyeballs);
 - responses parsed by llhttp (``httptools``), content-length, chunked or
   close-delimited, gzip/deflate decoded (the gateway asks for identity);
 - the body delivered as it arrives, with back-pressure (reading pauses while
@@ -38,6 +39,8 @@ from urllib.parse import urlsplit
 
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
+
+from .upstream_connect import Connector
 
 HIGH_WATER = 256 * 1024  # buffered body bytes at which reading pauses
 LOW_WATER = 64 * 1024  # ... and below which it resumes
@@ -405,6 +408,7 @@ class ConnectionPool:
         self.host_header = host if default_port else f"{host}:{self.port}"
         self.base_path = parts.path.rstrip("/")
         self.ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
+        self.connector = Connector(self.host, self.port, ssl=self.ssl)
         self.limit = limit
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
@@ -500,13 +504,7 @@ class ConnectionPool:
         conn = _Connection(self)
         try:
             async with asyncio.timeout(timeout):
-                await self.loop.create_connection(
-                    lambda: conn,
-                    self.host,
-                    self.port,
-                    ssl=self.ssl,
-                    server_hostname=self.host if self.ssl is not None else None,
-                )
+                await self.connector.connect(lambda: conn)
         except BaseException as exc:
             # Cancelled after connection_made: asyncio closes the transport and
             # connection_lost -> _forget would free this slot a second time.

@@ -8,7 +8,9 @@ unique key prefix and is deleted afterwards, so tests share the machine's Redis
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -23,6 +25,7 @@ from typing import Any
 
 import aiohttp
 import openai
+import pytest
 import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
@@ -45,6 +48,23 @@ def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def self_signed_certificate(directory: Path, host: str) -> tuple[Path, Path]:
+    """A self-signed certificate for `host` (an IP address or a DNS name) and its key, made with the openssl CLI."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl is not installed")
+    try:
+        san = f"IP:{ipaddress.ip_address(host)}"
+    except ValueError:
+        san = f"DNS:{host}"
+    cert, key = directory / "cert.pem", directory / "key.pem"
+    subprocess.run(
+        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", f"/CN={host}",
+         "-addext", f"subjectAltName={san}", "-keyout", str(key), "-out", str(cert)],
+        check=True, capture_output=True,
+    )
+    return cert, key
 
 
 def settings_data(

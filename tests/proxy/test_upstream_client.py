@@ -11,11 +11,9 @@ from __future__ import annotations
 import asyncio
 import gzip
 import random
-import shutil
 import socket
 import ssl
 import struct
-import subprocess
 import time
 import zlib
 from collections.abc import Awaitable, Callable
@@ -23,7 +21,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from proxy.upstream_client import HIGH_WATER, MAX_HEAD_BYTES, ConnectionPool, UpstreamConnectionError, UpstreamResponse, encode_head
-from tests.support import free_port
+from tests.support import free_port, self_signed_certificate
 
 Handler = Callable[["RawServer", asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -772,6 +770,26 @@ async def test_pool_host_header_and_base_path(url, host_header, base_path):
     await pool.close()
 
 
+async def test_a_provider_named_by_hostname_is_looked_up_once_for_a_burst_of_connections(serve, pools):
+    """New connections go through the pool's Connector: one shared lookup, then the cache."""
+    server = await serve(keepalive(lambda request, n: reply(b"ok")))
+    pool = pools(f"http://localhost:{server.port}", limit=8)
+    assert pool.host_header == f"localhost:{server.port}"
+    loop = asyncio.get_running_loop()
+    lookups = []
+
+    async def counted_getaddrinfo(*args, **kwargs):  # the loop's real resolver, counted
+        lookups.append(args[0])
+        return await loop.getaddrinfo(*args, **kwargs)
+
+    pool.connector._resolve = counted_getaddrinfo
+    responses = await asyncio.gather(*(post(pool) for _ in range(8)))
+    for response in responses:
+        assert await response.read() == b"ok"
+        response.release()
+    assert server.accepted == 8 and lookups == ["localhost"]
+
+
 def test_pool_refuses_non_http_urls():
     with pytest.raises(ValueError):
         ConnectionPool("ftp://example.com", 1, 1.0)
@@ -876,16 +894,8 @@ async def test_cancellation_at_any_point_frees_exactly_one_slot(serve, pools):
 
 @pytest.fixture
 def certificate(tmp_path):
-    """A self-signed certificate for 127.0.0.1 (made with the openssl CLI) and its key."""
-    if shutil.which("openssl") is None:
-        pytest.skip("openssl is not installed")
-    cert, key = tmp_path / "cert.pem", tmp_path / "key.pem"
-    subprocess.run(
-        ["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-days", "1", "-subj", "/CN=127.0.0.1",
-         "-addext", "subjectAltName=IP:127.0.0.1", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True,
-    )
-    return cert, key
+    """A self-signed certificate for 127.0.0.1 and its key."""
+    return self_signed_certificate(tmp_path, "127.0.0.1")
 
 
 async def test_https_provider_with_a_trusted_certificate(certificate, monkeypatch):

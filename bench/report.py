@@ -112,10 +112,16 @@ class Target:
         return text, "PASS" if ok else "MISS"
 
 
+# The issue's own bare aiohttp pass-through added this much (p50, one connection):
+# its absolute latency targets were set on a machine where the floor costs about that.
+ISSUE_FLOOR_ADDED_P50_MS = 0.33
+GOVERNED_ADDED_P50_LIMIT_MS = 0.6
+
+
 ISSUE_TARGETS = [
     Target("governed throughput >= 60% of floor (64 conn)", "throughput_64c", "governed", "rps", 0.60, True, "floor"),
     Target("passthrough throughput >= 90% of floor (64 conn)", "throughput_64c", "passthrough", "rps", 0.90, True, "floor"),
-    Target("governed added latency p50 <= 0.6 ms (1 conn)", "latency_1c", "governed", "added_p50_ms", 0.6),
+    Target("governed added latency p50 <= 0.6 ms (1 conn)", "latency_1c", "governed", "added_p50_ms", GOVERNED_ADDED_P50_LIMIT_MS),
     Target("governed added latency p99 <= 1.5 ms (1 conn)", "latency_1c", "governed", "added_p99_ms", 1.5),
     Target("governed stream completion <= 115% of floor (100x50)", "streams_100x50", "governed", "completion_p50_ms", 1.15, False, "floor"),
     Target("governed RSS <= 150 MB (1,000 open streams)", "open_streams_1000", "governed", "rss_mb", 150.0),
@@ -125,3 +131,25 @@ ISSUE_TARGETS = [
 def target_lines(summary: dict[str, dict[str, dict[str, Any]]]) -> list[tuple[str, str, str]]:
     """(description, figure, verdict) for every issue target."""
     return [(t.description, *t.evaluate(summary)) for t in ISSUE_TARGETS]
+
+
+def machine_note(summary: dict[str, dict[str, dict[str, Any]]]) -> str | None:
+    """This run's floor against the issue's, and governed's distance from it (read with the absolute targets).
+
+    The floor's added latency is mostly cross-core wake-ups, which the machine
+    sets: when it is well above the issue's, the absolute p50 target measures
+    the machine as much as the gateway. Information only, never a verdict.
+    """
+    cells = summary.get("latency_1c", {})
+    floor, governed = cells.get("floor", {}), cells.get("governed", {})
+    if "added_p50_ms" not in floor:
+        return None
+    floor_ms = floor["added_p50_ms"]["median"]
+    note = f"note: the floor adds {floor_ms:.2f} ms p50 in this run; the issue measured +{ISSUE_FLOOR_ADDED_P50_MS:.2f} ms for its own"
+    if "added_p50_ms" in governed:
+        budget = GOVERNED_ADDED_P50_LIMIT_MS - ISSUE_FLOOR_ADDED_P50_MS
+        note += (
+            f". Governed adds {governed['added_p50_ms']['median'] - floor_ms:+.2f} ms over this run's floor"
+            f" (the {GOVERNED_ADDED_P50_LIMIT_MS} ms target allows {budget:.2f} ms over the issue's floor)"
+        )
+    return note

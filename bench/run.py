@@ -318,7 +318,9 @@ class Bench:
         if hot:
             out.append(f"WARNING: provider CPU above {BUSY_PROVIDER_PCT:.0f}% during throughput of {', '.join(hot)}: it may be the bottleneck")
         lines = report.target_lines(summary)
-        out.append("== issue targets\n" + report.render_table(["target", "figure", "verdict"], lines))
+        targets = "== issue targets\n" + report.render_table(["target", "figure", "verdict"], lines)
+        note = report.machine_note(summary)
+        out.append(targets if note is None else f"{targets}\n{note}")
         return "\n\n".join(out)
 
 

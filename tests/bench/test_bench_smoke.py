@@ -146,6 +146,18 @@ def test_issue_targets_verdicts():
     assert lines["governed RSS <= 150 MB (1,000 open streams)"] == ("-", "n/a")
 
 
+def test_machine_note_reads_the_floor_against_the_issues():
+    floor = report.aggregate([{"added_p50_ms": 0.70}, {"added_p50_ms": 0.74}, {"added_p50_ms": 0.72}])
+    governed = report.aggregate([{"added_p50_ms": 0.80}, {"added_p50_ms": 0.84}])
+    note = report.machine_note({"latency_1c": {"floor": floor, "governed": governed}})
+    assert note == (
+        "note: the floor adds 0.72 ms p50 in this run; the issue measured +0.33 ms for its own."
+        " Governed adds +0.10 ms over this run's floor (the 0.6 ms target allows 0.27 ms over the issue's floor)"
+    )
+    assert report.machine_note({"latency_1c": {"floor": floor}}).endswith("for its own")
+    assert report.machine_note({"throughput_64c": {}}) is None
+
+
 def test_render_table_aligns_columns():
     text = report.render_table(["target", "req/s"], [["floor", "10"], ["governed", "1234"]])
     assert text.splitlines() == ["target    req/s", "--------  -----", "floor        10", "governed   1234"]

@@ -164,6 +164,9 @@ async def clean_loop():
     """Fail a test on a loop error (a task destroyed while pending...) or an unclosed-socket ResourceWarning."""
     loop = asyncio.get_running_loop()
     errors: list[dict] = []
+    # Garbage that earlier tests of the suite left (their clients, transports)
+    # is collected now, so that only what this test leaves is recorded.
+    gc.collect()
     loop.set_exception_handler(lambda loop, context: errors.append(context))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always", ResourceWarning)

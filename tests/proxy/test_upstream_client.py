@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from proxy.upstream_client import HIGH_WATER, MAX_HEAD_BYTES, ConnectionPool, UpstreamConnectionError, UpstreamResponse, encode_head
-from tests.support import free_port, self_signed_certificate
+from tests.support import free_port, self_signed_certificate, until
 
 Handler = Callable[["RawServer", asyncio.StreamReader, asyncio.StreamWriter, int], Awaitable[None]]
 
@@ -141,13 +141,6 @@ def keepalive(respond: Callable[[bytes, int], bytes]) -> Handler:
 
 def body_of(request: bytes) -> bytes:
     return request.partition(b"\r\n\r\n")[2]
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
-    """Poll client-side state (no event to wait on there)."""
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.002)
 
 
 async def post(

@@ -22,12 +22,12 @@ import select
 import socket
 import ssl
 import warnings
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
 from proxy.upstream_connect import Connector, interleave
-from tests.support import free_port, self_signed_certificate
+from tests.support import free_port, self_signed_certificate, until
 
 
 class Client(asyncio.Protocol):
@@ -134,12 +134,6 @@ def open_sockets() -> set[int]:
             if os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
                 fds.add(int(name))
     return fds
-
-
-async def until(predicate: Callable[[], bool], timeout: float = 2.0) -> None:
-    async with asyncio.timeout(timeout):
-        while not predicate():
-            await asyncio.sleep(0.002)
 
 
 async def connect_and_close(connector: Connector) -> None:

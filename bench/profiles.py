@@ -4,7 +4,7 @@ Every target and the simulated provider run as their own process, started
 through ``taskset -c CORE`` so the target has core 0 to itself while the load
 and the provider share core 1. A process's CPU time and RSS are read from
 /proc. The governed profiles get a tenant with plenty of credits and a key,
-created with `proxy.accounts.Accounts` on the real Redis under a unique prefix
+created with `proxy.store.accounts.Accounts` on the real Redis under a unique prefix
 that `Tenant.cleanup` deletes afterwards.
 """
 
@@ -29,7 +29,7 @@ import aiohttp
 import orjson
 import yaml
 
-from proxy.pipeline import BUILTIN_UNITS
+from proxy.core.pipeline import BUILTIN_UNITS
 
 from .streams import CHAT_SSE, RESPONSES_SSE, SSEKind
 
@@ -263,8 +263,8 @@ class Tenant:
     """The benchmark tenant and key on the real store, under a unique prefix."""
 
     def __init__(self, store_url: str = REDIS_URL) -> None:
-        from proxy.settings import StoreSettings
-        from proxy.store import Store
+        from proxy.core.settings import StoreSettings
+        from proxy.store.store import Store
 
         self.prefix = f"sovbench-{uuid.uuid4().hex[:10]}"
         self.store_url = store_url
@@ -273,7 +273,7 @@ class Tenant:
         self.key = ""
 
     async def create(self) -> None:
-        from proxy.accounts import Accounts
+        from proxy.store.accounts import Accounts
 
         await self.store.connect()
         accounts = Accounts(self.store)
@@ -281,7 +281,7 @@ class Tenant:
         self.key, _ = await accounts.create_key(self.tenant, name="bench")
 
     async def balance(self) -> int:
-        from proxy.accounts import Accounts
+        from proxy.store.accounts import Accounts
 
         return (await Accounts(self.store).tenant(self.tenant))["balance"]
 

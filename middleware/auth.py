@@ -25,13 +25,13 @@ from aiohttp import web
 from multidict import CIMultiDictProxy
 from pydantic import Field
 
-from proxy.accounts import Accounts, KeyRecord, looks_like_key
-from proxy.call import Call, Next, Principal, Reply
-from proxy.errors import ApiError, model_not_found
-from proxy.pipeline import Unit, UnitSettings
+from proxy.store.accounts import Accounts, KeyRecord, looks_like_key
+from proxy.core.call import Call, Next, Principal, Reply
+from proxy.core.errors import ApiError, model_not_found
+from proxy.core.pipeline import Unit, UnitSettings
 
 if TYPE_CHECKING:
-    from proxy.gateway import Gateway
+    from proxy.core.gateway import Gateway
 
 BEARER = "bearer "
 

@@ -30,9 +30,9 @@ import hashlib
 from collections.abc import AsyncIterator
 from typing import Any
 
-from proxy.call import CHAT, Call, Next, Reply, SSEEvent
-from proxy.errors import invalid_request
-from proxy.pipeline import Unit
+from proxy.core.call import CHAT, Call, Next, Reply, SSEEvent
+from proxy.core.errors import invalid_request
+from proxy.core.pipeline import Unit
 
 _LEGACY = ("functions", "function_call")
 

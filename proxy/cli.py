@@ -7,8 +7,8 @@ import sys
 
 import yaml
 
-from .logs import configure_logging
-from .settings import ConfigError, Settings, load_settings
+from proxy.core.logs import configure_logging
+from proxy.core.settings import ConfigError, Settings, load_settings
 
 
 def _load(args: argparse.Namespace) -> Settings:
@@ -22,7 +22,7 @@ def _load(args: argparse.Namespace) -> Settings:
 def cmd_serve(args: argparse.Namespace) -> int:
     settings = _load(args)
     configure_logging(settings.logging.level)
-    from .server import serve
+    from proxy.web.server import serve
 
     serve(settings)
     return 0
@@ -32,7 +32,7 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     settings = _load(args)
     # Building the pipeline validates every unit's settings too.
     try:
-        from .gateway import Gateway
+        from proxy.core.gateway import Gateway
 
         Gateway(settings)
     except ConfigError as exc:
@@ -43,20 +43,20 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_mock_upstream(args: argparse.Namespace) -> int:
-    from .mock_upstream import options_from_args, run_mock_upstream
+    from proxy.devtools.mock_upstream import options_from_args, run_mock_upstream
 
     run_mock_upstream(args.host, args.port, options_from_args(args))
     return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from .demo import run_demo
+    from proxy.devtools.demo import run_demo
 
     return run_demo(args)
 
 
 def cmd_config_reference(args: argparse.Namespace) -> int:
-    from .reference import config_reference
+    from proxy.core.reference import config_reference
 
     print(config_reference())
     return 0
@@ -77,7 +77,7 @@ def build_parser() -> argparse.ArgumentParser:
     reference = sub.add_parser("config-reference", help="print the configuration reference (Markdown)")
     reference.set_defaults(func=cmd_config_reference)
 
-    from .mock_upstream import add_cli_arguments
+    from proxy.devtools.mock_upstream import add_cli_arguments
 
     mock = sub.add_parser("mock-upstream", help="run the simulated chat-completions provider")
     add_cli_arguments(mock)
@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.set_defaults(func=cmd_demo)
 
     try:
-        from .manage import add_management_commands
+        from proxy.admin.manage import add_management_commands
     except ImportError:  # tenants/keys commands arrive with the admin layer
         pass
     else:

@@ -6,7 +6,7 @@ import asyncio
 
 import pytest
 
-from proxy.mock_upstream import MockUpstream
+from proxy.devtools.mock_upstream import MockUpstream
 from tests.support import REDIS_URL, OwnRedis, RunningGateway, cleanup_redis_prefix, make_settings, start_gateway, unique_prefix
 
 

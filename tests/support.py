@@ -30,10 +30,10 @@ import yaml
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from proxy.app import create_app
-from proxy.gateway import GATEWAY, Gateway
-from proxy.http import AccessLogger
-from proxy.settings import Settings, deep_merge
+from proxy.web.app import create_app
+from proxy.core.gateway import GATEWAY, Gateway
+from proxy.web.middlewares import AccessLogger
+from proxy.core.settings import Settings, deep_merge
 
 REDIS_URL = os.environ.get("SOVEREIGN_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 REPO = Path(__file__).resolve().parent.parent

@@ -7,8 +7,8 @@ import re
 import pytest
 import yaml
 
-from proxy.settings import ENV_ALIASES, load_settings
-from proxy.openapi import PATHS
+from proxy.core.settings import ENV_ALIASES, load_settings
+from proxy.web.openapi import PATHS
 from tests.support import REPO
 
 MANIFESTS = sorted((REPO / "config" / "k8s").glob("*.yaml"))

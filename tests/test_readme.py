@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from proxy.reference import BEGIN, END, config_reference
+from proxy.core.reference import BEGIN, END, config_reference
 from tests.support import REPO
 
 

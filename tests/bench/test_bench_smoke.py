@@ -211,8 +211,8 @@ async def test_proc_reads_cpu_and_rss(tmp_path):
 def test_every_gateway_profile_is_a_valid_configuration():
     """The configs the harness writes load as settings, unit settings included (governed_strict's switch)."""
     from bench.profiles import PROFILES, gateway_config
-    from proxy.gateway import Gateway
-    from proxy.settings import Settings
+    from proxy.core.gateway import Gateway
+    from proxy.core.settings import Settings
 
     for profile in (p for p in PROFILES if p.pipeline is not None):
         data = gateway_config(9999, "http://127.0.0.1:9100", profile.pipeline, "memory://", "sovbench-check", profile.units)

@@ -10,7 +10,7 @@ import openai
 import pytest
 import redis.asyncio as aioredis
 
-from proxy.accounts import Accounts
+from proxy.store.accounts import Accounts
 from tests.support import ADMIN_TOKEN, REDIS_URL, make_settings, settings_data, spawn_gateway
 
 CHAT = {"model": "sovereign-alpha", "messages": [{"role": "user", "content": "hello there"}]}
@@ -228,8 +228,8 @@ async def test_revocation_reaches_every_replica_within_cache_seconds(mock, redis
     )
     redis = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
     try:
-        from proxy.settings import StoreSettings
-        from proxy.store import Store
+        from proxy.core.settings import StoreSettings
+        from proxy.store.store import Store
 
         store = Store(StoreSettings(url=REDIS_URL, prefix=redis_prefix))
         await store.connect()
@@ -277,7 +277,7 @@ async def test_a_burst_with_a_cold_cache_reads_each_key_once(mock, gateway_facto
     """Hundreds of simultaneous requests with one uncached key share one store read."""
     import asyncio as _asyncio
 
-    from proxy.accounts import Accounts
+    from proxy.store.accounts import Accounts
     from tests.support import REDIS_URL, make_settings
 
     running = await gateway_factory(

@@ -25,10 +25,10 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from middleware.validation import validate_body
-from proxy.call import CHAT, RESPONSES
-from proxy.errors import ApiError
-from proxy.mock_upstream import MockUpstream
+from middleware.validation.unit import validate_body
+from proxy.core.call import CHAT, RESPONSES
+from proxy.core.errors import ApiError
+from proxy.devtools.mock_upstream import MockUpstream
 from tests.support import make_settings, start_gateway
 
 MODEL = "sovereign-alpha"

@@ -20,8 +20,8 @@ from middleware.legacy_functions import (
     convert_messages,
     normalize_request,
 )
-from proxy.call import SSEEvent
-from proxy.errors import ApiError
+from proxy.core.call import SSEEvent
+from proxy.core.errors import ApiError
 from tests.support import make_settings
 
 MODEL = "sovereign-alpha"

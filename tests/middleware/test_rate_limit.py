@@ -9,9 +9,9 @@ import time
 import openai
 import pytest
 
-from proxy.accounts import Accounts
-from proxy.settings import StoreSettings
-from proxy.store import Store
+from proxy.store.accounts import Accounts
+from proxy.core.settings import StoreSettings
+from proxy.store.store import Store
 from tests.support import REDIS_URL, make_settings, settings_data, spawn_gateway
 
 CHAT = {"model": "sovereign-alpha", "messages": [{"role": "user", "content": "count to eight"}]}
@@ -217,7 +217,7 @@ async def test_a_lease_recorded_after_a_store_timeout_is_taken_back(mock, gatewa
     """Redis stalls past the store timeout while admitting a request: the 503'd request leaves no slot behind."""
     import asyncio as _asyncio
 
-    from proxy.accounts import Accounts
+    from proxy.store.accounts import Accounts
     from tests.support import OwnRedis
 
     own = OwnRedis(tmp_path)

@@ -1,0 +1,626 @@
+"""The metering unit: prepaid credits held before forwarding and charged from usage.
+
+Per request, for a priced model:
+
+1. Before forwarding, one Lua script (``hold_reserve``) sweeps expired holds
+   and reserves a hold of ``cost(prompt estimate, output cap × n)`` if
+   ``balance − reserved`` covers it — else 402 ``insufficient_credits``
+   (``on_low_balance: clamp`` lowers the output cap to what the balance
+   affords instead, when that is at least one token). The output cap is the
+   client's ``max_completion_tokens``, else ``max_tokens``, else the model's
+   ``max_output_tokens`` — which is then written into the request under the
+   model's ``output_cap_param``, so the provider cannot produce more than was
+   held.
+   With ``speculative_hold`` (see `MeteringUnit._forward_speculatively`),
+   the hold and the provider request go out together when the tenant's room
+   at its last hold covered ``speculation_margin`` such holds; nothing is
+   relayed before the hold is confirmed, and a refused hold cancels the
+   provider request before answering 402.
+2. Streams: unless the client asked for ``stream_options.include_usage``, the
+   gateway asks for it and removes what that adds (the trailing usage chunk
+   and the ``"usage": null`` field on every other chunk), so the client gets
+   the stream it asked for. Untouched events are relayed as the same objects.
+3. Once the reply is finished, one Lua script (``hold_settle``) releases the
+   hold, charges the cost from the provider's reported usage and appends one
+   ledger entry per request id (``req:<request id>``; a retried settlement
+   changes nothing). Without reported usage (provider cut off, client gone,
+   provider that reports none) the charge is an estimate, flagged
+   ``usage_source: "estimated"``: the prompt estimate plus
+   ``max(content chunks, ceil(characters / 4))`` output tokens, never above
+   the cap. No output produced → no charge, the hold is released.
+
+Settlement timing: the settlement write never delays the reply. JSON replies
+and streams both settle in ``gateway.spawn`` once the reply is complete
+(shutdown awaits pending settlements, so none is lost); until it lands the
+request's hold still counts against the balance, so nothing can be overspent
+in between. A write that fails on a store error is retried (~8 s); when every
+attempt fails the hold expires by itself, nothing is charged, and
+``metering.settle_failed`` is logged as an error with the request id, tenant
+and cost.
+
+Balance bound: the charge is the actual usage, so the balance can go below
+zero only when the provider's prompt tokens exceed the prompt estimate — at
+most ``(1 − 1/chars_per_token) × request bytes × input price`` per request
+in flight (zero with ``chars_per_token: 1``). Output cannot exceed the hold:
+the cap is always on the request.
+
+Holds expire after ``hold_ttl_seconds`` (keep it above the upstreams'
+``timeouts.total``, or a long stream's hold could expire before it settles):
+a gateway killed mid-request leaves nothing reserved after that.
+
+Free models (``free: true``): no hold and no charge; usage is still recorded
+(a ledger entry with 0 credits, the access log and the token metrics).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass
+from random import getrandbits
+from typing import TYPE_CHECKING, Any, Literal
+
+import orjson
+import structlog
+from pydantic import Field
+
+from proxy.store.accounts import now_ms
+from proxy.core.call import Call, Next, Reply, SSEEvent
+from proxy.core.errors import ApiError
+from proxy.core.pipeline import Unit, UnitSettings
+from proxy.store.store import STORE_DOWN_ERRORS, Script
+
+from middleware.metering.pricing import CAP_FIELDS, Pricing, choices, output_cap, output_estimate, pricing_table, prompt_estimate
+
+HOLD_RESERVE = Script.load("middleware.metering", "hold_reserve")
+HOLD_SETTLE = Script.load("middleware.metering", "hold_settle")
+HOLD_RELEASE = Script.load("middleware.metering", "hold_release")
+
+if TYPE_CHECKING:
+    from proxy.core.gateway import Gateway
+
+log = structlog.get_logger("sovereign")
+
+# Pauses between attempts of a settlement write that met a store error:
+# together they outlast a Redis restart or fail-over (~8 s).
+RETRY_PAUSES = (0.05, 0.2, 0.5, 1.0, 2.0, 4.0)
+# How providers spell the `"usage": null` they add to chunks under include_usage.
+USAGE_NULL_FIELDS = (b',"usage":null', b', "usage": null')
+# Delta fields whose text counts as produced output.
+TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+# Most tenants whose room (speculative holds) and key names this process remembers.
+TENANT_ENTRIES = 10_000
+
+
+def insufficient_credits(needed: int, available: int) -> ApiError:
+    return ApiError(
+        402,
+        f"Insufficient credits: this request needs {needed} credits but only {max(available, 0)} are available.",
+        code="insufficient_credits",
+        headers={"x-should-retry": "false"},
+    )
+
+
+@dataclass(slots=True)
+class Room:
+    """A tenant's credits as this process last saw them, for the speculative-hold check."""
+
+    available: int  # reported by the last successful hold script
+    speculating: int = 0  # speculative holds sent and not yet answered
+
+
+@dataclass(slots=True)
+class Ticket:
+    """One metered request: what was held and how to settle it."""
+
+    call: Call
+    pricing: Pricing
+    model: str  # public name (the forwarder rewrites the body's model)
+    keys: list[str]  # tenant, holds, hold_amounts, ledger, ledger_ids
+    hold_id: str  # "" when nothing is held (free model)
+    hold: int
+    prompt: int  # prompt-token estimate
+    output_limit: int  # output tokens the hold covers (cap × n)
+    added_usage: bool  # the gateway turned on stream_options.include_usage
+    done: bool = False
+
+
+class MeteringUnit(Unit):
+    name = "metering"
+
+    class Settings(UnitSettings):
+        on_low_balance: Literal["reject", "clamp"] = Field(
+            "reject", description="`reject`: 402 when the balance cannot cover the hold; `clamp`: lower the output cap to what it affords."
+        )
+        on_disconnect: Literal["cancel", "drain"] = Field(
+            "cancel",
+            description="Client gone mid-stream. `cancel`: stop the provider, charge an estimate of what was delivered; `drain`: read the provider to its end in the background and charge its reported usage.",
+        )
+        hold_ttl_seconds: float = Field(
+            660.0, gt=0, description="Lifetime of a credit hold; must exceed the upstreams' `timeouts.total`."
+        )
+        chars_per_token: float = Field(
+            3.0, ge=1, description="Request bytes per token of the prompt estimate (1 = strict upper bound)."
+        )
+        speculative_hold: bool = Field(
+            True,
+            description="Send the hold and the provider request together when the tenant's last seen room is at least `speculation_margin` holds; nothing is relayed before the hold is confirmed, and a refused hold cancels the provider request (402). Applies when metering is the last unit and `on_low_balance` is `reject`.",
+        )
+        speculation_margin: int = Field(
+            4, ge=1, description="Room (in holds of this size) a tenant must have had at its last hold for the next one to be speculative."
+        )
+
+    settings: Settings
+
+    def __init__(self, settings: Settings, gateway: Gateway) -> None:
+        super().__init__(settings, gateway)
+        self.store = gateway.store
+        self.pricing = pricing_table(gateway.settings)
+        self.hold_ms = int(settings.hold_ttl_seconds * 1000)
+        # Tenant -> what this process last saw of its room (see _speculate).
+        self._room: dict[str, Room] = {}
+        self._tenant_keys: dict[str, list[str]] = {}
+        # Only as the last unit: a unit after metering would act on the request
+        # (store a session turn, say) before its hold is confirmed.
+        pipeline = gateway.settings.pipeline
+        last = bool(pipeline) and pipeline[-1] == self.name
+        self._speculative = settings.speculative_hold and settings.on_low_balance == "reject" and last
+        longest = max((u.timeouts.total for u in gateway.settings.upstreams.values()), default=0.0)
+        if settings.hold_ttl_seconds <= longest:
+            log.warning(
+                "metering.hold_ttl_short",
+                hold_ttl_seconds=settings.hold_ttl_seconds,
+                upstream_total_timeout=longest,
+                message="a hold may expire before its request settles",
+            )
+
+    # -- request path ------------------------------------------------------
+    async def __call__(self, call: Call, next: Next) -> Reply:
+        model = call.model
+        pricing = self.pricing.get(model) if isinstance(model, str) else None
+        if pricing is None:
+            return await next(call)  # the forwarder answers unknown models
+        ticket = self._size(call, model, pricing)
+        hold = 0 if pricing.free else pricing.cost(ticket.prompt, ticket.output_limit)
+        try:
+            if hold and self._speculate(call.principal.tenant, hold):
+                reply = await self._forward_speculatively(call, next, ticket, hold)
+            else:
+                if hold:  # else free, or a zero price: nothing to hold
+                    await self._hold(ticket, hold)
+                reply = await next(call)
+        except Exception:
+            await self._release(ticket)
+            raise
+        except BaseException:
+            # Cancelled (client gone before the provider answered): no waiting here.
+            self.gateway.spawn(self._release(ticket), "metering.release")
+            raise
+        if reply.events is not None:
+            stream = MeteredStream(self, ticket, reply.events)
+            reply.events = stream
+            reply.closers.append(stream.aclose)
+            return reply
+        if reply.status != 200:
+            await self._release(ticket)
+            return reply
+        body = reply.json()
+        chars = _output_chars(body.get("choices"), "message") if isinstance(body, dict) else 0
+        usage = body.get("usage") if isinstance(body, dict) else None
+        # Off the critical path: the reply does not wait for the ledger write,
+        # and shutdown waits for it (gateway.drain), so it is never lost.
+        self.gateway.spawn(self._settle(ticket, usage, 0, chars, inline=False), "metering.settle")
+        return reply
+
+    def _size(self, call: Call, model: str, pricing: Pricing) -> Ticket:
+        """Estimate the prompt, put the output cap on the request and ask for usage."""
+        body = call.body
+        size = len(call.body_bytes())  # the original bytes when no unit changed the body
+        messages = body.get("messages")
+        prompt = prompt_estimate(size, len(messages) if isinstance(messages, list) else 0, self.settings.chars_per_token)
+        n = choices(body)
+        cap = output_cap(body)
+        if cap is None:
+            cap = pricing.max_output_tokens
+        if not pricing.free:
+            _cap_request(call, pricing.output_cap_param, cap)
+        added_usage = False
+        if call.stream:
+            options = body.get("stream_options")
+            if not (isinstance(options, dict) and options.get("include_usage") is True):
+                call.set("stream_options", {**(options if isinstance(options, dict) else {}), "include_usage": True})
+                added_usage = True
+        return Ticket(call, pricing, model, self._keys(call.principal.tenant), "", 0, prompt, cap * n, added_usage)
+
+    def _keys(self, tenant: str) -> list[str]:
+        """The tenant's credit keys (tenant, holds, hold_amounts, ledger, ledger_ids), built once."""
+        keys = self._tenant_keys.get(tenant)
+        if keys is None:
+            if len(self._tenant_keys) >= TENANT_ENTRIES:
+                self._tenant_keys.clear()
+            k = self.store.tenant_key
+            keys = self._tenant_keys[tenant] = [
+                k(tenant, "tenant"), k(tenant, "holds"), k(tenant, "hold_amounts"), k(tenant, "ledger"), k(tenant, "ledger_ids")
+            ]
+        return keys
+
+    async def _hold(self, ticket: Ticket, hold: int) -> None:
+        """Reserve the hold (or, under `clamp`, a smaller one); 402 when the balance cannot cover it."""
+        call, pricing = ticket.call, ticket.pricing
+        # Set before the round trip, so a request cancelled meanwhile still
+        # releases its hold (a no-op if the script never ran). The suffix tells
+        # apart requests reusing a client-supplied request id; the PRNG (not
+        # urandom) because it needs to be unique, not secret.
+        ticket.hold_id = hold_id = f"{call.request_id}:{getrandbits(32):08x}"
+        try:
+            status, available = await self._reserve(ticket, hold_id, hold)
+            if status == 0 and self.settings.on_low_balance == "clamp":
+                n = choices(call.body)
+                affordable = min(pricing.affordable_output(ticket.prompt, n, available), ticket.output_limit // n)
+                if affordable >= 1:
+                    _cap_request(call, pricing.output_cap_param, affordable)
+                    hold = pricing.cost(ticket.prompt, affordable * n)
+                    ticket.output_limit = affordable * n
+                    status, available = await self._reserve(ticket, hold_id, hold)
+            if status != 1:
+                raise insufficient_credits(hold, available)
+        except Exception:
+            ticket.hold_id = ""  # nothing held (a store error already scheduled its own release)
+            raise
+        ticket.hold = hold
+        self.gateway.metrics.holds_open.inc()
+
+    # -- speculative holds -------------------------------------------------------
+    def _speculate(self, tenant: str, hold: int) -> bool:
+        """True when this tenant's last seen room covers `speculation_margin` holds of this size.
+
+        The room is what the last hold script reported as still available,
+        less the speculative holds still under way, so a burst of concurrent
+        requests stops speculating as it eats into the margin.
+        """
+        if not self._speculative:
+            return False
+        room = self._room.get(tenant)
+        if room is None or room.available - room.speculating < hold * self.settings.speculation_margin:
+            return False
+        room.speculating += hold
+        return True
+
+    async def _forward_speculatively(self, call: Call, next: Next, ticket: Ticket, hold: int) -> Reply:
+        """Send the provider request while the hold is being reserved.
+
+        The hold's Redis round trip overlaps the provider's time to its first
+        byte instead of preceding it. Nothing reaches the client before the
+        hold is confirmed: a refused hold (or a store error) cancels the
+        provider request, whose connection is closed, and answers 402 (503).
+        """
+        room = self._room[call.principal.tenant]
+        forward = asyncio.ensure_future(next(call))
+        try:
+            await self._hold(ticket, hold)
+        except BaseException:
+            await _abandon(forward)
+            raise
+        finally:
+            room.speculating -= hold  # answered (a Room dropped meanwhile is simply forgotten)
+        try:
+            return await forward
+        except BaseException:
+            # Cancelled (client gone) in the very iteration the forward finished:
+            # its reply would be dropped with the provider connection still open.
+            await _abandon(forward)
+            raise
+
+    async def _reserve(self, ticket: Ticket, hold_id: str, hold: int) -> tuple[int, int]:
+        now = now_ms()
+        try:
+            status, available = await self.store.run(HOLD_RESERVE, ticket.keys[:3], [hold_id, hold, now, now + self.hold_ms])
+        except STORE_DOWN_ERRORS:
+            self._room.clear()  # no speculation until the store answers again
+            # The script may have run before the connection broke: drop the
+            # hold in the background (a no-op if it never got there), then 503.
+            forget = Ticket(
+                ticket.call, ticket.pricing, ticket.model, ticket.keys, hold_id, hold=0, prompt=0, output_limit=0, added_usage=False
+            )
+            self.gateway.spawn(self._retry(forget, HOLD_RELEASE, [hold_id], 0, RETRY_PAUSES), "metering.release")
+            raise
+        status, available = int(status), int(available)
+        if self._speculative:
+            self._remember_room(ticket.call.principal.tenant, status, available)
+        return status, available
+
+    def _remember_room(self, tenant: str, status: int, available: int) -> None:
+        """Keep what a hold script reported for the next speculative-hold check."""
+        if status != 1:
+            self._room.pop(tenant, None)  # refused: hold first until a hold succeeds again
+            return
+        room = self._room.get(tenant)
+        if room is not None:
+            room.available = available
+            return
+        if len(self._room) >= TENANT_ENTRIES:
+            self._room.clear()  # bounded; an evicted tenant's next hold is simply not speculative
+        self._room[tenant] = Room(available)
+
+    # -- settlement ----------------------------------------------------------
+    async def _settle(self, ticket: Ticket, usage: Any, chunks: int, chars: int, inline: bool) -> None:
+        """Work out the charge, fill the call's usage fields, and write it to the store."""
+        if ticket.done:
+            return
+        ticket.done = True
+        call, pricing = ticket.call, ticket.pricing
+        reported = _reported(usage)
+        if reported is not None:
+            source = "reported"
+            input_tokens, output_tokens, cached = reported
+            call.usage = usage
+        elif chunks or chars:
+            source = "estimated"
+            input_tokens, cached = ticket.prompt, 0
+            output_tokens = min(output_estimate(chunks, chars), ticket.output_limit)
+            call.usage = {
+                "prompt_tokens": input_tokens,
+                "completion_tokens": output_tokens,
+                "total_tokens": input_tokens + output_tokens,
+            }
+        else:
+            await self._release(ticket, inline)  # nothing produced: nothing charged
+            return
+        cost = pricing.cost(input_tokens, output_tokens, cached)
+        call.credits, call.usage_source = cost, source
+        metrics = self.gateway.metrics
+        metrics.child(metrics.tokens, "input", ticket.model).inc(input_tokens)
+        metrics.child(metrics.tokens, "output", ticket.model).inc(output_tokens)
+        metrics.child(metrics.credits, ticket.model, source).inc(cost)
+        entry = orjson.dumps(
+            {
+                "type": "charge",
+                "request_id": call.request_id,
+                "key_id": call.principal.key_id,
+                "model": ticket.model,
+                "input_tokens": input_tokens,
+                "output_tokens": output_tokens,
+                "credits": -cost,
+                "usage_source": source,
+                "kind": call.state.get("ledger_kind", "request"),
+                "created_at": int(time.time()),
+            }
+        ).decode()
+        args = [ticket.hold_id, cost, f"req:{call.request_id}", entry]
+        await self._write(ticket, HOLD_SETTLE, args, cost, inline)
+
+    async def _release(self, ticket: Ticket, inline: bool = True) -> None:
+        ticket.done = True
+        if ticket.hold_id:
+            await self._write(ticket, HOLD_RELEASE, [ticket.hold_id], 0, inline)
+
+    async def _write(self, ticket: Ticket, script: Script, args: list[Any], cost: int, inline: bool) -> None:
+        """Run a settlement script; inline callers try once and leave retries to the background."""
+        if not inline:
+            await self._retry(ticket, script, args, cost, (0.0, *RETRY_PAUSES))
+        elif not await self._attempt(ticket, script, args, cost, final=False):
+            self.gateway.spawn(self._retry(ticket, script, args, cost, RETRY_PAUSES), "metering.settle")
+
+    async def _retry(self, ticket: Ticket, script: Script, args: list[Any], cost: int, pauses: tuple[float, ...]) -> None:
+        for index, pause in enumerate(pauses):
+            if pause:
+                await asyncio.sleep(pause)
+            if await self._attempt(ticket, script, args, cost, final=index == len(pauses) - 1, deferred=True):
+                return
+
+    async def _attempt(
+        self, ticket: Ticket, script: Script, args: list[Any], cost: int, final: bool, deferred: bool = False
+    ) -> bool:
+        """One try; True when done (written, or failed in a way a retry cannot fix).
+
+        `deferred` (background writes: the reply is already on its way): the
+        write may wait a moment to share the next hold's (see script_client).
+        """
+        keys = ticket.keys if script is HOLD_SETTLE else ticket.keys[:3]
+        try:
+            await self.store.run(script, keys, args + [now_ms()] if script is HOLD_SETTLE else args, deferred)
+        except STORE_DOWN_ERRORS as exc:
+            if not final:
+                return False
+            self._failed(ticket, cost, exc)
+        except Exception as exc:  # a script error: retrying cannot help
+            self._failed(ticket, cost, exc)
+        if ticket.hold:  # only reserved holds were counted as open
+            self.gateway.metrics.holds_open.dec()
+        return True
+
+    @staticmethod
+    def _failed(ticket: Ticket, cost: int, exc: BaseException) -> None:
+        log.error(
+            "metering.settle_failed",
+            request_id=ticket.call.request_id,
+            tenant=ticket.call.principal.tenant,
+            model=ticket.model,
+            credits=cost,
+            error=repr(exc),
+            message="settlement not written (a served request goes uncharged); its hold expires by itself",
+        )
+
+
+class MeteredStream:
+    """Wraps a chat chunk stream: observes usage and output, settles once at the end.
+
+    A class rather than an async generator so that `aclose` settles even when
+    the relay closes the stream before iterating it. Under `on_disconnect:
+    drain` each provider read runs shielded in its own task: the handler's
+    cancellation (client gone) must not reach the provider connection, which
+    `_drain` then reads to its end.
+    """
+
+    __slots__ = ("unit", "ticket", "inner", "drain", "pending", "usage", "chunks", "chars", "over")
+
+    def __init__(self, unit: MeteringUnit, ticket: Ticket, inner: Any) -> None:
+        self.unit = unit
+        self.ticket = ticket
+        self.inner = inner.__aiter__()
+        self.drain = unit.settings.on_disconnect == "drain"
+        self.pending: asyncio.Future[SSEEvent | None] | None = None
+        self.usage: Any = None
+        self.chunks = 0  # events that carried output
+        self.chars = 0  # characters of output
+        self.over = False
+
+    def __aiter__(self) -> MeteredStream:
+        return self
+
+    async def __anext__(self) -> SSEEvent:
+        if self.over:
+            raise StopAsyncIteration
+        while True:
+            try:
+                event = await (self._shielded_next() if self.drain else self.inner.__anext__())
+            except (StopAsyncIteration, ApiError):
+                # Finished, or the provider failed mid-stream: the relay reports the error.
+                self.over = True
+                self.unit.gateway.spawn(self._settle(), "metering.settle")
+                raise
+            kept = self._observe(event)
+            if kept is not None:
+                return kept
+
+    async def _shielded_next(self) -> SSEEvent:
+        if self.pending is None:
+            self.pending = asyncio.ensure_future(self._next())
+        event = await asyncio.shield(self.pending)
+        self.pending = None
+        if event is None:
+            raise StopAsyncIteration
+        return event
+
+    async def _next(self) -> SSEEvent | None:
+        try:
+            return await self.inner.__anext__()
+        except StopAsyncIteration:
+            return None
+
+    async def aclose(self) -> None:
+        if self.over:
+            await self.inner.aclose()
+            return
+        # Closed before the end: the client went away.
+        self.over = True
+        if self.drain:
+            self.unit.gateway.spawn(self._drain(), "metering.drain")
+            return
+        try:
+            await self.inner.aclose()  # closes the provider connection
+        finally:
+            self.unit.gateway.spawn(self._settle(), "metering.settle")
+
+    async def _drain(self) -> None:
+        """Read the provider to its end (delivering nothing) for the exact usage."""
+        try:
+            if self.pending is not None and await self.pending is None:
+                return
+            async for event in self.inner:
+                self._observe(event)
+        except ApiError:
+            pass  # cut off: the estimate from what was produced applies
+        finally:
+            await self.inner.aclose()
+            await self._settle()
+
+    async def _settle(self) -> None:
+        await self.unit._settle(self.ticket, self.usage, self.chunks, self.chars, inline=False)
+
+    def _observe(self, event: SSEEvent) -> SSEEvent | None:
+        """Count output and pick up usage; returns the event to relay, or None to drop it."""
+        obj = event.json()
+        if type(obj) is not dict:
+            return event  # [DONE], comments
+        choices_ = obj.get("choices")
+        if choices_:
+            chars = _output_chars(choices_, "delta")
+            if chars:
+                self.chunks += 1
+                self.chars += chars
+        if "usage" not in obj:
+            return event
+        usage = obj["usage"]
+        if usage is not None:
+            self.usage = usage
+        if not self.ticket.added_usage:
+            return event
+        # The client did not ask for usage: give back the chunk it would have got.
+        if not choices_:
+            return None  # the extra usage chunk
+        rest = dict(obj)
+        del rest["usage"]
+        for field in USAGE_NULL_FIELDS:
+            # Cutting the field out of the provider's bytes gives exactly what it
+            # sends without include_usage, and costs no re-serialisation.
+            if field in event.raw:
+                return SSEEvent.with_json(event.raw.replace(field, b"", 1), rest)
+        return SSEEvent.from_json(rest)
+
+
+async def _abandon(forward: asyncio.Future[Reply]) -> None:
+    """Cancel a speculative provider request; close its reply if it already came back."""
+    if not forward.done():
+        forward.cancel()
+        # Let the cancellation land (it closes the provider connection); the
+        # caller's own cancellation still wins if it comes meanwhile.
+        await asyncio.wait({forward})
+    if forward.cancelled() or forward.exception() is not None:
+        return
+    reply = forward.result()
+    if reply.events is not None:
+        await reply.events.aclose()
+        await reply.run_closers()
+
+
+def _cap_request(call: Call, field: str, cap: int) -> None:
+    """Send the held cap in the one field this provider reads, and no other cap field.
+
+    Otherwise a client could send `max_completion_tokens: 1` (which sizes the
+    hold) to a provider that only reads `max_tokens`, and get unbounded output.
+    """
+    body = call.body
+    others = [name for name in CAP_FIELDS if name != field and name in body]
+    if not others and type(body.get(field)) is int and body[field] == cap:
+        return  # already exactly right: keep the original bytes
+    capped = {key: value for key, value in body.items() if key not in others}
+    capped[field] = cap
+    call.replace_body(capped)
+
+
+def _output_chars(choices_: Any, part: str) -> int:
+    """Characters of output in every choice's `part` ("message" in JSON, "delta" in chunks)."""
+    total = 0
+    for choice in choices_ if isinstance(choices_, list) else ():
+        content = choice.get(part) if isinstance(choice, dict) else None
+        if isinstance(content, dict):
+            total += _text_chars(content)
+    return total
+
+
+def _text_chars(part: dict[str, Any]) -> int:
+    total = 0
+    for field in TEXT_FIELDS:
+        value = part.get(field)
+        if isinstance(value, str):
+            total += len(value)
+    calls = part.get("tool_calls")
+    if isinstance(calls, list):
+        for call in calls:
+            fn = call.get("function") if isinstance(call, dict) else None
+            if isinstance(fn, dict):
+                total += sum(len(v) for v in (fn.get("name"), fn.get("arguments")) if isinstance(v, str))
+    return total
+
+
+def _reported(usage: Any) -> tuple[int, int, int] | None:
+    """(prompt, completion, cached) tokens from a provider's usage, or None when unusable."""
+    if not isinstance(usage, dict):
+        return None
+    prompt, completion = usage.get("prompt_tokens"), usage.get("completion_tokens")
+    if type(prompt) is not int or type(completion) is not int or prompt < 0 or completion < 0:
+        return None
+    details = usage.get("prompt_tokens_details")
+    cached = details.get("cached_tokens") if isinstance(details, dict) else 0
+    return prompt, completion, cached if type(cached) is int else 0

@@ -1,0 +1,168 @@
+"""The rate-limit unit: per-key requests per minute and concurrent requests, shared by all replicas.
+
+A key's ``rpm`` and ``max_concurrency`` (set when the key is created) are
+enforced by one Lua script per request (``ratelimit.lua``), so several
+gateway replicas on one Redis share a single limit:
+
+- ``rpm`` is a sliding window: at most ``rpm`` admitted requests in any 60
+  seconds (a log of admission times; refused requests do not count). The
+  ``Retry-After`` of a refusal is when the oldest admission leaves the window.
+- ``max_concurrency`` counts requests in flight as leases that expire after
+  ``concurrency_lease_seconds``, so a replica killed mid-request leaks no
+  slot for longer than that. A slot is released when the reply is complete:
+  at once for JSON, when the stream ends (completed, failed or cut) for SSE.
+
+Exceeded: 429 ``rate_limit_exceeded`` with ``Retry-After`` (whole seconds,
+at least 1). Keys without limits cost no Redis round trip.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import math
+import os
+from collections.abc import AsyncIterator
+from contextlib import suppress
+from typing import TYPE_CHECKING, Any
+
+from pydantic import Field
+
+from proxy.core.call import Call, Next, Reply, SSEEvent
+from proxy.core.errors import RATE_LIMIT, ApiError
+from proxy.core.pipeline import Unit, UnitSettings
+from proxy.store.store import STORE_DOWN_ERRORS, Script
+
+RATELIMIT = Script.load("middleware.rate_limit", "ratelimit")
+
+if TYPE_CHECKING:
+    from proxy.core.gateway import Gateway
+
+REFUSALS = {
+    1: "Rate limit reached: this API key may make {limit} requests per minute.",
+    2: "Rate limit reached: this API key may have {limit} requests in flight at once.",
+}
+
+
+class RateLimitUnit(Unit):
+    name = "rate_limit"
+
+    class Settings(UnitSettings):
+        concurrency_lease_seconds: float = Field(
+            660.0,
+            gt=0,
+            description="Expiry of a concurrency slot: frees slots of a killed replica; keep it above the longest request (upstream total timeout).",
+        )
+
+    settings: Settings
+
+    def __init__(self, settings: Settings, gateway: Gateway) -> None:
+        super().__init__(settings, gateway)
+        self._lease_ms = int(settings.concurrency_lease_seconds * 1000)
+        # Members of the Redis sets: unique across replicas without a random call per request.
+        self._instance = os.urandom(6).hex()
+        self._seq = itertools.count().__next__  # `next` is the pipeline's parameter name here
+
+    async def __call__(self, call: Call, next: Next) -> Reply:
+        principal = call.principal
+        rpm = principal.rpm or 0
+        concurrency = principal.max_concurrency or 0
+        if not rpm and not concurrency:
+            return await next(call)
+        store = self.gateway.store
+        tenant, key_id = principal.tenant, principal.key_id
+        rpm_key = store.tenant_key(tenant, "rl", key_id, "rpm")
+        lease_key = store.tenant_key(tenant, "rl", key_id, "inflight")
+        member = f"{self._instance}:{self._seq():x}"
+        try:
+            refused, retry_ms = await store.run(
+                RATELIMIT, [rpm_key, lease_key], [rpm, concurrency, self._lease_ms, member]
+            )
+        except STORE_DOWN_ERRORS:
+            # The script may have run before the reply was lost: this request is
+            # not served, so take back what it may have recorded (a no-op otherwise).
+            self.gateway.spawn(_forget(store, (rpm_key, lease_key), member), "rate_limit.forget")
+            raise
+        if refused:
+            limit = rpm if refused == 1 else concurrency
+            raise ApiError(
+                429,
+                REFUSALS[refused].format(limit=limit),
+                type=RATE_LIMIT,
+                code="rate_limit_exceeded",
+                headers={"Retry-After": str(max(1, math.ceil(retry_ms / 1000)))},
+            )
+        if not concurrency:
+            return await next(call)
+        release = _Release(self.gateway, lease_key, member)
+        try:
+            reply = await next(call)
+        except BaseException:
+            await release()
+            raise
+        if reply.events is None:
+            await release()
+        else:
+            reply.events = _ReleasingEvents(reply.events, release)
+            reply.closers.append(release)
+        return reply
+
+
+async def _forget(store: Any, keys: tuple[str, str], member: str) -> None:
+    for key in keys:
+        await store.redis.zrem(key, member)
+
+
+class _Release:
+    """Frees one concurrency slot, once, even when the request is being cancelled."""
+
+    __slots__ = ("gateway", "key", "member", "done")
+
+    def __init__(self, gateway: Gateway, key: str, member: str) -> None:
+        self.gateway = gateway
+        self.key = key
+        self.member = member
+        self.done = False
+
+    async def __call__(self) -> None:
+        if self.done:
+            return
+        self.done = True
+        # A background task survives the client's cancellation; shield lets us
+        # still wait for it on the normal path. A failure (store down) is
+        # logged by spawn and the lease expires on its own.
+        task = self.gateway.spawn(self.gateway.store.redis.zrem(self.key, self.member), "rate_limit.release")
+        with suppress(Exception):
+            await asyncio.shield(task)
+
+
+class _ReleasingEvents:
+    """Relays a stream unchanged and releases the slot when it ends, however it ends.
+
+    A class rather than an async generator: an async generator that was never
+    started skips its ``finally`` on ``aclose()``, which would leak the slot.
+    """
+
+    __slots__ = ("_inner", "_release")
+
+    def __init__(self, inner: AsyncIterator[SSEEvent], release: _Release) -> None:
+        self._inner = inner
+        self._release = release
+
+    def __aiter__(self) -> _ReleasingEvents:
+        return self
+
+    async def __anext__(self) -> SSEEvent:
+        try:
+            return await self._inner.__anext__()
+        except BaseException:
+            await self._release()
+            raise
+
+    async def aclose(self) -> None:
+        try:
+            aclose = getattr(self._inner, "aclose", None)
+            if aclose is not None:
+                await aclose()
+        finally:
+            await self._release()

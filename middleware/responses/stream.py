@@ -1,0 +1,307 @@
+"""Chat-completions output → Responses output.
+
+`skeleton` builds the Response object echoed from the request; `complete`
+fills it from a `chat.completion` body; `StreamTranslator` turns a stream of
+`chat.completion.chunk` events into the Responses event sequence
+(`response.created` … `response.completed`), with `sequence_number` from 0
+and dense `output_index` in the order items are announced.
+
+Output items, in order of appearance: `reasoning` (from the provider's
+`reasoning_content` / `reasoning`), `message` (assistant `output_text`),
+`function_call` (`fc_…` ids, `call_id` = the provider's tool-call id).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from typing import Any
+
+from proxy.core.call import SSEEvent
+from proxy.core.errors import ApiError, UpstreamError
+
+from middleware.responses.request import new_id
+
+# finish_reason → incomplete_details.reason; anything else counts as completed.
+_INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
+_ID_PREFIX = {"message": "msg_", "reasoning": "rs_", "function_call": "fc_"}
+
+
+def skeleton(
+    body: dict[str, Any], response_id: str, model: str, tools: list[dict[str, Any]], store: bool
+) -> dict[str, Any]:
+    """The Response object as `response.created` shows it, echoing the request."""
+    reasoning = body.get("reasoning")
+    return {
+        "id": response_id,
+        "object": "response",
+        "created_at": int(time.time()),
+        "status": "in_progress",
+        "background": False,
+        "error": None,
+        "incomplete_details": None,
+        "instructions": body.get("instructions"),
+        "max_output_tokens": body.get("max_output_tokens"),
+        "model": model,
+        "output": [],
+        "parallel_tool_calls": body.get("parallel_tool_calls", True),
+        "previous_response_id": body.get("previous_response_id"),
+        "reasoning": reasoning if isinstance(reasoning, dict) else {"effort": None, "summary": None},
+        "store": store,
+        "temperature": body.get("temperature", 1.0),
+        "text": body.get("text") or {"format": {"type": "text"}},
+        "tool_choice": body.get("tool_choice", "auto"),
+        "tools": tools,
+        "top_p": body.get("top_p", 1.0),
+        "truncation": "disabled",
+        "usage": None,
+        "user": body.get("user"),
+        "metadata": body.get("metadata") or {},
+    }
+
+
+def usage_of(usage: Any) -> dict[str, Any] | None:
+    """Chat usage → Responses usage (None when the provider reported none)."""
+    if not isinstance(usage, dict):
+        return None
+    prompt = usage.get("prompt_tokens") or 0
+    completion = usage.get("completion_tokens") or 0
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") or 0
+    reasoning = (usage.get("completion_tokens_details") or {}).get("reasoning_tokens") or 0
+    return {
+        "input_tokens": prompt,
+        "input_tokens_details": {"cached_tokens": cached, "cache_write_tokens": 0},
+        "output_tokens": completion,
+        "output_tokens_details": {"reasoning_tokens": reasoning},
+        "total_tokens": usage.get("total_tokens") or prompt + completion,
+    }
+
+
+def _finish(response: dict[str, Any], finish_reason: Any, usage: Any) -> None:
+    reason = _INCOMPLETE.get(finish_reason)
+    response["status"] = "incomplete" if reason else "completed"
+    response["incomplete_details"] = {"reason": reason} if reason else None
+    response["usage"] = usage_of(usage)
+    response["completed_at"] = int(time.time())
+
+
+def _reasoning_of(message: dict[str, Any]) -> Any:
+    # DeepSeek/vLLM call it reasoning_content; OpenRouter and newer vLLM call it reasoning.
+    value = message.get("reasoning_content")
+    return value if value is not None else message.get("reasoning")
+
+
+def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    content = [{"type": "output_text", "text": text, "annotations": []}]
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
+
+
+def _reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
+    content = [{"type": "reasoning_text", "text": text}]
+    return {"id": item_id, "type": "reasoning", "summary": [], "content": content, "status": status}
+
+
+def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "function_call", "call_id": call_id, "name": name,
+            "arguments": arguments, "status": status}
+
+
+def complete(response: dict[str, Any], completion: dict[str, Any]) -> None:
+    """Fill `response` from a non-streamed `chat.completion` (first choice)."""
+    choices = completion.get("choices")
+    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
+    message = choice.get("message") or {}
+    finish_reason = choice.get("finish_reason")
+    status = "incomplete" if finish_reason in _INCOMPLETE else "completed"
+    output: list[dict[str, Any]] = []
+    reasoning = _reasoning_of(message)
+    if isinstance(reasoning, str) and reasoning:
+        output.append(_reasoning_item(new_id("rs_"), reasoning, status))
+    content = message.get("content")
+    if isinstance(content, str) and content:
+        output.append(_message_item(new_id("msg_"), content, status))
+    for call in message.get("tool_calls") or []:
+        function = call.get("function") or {}
+        output.append(_call_item(new_id("fc_"), call.get("id") or new_id("call_"), function.get("name") or "",
+                                 function.get("arguments") or "", "completed"))
+    response["output"] = output
+    _finish(response, finish_reason, completion.get("usage"))
+
+
+def assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
+    """The Response's output as one chat assistant message (for previous_response_id)."""
+    text = "".join(part["text"] for item in output if item["type"] == "message" for part in item["content"])
+    calls = [
+        {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
+        for item in output
+        if item["type"] == "function_call"
+    ]
+    message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
+    if calls:
+        message["tool_calls"] = calls
+    return message
+
+
+class _Item:
+    """One output item being streamed: its position, id and accumulated text/arguments."""
+
+    __slots__ = ("index", "kind", "id", "parts", "call_id", "name", "status")
+
+    def __init__(self, index: int, kind: str, call_id: str = "", name: str = "") -> None:
+        self.index = index
+        self.kind = kind
+        self.id = new_id(_ID_PREFIX[kind])
+        self.parts: list[str] = []
+        self.call_id = call_id
+        self.name = name
+        self.status: str | None = None  # set when the item is closed
+
+    def item(self, status: str) -> dict[str, Any]:
+        text = "".join(self.parts)
+        if self.kind == "message":
+            return _message_item(self.id, text, status)
+        if self.kind == "reasoning":
+            return _reasoning_item(self.id, text, status)
+        return _call_item(self.id, self.call_id, self.name, text, status)
+
+    def announced(self) -> dict[str, Any]:
+        """The item as `response.output_item.added` shows it (no content yet)."""
+        item = self.item("in_progress")
+        if self.kind != "function_call":
+            item["content"] = []
+        return item
+
+
+class StreamTranslator:
+    """Chat chunks in, Responses events out; one per streamed request."""
+
+    def __init__(self, response: dict[str, Any]) -> None:
+        self.response = response
+        self.seq = 0
+        self.items: list[_Item] = []
+        self.text: _Item | None = None  # the open reasoning or message item
+        self.calls: dict[int, _Item] = {}  # provider tool-call index → item
+        self.finish_reason: Any = None
+        self.usage: Any = None
+        self.saw_done = False  # the provider's [DONE]: a clean end even without finish_reason
+
+    def _event(self, event: dict[str, Any]) -> SSEEvent:
+        event["sequence_number"] = self.seq
+        self.seq += 1
+        return SSEEvent.from_json(event, event=event["type"])
+
+    def start(self) -> Iterator[SSEEvent]:
+        yield self._event({"type": "response.created", "response": self.response})
+        yield self._event({"type": "response.in_progress", "response": self.response})
+
+    def chunk(self, chunk: dict[str, Any]) -> Iterator[SSEEvent]:
+        """The events for one chat chunk (usage and finish_reason are only remembered)."""
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        choices = chunk.get("choices")
+        if not choices:
+            if isinstance(chunk.get("error"), dict):  # a provider's in-band error event
+                raise UpstreamError(str(chunk["error"].get("message") or "The upstream provider failed."))
+            return
+        choice = choices[0]
+        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+            return  # Responses has one output; extra choices (n > 1) are dropped
+        delta = choice.get("delta") or {}
+        reasoning = _reasoning_of(delta)
+        if isinstance(reasoning, str) and reasoning:
+            yield from self._text("reasoning", reasoning)
+        content = delta.get("content")
+        if isinstance(content, str) and content:
+            yield from self._text("message", content)
+        for call in delta.get("tool_calls") or ():
+            yield from self._tool_call(call)
+        if choice.get("finish_reason"):
+            self.finish_reason = choice["finish_reason"]
+
+    def _text(self, kind: str, delta: str) -> Iterator[SSEEvent]:
+        item = self.text
+        if item is None or item.kind != kind:
+            if item is not None:
+                yield from self._close(item)
+            item = self.text = self._open(kind)
+            yield self._event({"type": "response.output_item.added", "output_index": item.index,
+                               "item": item.announced()})
+            part = {"type": "output_text", "text": "", "annotations": []} if kind == "message" else {
+                "type": "reasoning_text", "text": ""}
+            yield self._event({"type": "response.content_part.added", "item_id": item.id,
+                               "output_index": item.index, "content_index": 0, "part": part})
+        item.parts.append(delta)
+        event = {"type": "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta",
+                 "item_id": item.id, "output_index": item.index, "content_index": 0, "delta": delta}
+        if kind == "message":
+            event["logprobs"] = []
+        yield self._event(event)
+
+    def _tool_call(self, call: dict[str, Any]) -> Iterator[SSEEvent]:
+        function = call.get("function") or {}
+        index = call.get("index", 0)
+        item = self.calls.get(index)
+        if item is None:
+            if self.text is not None:
+                yield from self._close(self.text)
+            item = self.calls[index] = self._open(
+                "function_call", call.get("id") or new_id("call_"), function.get("name") or "")
+            yield self._event({"type": "response.output_item.added", "output_index": item.index,
+                               "item": item.announced()})
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            item.parts.append(arguments)
+            yield self._event({"type": "response.function_call_arguments.delta", "item_id": item.id,
+                               "output_index": item.index, "delta": arguments})
+
+    def _open(self, kind: str, call_id: str = "", name: str = "") -> _Item:
+        item = _Item(len(self.items), kind, call_id, name)
+        self.items.append(item)
+        return item
+
+    def _status(self) -> str:
+        return "incomplete" if self.finish_reason in _INCOMPLETE else "completed"
+
+    def _close(self, item: _Item) -> Iterator[SSEEvent]:
+        item.status = "completed" if item.kind == "function_call" else self._status()
+        if item is self.text:
+            self.text = None
+        done = item.item(item.status)
+        head = {"item_id": item.id, "output_index": item.index}
+        if item.kind == "function_call":
+            yield self._event({"type": "response.function_call_arguments.done", **head,
+                               "name": item.name, "arguments": done["arguments"]})
+        else:
+            part = done["content"][0]
+            if item.kind == "message":
+                yield self._event({"type": "response.output_text.done", **head, "content_index": 0,
+                                   "text": part["text"], "logprobs": []})
+            else:
+                yield self._event({"type": "response.reasoning_text.done", **head, "content_index": 0,
+                                   "text": part["text"]})
+            yield self._event({"type": "response.content_part.done", **head, "content_index": 0, "part": part})
+        yield self._event({"type": "response.output_item.done", "output_index": item.index, "item": done})
+
+    def finish(self) -> Iterator[SSEEvent]:
+        """Close what is open and send `response.completed` (or `.incomplete`)."""
+        if self.finish_reason is None and not self.saw_done:
+            # Neither finish_reason nor [DONE]: the provider's stream ended early.
+            yield from self.fail(UpstreamError("The upstream provider ended the stream early."))
+            return
+        for item in self.items:
+            if item.status is None:
+                yield from self._close(item)
+        self.response["output"] = [item.item(item.status or "completed") for item in self.items]
+        _finish(self.response, self.finish_reason, self.usage)
+        kind = "response.incomplete" if self.response["status"] == "incomplete" else "response.completed"
+        yield self._event({"type": kind, "response": self.response})
+
+    def fail(self, error: ApiError) -> Iterator[SSEEvent]:
+        """`error`, then `response.failed` with what was produced so far."""
+        yield self._event({"type": "error", "code": error.code, "message": error.message, "param": error.param})
+        response = self.response
+        response["status"] = "failed"
+        response["error"] = {"code": "server_error", "message": error.message}
+        response["output"] = [item.item(item.status or "incomplete") for item in self.items]
+        response["usage"] = usage_of(self.usage)
+        yield self._event({"type": "response.failed", "response": response})

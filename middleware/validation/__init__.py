@@ -1,0 +1,5 @@
+"""Input validation against the OpenAI request schemas (unit, schemas)."""
+
+from middleware.validation.unit import ValidationUnit
+
+__all__ = ["ValidationUnit"]

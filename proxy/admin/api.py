@@ -1,0 +1,206 @@
+"""The admin API: tenants, credits, the ledger and API keys over HTTP.
+
+`create_admin_app` builds a sub-application mounted at ``/admin`` on the
+client port (``proxy/app.py``), or, with ``standalone=True``, a root app
+serving the same ``/admin/…`` paths on ``admin.port`` (``proxy/server.py``).
+It is present only when ``admin.token`` is set. Every request needs
+``Authorization: Bearer <admin token>`` (compared in constant time); client
+API keys are not admin tokens. Request bodies are validated with pydantic
+(unknown fields refused) and every error is OpenAI-shaped with ``param``.
+
+The request models and `create_key_from` are shared with the CLI
+(`proxy/manage.py`), so both accept exactly the same input.
+"""
+
+from __future__ import annotations
+
+import hmac
+import secrets
+import time
+from typing import Any, TypeVar
+
+from aiohttp import web
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
+
+from proxy.store.accounts import Accounts
+from proxy.core.errors import ApiError, invalid_request
+from proxy.core.gateway import GATEWAY, Gateway
+from proxy.web.middlewares import gateway_middleware
+from proxy.web.routes import read_json_body
+from proxy.core.settings import ConfigError, Settings
+
+ACCOUNTS = web.AppKey("accounts", Accounts)
+MAX_LEDGER_LIMIT = 1000
+
+
+# -- request bodies -----------------------------------------------------------
+class AdminBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TenantCreate(AdminBody):
+    id: StrictStr
+    credits: StrictInt = 0
+
+
+class CreditTopUp(AdminBody):
+    amount: StrictInt
+    idempotency_key: StrictStr | None = None  # default: a fresh one, so the top-up applies
+
+
+class KeyCreate(AdminBody):
+    tenant: StrictStr
+    name: StrictStr = Field("", max_length=200)
+    models: list[StrictStr] | None = None  # None or empty: every model
+    rpm: StrictInt | None = Field(None, ge=1)
+    max_concurrency: StrictInt | None = Field(None, ge=1)
+    expires_at: StrictInt | StrictFloat | None = Field(None, description="Unix seconds.")
+
+
+Body = TypeVar("Body", bound=AdminBody)
+
+
+def parse_body(model: type[Body], data: Any) -> Body:
+    """Validate `data`; the first problem becomes a 400 naming its field."""
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        param = ""
+        for part in error["loc"]:
+            param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+        kind = error["type"]
+        if kind == "missing":
+            raise invalid_request(f"Missing required parameter `{param}`.", param=param, code="missing_required_parameter") from None
+        if kind == "extra_forbidden":
+            raise invalid_request(f"Unknown parameter `{param}`.", param=param, code="unknown_parameter") from None
+        raise invalid_request(f"Invalid `{param}`: {error['msg']}.", param=param or None) from None
+
+
+def check_key_request(request: KeyCreate, settings: Settings) -> None:
+    """What pydantic cannot know: the configured models and the clock."""
+    for index, model in enumerate(request.models or []):
+        if model not in settings.models:
+            raise invalid_request(f"Unknown model `{model[:200]}`.", param=f"models[{index}]")
+    if request.expires_at is not None and request.expires_at <= time.time():
+        raise invalid_request("`expires_at` must be a future unix time in seconds.", param="expires_at")
+
+
+async def create_key_from(accounts: Accounts, request: KeyCreate, settings: Settings) -> tuple[str, Any]:
+    """Check a validated key request and create the key: (plaintext, record)."""
+    check_key_request(request, settings)
+    return await accounts.create_key(
+        request.tenant,
+        name=request.name,
+        models=request.models,
+        rpm=request.rpm,
+        max_concurrency=request.max_concurrency,
+        expires_at=request.expires_at,
+    )
+
+
+def new_idempotency_key() -> str:
+    return "auto-" + secrets.token_hex(12)
+
+
+# -- handlers ----------------------------------------------------------------
+async def _body(request: web.Request, model: type[Body]) -> Body:
+    _, data = await read_json_body(request, request.app[GATEWAY])
+    return parse_body(model, data)
+
+
+async def create_tenant(request: web.Request) -> web.Response:
+    body = await _body(request, TenantCreate)
+    tenant = await request.app[ACCOUNTS].create_tenant(body.id, body.credits)
+    return web.json_response(tenant, status=201)
+
+
+async def show_tenant(request: web.Request) -> web.Response:
+    return web.json_response(await request.app[ACCOUNTS].tenant(request.match_info["tenant"]))
+
+
+async def top_up(request: web.Request) -> web.Response:
+    body = await _body(request, CreditTopUp)
+    key = body.idempotency_key or new_idempotency_key()
+    applied, tenant = await request.app[ACCOUNTS].add_credits(request.match_info["tenant"], body.amount, key)
+    # A repeated idempotency key changed nothing; say so without changing the body's shape.
+    return web.json_response(tenant, headers={"Idempotent-Replayed": "false" if applied else "true"})
+
+
+async def ledger(request: web.Request) -> web.Response:
+    raw = request.query.get("limit", "100")
+    try:
+        limit = int(raw)
+    except ValueError:
+        limit = 0
+    if not 1 <= limit <= MAX_LEDGER_LIMIT:
+        raise invalid_request(f"`limit` is an integer from 1 to {MAX_LEDGER_LIMIT}.", param="limit")
+    entries = await request.app[ACCOUNTS].ledger(request.match_info["tenant"], limit)
+    return web.json_response({"object": "list", "data": entries})
+
+
+async def create_key(request: web.Request) -> web.Response:
+    body = await _body(request, KeyCreate)
+    plaintext, record = await create_key_from(request.app[ACCOUNTS], body, request.app[GATEWAY].settings)
+    return web.json_response({**record.public(), "key": plaintext}, status=201)
+
+
+async def list_keys(request: web.Request) -> web.Response:
+    tenant = request.query.get("tenant")
+    if not tenant:
+        raise invalid_request("Missing required parameter `tenant`.", param="tenant", code="missing_required_parameter")
+    records = await request.app[ACCOUNTS].list_keys(tenant)
+    return web.json_response({"object": "list", "data": [r.public() for r in records]})
+
+
+async def revoke_key(request: web.Request) -> web.Response:
+    record = await request.app[ACCOUNTS].revoke_key(request.match_info["key_id"])
+    return web.json_response(record.public())
+
+
+# -- the application -----------------------------------------------------------
+def _admin_token_middleware(token: str) -> Any:
+    expected = token.encode()
+
+    @web.middleware
+    async def require_admin_token(request: web.Request, handler: Any) -> web.StreamResponse:
+        header = request.headers.get("Authorization", "")
+        presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if not presented or not hmac.compare_digest(presented.encode(), expected):
+            raise ApiError(
+                401,
+                "The admin API needs `Authorization: Bearer <admin token>`.",
+                code="invalid_admin_token",
+                headers={"WWW-Authenticate": 'Bearer realm="sovereign-admin"'},
+            )
+        return await handler(request)
+
+    return require_admin_token
+
+
+def create_admin_app(gateway: Gateway, *, standalone: bool = False) -> web.Application:
+    """The admin sub-app (routes relative to ``/admin``); `standalone` wraps it in a root app."""
+    token = gateway.settings.admin.token
+    if token is None or not token.get_secret_value():
+        raise ConfigError("invalid configuration:\n  admin.token: must not be empty (leave it unset to turn the admin API off)")
+    app = web.Application(middlewares=[_admin_token_middleware(token.get_secret_value())])
+    app[GATEWAY] = gateway
+    app[ACCOUNTS] = Accounts(gateway.store)
+    app.add_routes(
+        [
+            web.post("/tenants", create_tenant),
+            web.get("/tenants/{tenant}", show_tenant),
+            web.post("/tenants/{tenant}/credits", top_up),
+            web.get("/tenants/{tenant}/ledger", ledger),
+            web.post("/keys", create_key),
+            web.get("/keys", list_keys),
+            web.delete("/keys/{key_id}", revoke_key),
+        ]
+    )
+    if not standalone:
+        return app
+    # The root app's middleware gives request ids, error rendering and draining, as on the client port.
+    root = web.Application(middlewares=[gateway_middleware], client_max_size=gateway.settings.server.max_body_bytes)
+    root[GATEWAY] = gateway
+    root.add_subapp("/admin", app)
+    return root

@@ -1,0 +1,122 @@
+"""The per-process gateway: settings, store, upstreams, units and background work.
+
+One `Gateway` lives on the aiohttp application. Units receive it at
+construction and use it for what is shared across requests: the store, the
+upstream router, the metrics, and `spawn` for work that must finish even
+after the response is gone (credit settlement, session titles), which
+`drain` awaits at shutdown.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Awaitable, Callable, Coroutine
+from typing import Any
+
+import structlog
+from aiohttp import web
+from multidict import CIMultiDictProxy
+
+from proxy.core.call import ANONYMOUS, Call, Next, Principal, Reply
+from proxy.upstream.forward import Forwarder
+from proxy.core.pipeline import Unit, build_units, chain
+from proxy.core.settings import Settings
+from proxy.store.store import Store
+from proxy.upstream.router import UpstreamRouter
+
+log = structlog.get_logger("sovereign")
+
+Authenticator = Callable[[CIMultiDictProxy[str]], Awaitable[Principal]]
+
+
+class Gateway:
+    """Everything the request path shares within one process."""
+
+    def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        self.settings = settings
+        self.store = store or Store(settings.store)
+        self.router = UpstreamRouter(settings.upstreams, settings.routing)
+        self.draining = False
+        self.started = False
+        self.in_flight = 0  # pipeline requests being served now (drain waits for them)
+        self._background: set[asyncio.Task[Any]] = set()
+        # Set by the auth unit; routes outside the pipeline use it too.
+        self.authenticator: Authenticator | None = None
+        self.units: list[Unit] = build_units(self)
+        self.handler: Next = chain(self.units, Forwarder(self))
+        from proxy.core.metrics import Metrics  # late: metrics imports nothing of ours
+
+        self.metrics = Metrics(tenant_labels=settings.metrics.tenant_labels)
+
+    def unit(self, name: str) -> Unit | None:
+        for unit in self.units:
+            if unit.name == name:
+                return unit
+        return None
+
+    # -- lifecycle -------------------------------------------------------
+    async def start(self) -> None:
+        await self.store.connect()
+        await self.router.start()
+        for unit in self.units:
+            await unit.startup()
+        self.started = True
+        if not self.store.durable:
+            log.warning(
+                "store.embedded",
+                message="memory:// store: tenants, keys, credits and sessions live in this process only and are lost at exit",
+            )
+
+    async def close(self) -> None:
+        await self.drain()
+        for unit in reversed(self.units):
+            await unit.shutdown()
+        await self.router.close()
+        await self.store.close()
+
+    # -- background work -------------------------------------------------
+    def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> asyncio.Task[Any]:
+        """Run work that must outlive the request; `drain` waits for it."""
+        task = asyncio.get_running_loop().create_task(coro)
+        self._background.add(task)
+        task.add_done_callback(lambda t: self._finished(t, what))
+        return task
+
+    def _finished(self, task: asyncio.Task[Any], what: str) -> None:
+        self._background.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("background.failed", task=what, error=repr(task.exception()))
+
+    @property
+    def pending_background(self) -> int:
+        return len(self._background)
+
+    async def drain(self, timeout: float | None = None) -> None:
+        """Wait for background work (settlements, titles) to finish."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self._background:
+            remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+            await asyncio.wait(set(self._background), timeout=remaining)
+            if deadline is not None and time.monotonic() >= deadline:
+                break
+
+    # -- auth for routes outside the pipeline -----------------------------
+    async def principal(self, headers: CIMultiDictProxy[str]) -> Principal:
+        if self.authenticator is None:
+            return ANONYMOUS
+        return await self.authenticator(headers)
+
+    async def handle(self, call: Call) -> Reply:
+        return await self.handler(call)
+
+    async def wait_idle(self, timeout: float) -> bool:
+        """Wait until no pipeline request is in flight; False if the grace ran out."""
+        deadline = time.monotonic() + timeout
+        while self.in_flight > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        return self.in_flight == 0
+
+
+# The application key under which the gateway lives.
+GATEWAY = web.AppKey("gateway", Gateway)

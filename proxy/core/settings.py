@@ -1,0 +1,323 @@
+"""The whole configuration as one pydantic model tree, loaded from YAML and env.
+
+Where settings come from, later wins:
+1. the model defaults below (identical to the shipped ``config/sovereign.yaml``);
+2. a YAML file: ``--config PATH``, else ``$SOVEREIGN_CONFIG``, else the shipped one;
+3. environment variables: the short names in `ENV_ALIASES`, and for any setting
+   ``SOVEREIGN_<SECTION>__<FIELD>[__<FIELD>…]`` (values parsed as YAML scalars).
+
+So the gateway runs from env alone. Invalid settings raise `ConfigError`
+naming the field path (``models.sovereign-alpha.price.input_per_million``).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+
+SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "config" / "sovereign.yaml"
+ENV_PREFIX = "SOVEREIGN_"
+
+# Short env names for the settings every deployment touches.
+ENV_ALIASES: dict[str, tuple[str, ...]] = {
+    "SOVEREIGN_HOST": ("server", "host"),
+    "SOVEREIGN_PORT": ("server", "port"),
+    "SOVEREIGN_LOG_LEVEL": ("logging", "level"),
+    "SOVEREIGN_STORE_URL": ("store", "url"),
+    "SOVEREIGN_ADMIN_TOKEN": ("admin", "token"),
+    "SOVEREIGN_UPSTREAM_URL": ("upstreams", "default", "url"),
+    "SOVEREIGN_UPSTREAM_API_KEY": ("upstreams", "default", "api_key"),
+    "SOVEREIGN_UPSTREAM_MODEL": ("upstreams", "default", "model"),
+}
+# Env names that are not settings and must not be read as overrides.
+_NOT_SETTINGS = {"SOVEREIGN_CONFIG", "SOVEREIGN_TEST_REDIS_URL"}
+
+
+class ConfigError(Exception):
+    """The configuration is invalid; the message names each bad field path."""
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class ServerSettings(Section):
+    host: str = Field("0.0.0.0", description="Address the client API listens on.")
+    port: int = Field(8080, ge=0, le=65535, description="Port of the client API.")
+    max_body_bytes: int = Field(
+        4 * 1024 * 1024, ge=1024, description="Largest accepted request body; larger bodies get 413 before being read whole."
+    )
+    client_read_timeout: float = Field(
+        30.0, gt=0, description="Seconds a client may take to send its request body (slow-client guard)."
+    )
+    keepalive_timeout: float = Field(75.0, gt=0, description="Idle keep-alive connection timeout in seconds.")
+    drain_seconds: float = Field(
+        25.0, ge=0, description="On SIGTERM, how long open streams may take to finish before the process exits."
+    )
+    sse_keepalive_seconds: float | None = Field(
+        None, gt=0, description="If set, send an SSE comment line after this many idle seconds before a stream's first event (keeps load balancers from cutting slow reasoning streams)."
+    )
+
+
+class LoggingSettings(Section):
+    level: Literal["debug", "info", "warning", "error"] = Field("info", description="Log level.")
+    access_log: bool = Field(True, description="Write one structured JSON line per request.")
+
+    @field_validator("level", mode="before")
+    @classmethod
+    def _lower(cls, value: Any) -> Any:
+        return value.lower() if isinstance(value, str) else value
+
+
+class StoreSettings(Section):
+    url: str = Field(
+        "memory://",
+        description="`redis://…`, `rediss://…` (add `?cluster=true` for Redis Cluster) or `memory://` (embedded, one process, lost at exit).",
+    )
+    prefix: str = Field("sov", min_length=1, description="Prefix of every Redis key the gateway writes.")
+    timeout: float = Field(1.0, gt=0, description="Seconds before a Redis command counts as failed (503 store_unavailable).")
+    max_connections: int = Field(
+        256, ge=1, description="Redis connection pool size; request-path commands beyond it wait for a free connection."
+    )
+
+    @field_validator("url")
+    @classmethod
+    def _scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "memory://", "unix://")):
+            raise ValueError("must start with redis://, rediss://, unix:// or memory://")
+        return value
+
+
+class AdminSettings(Section):
+    token: SecretStr | None = Field(None, description="Bearer token of the admin API; the admin API is off when unset.")
+    port: int | None = Field(None, ge=0, le=65535, description="Serve the admin API on this port instead of under /admin on the client port.")
+    host: str = Field("127.0.0.1", description="Address of the separate admin listener (when `admin.port` is set).")
+
+
+class MetricsSettings(Section):
+    enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
+    tenant_labels: bool = Field(False, description="Label request metrics by tenant (watch the cardinality).")
+
+
+class Timeouts(Section):
+    connect: float = Field(5.0, gt=0, description="Seconds to open a connection to the provider.")
+    first_byte: float = Field(120.0, gt=0, description="Seconds until the provider's response headers arrive.")
+    idle: float = Field(120.0, gt=0, description="Largest gap in seconds between two reads of the provider's body.")
+    total: float = Field(600.0, gt=0, description="Whole-request limit in seconds.")
+
+
+class UpstreamSettings(Section):
+    url: str = Field("http://127.0.0.1:9100/v1", description="Base URL of the provider's OpenAI API (ending in /v1).")
+    api_key: SecretStr | None = Field(None, description="The provider's key, injected as `Authorization: Bearer`.")
+    model: str | None = Field(None, description="Provider model used by public models that name none.")
+    max_connections: int = Field(1024, ge=1, description="Pooled keep-alive connections to this provider.")
+    timeouts: Timeouts = Field(default_factory=Timeouts)
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str) -> str:
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value.rstrip("/")
+
+
+class RoutingSettings(Section):
+    attempts: int = Field(3, ge=1, le=10, description="Most provider attempts per request, across a model's upstream targets, before the first byte reaches the client.")
+    backoff_ms: float = Field(50.0, ge=0, description="Base of the jittered pause between attempts, in milliseconds.")
+    max_retry_after: float = Field(2.0, ge=0, description="Longest provider `Retry-After` (seconds) the gateway waits before retrying; longer ones fail over at once.")
+    breaker_failures: int = Field(5, ge=1, description="Consecutive failures that open an upstream's circuit breaker.")
+    breaker_cooldown: float = Field(30.0, gt=0, description="Seconds an open breaker skips its upstream before trying it again.")
+
+
+class Price(Section):
+    input_per_million: int = Field(0, ge=0, description="Credits per million input tokens.")
+    output_per_million: int = Field(0, ge=0, description="Credits per million output tokens.")
+    cached_input_per_million: int | None = Field(None, ge=0, description="Credits per million cached input tokens (default: the input price).")
+    per_request: int = Field(0, ge=0, description="Flat credits per request.")
+
+
+class ModelSettings(Section):
+    upstream: str | list[str] = Field("default", description="Upstream name, or an ordered list for failover.")
+    upstream_model: str | None = Field(None, description="The provider's model name (default: the upstream's `model`, else the public name).")
+    owned_by: str = Field("sovereign", description="`owned_by` shown in /v1/models.")
+    price: Price | None = Field(None, description="Credits charged; required unless `free`.")
+    free: bool = Field(False, description="Serve without charging (must be explicit).")
+    max_output_tokens: int = Field(4096, ge=1, description="Output cap used when the client sends none (also sizes the credit hold).")
+    output_cap_param: Literal["max_completion_tokens", "max_tokens"] = Field(
+        "max_completion_tokens", description="Request field that carries the output cap to this provider."
+    )
+    alias_of: str | None = Field(None, description="Serve this entry as an alias of another public model.")
+    system_prompt: str | None = Field(None, description="System message prepended for this (alias) model.")
+    defaults: dict[str, Any] = Field(default_factory=dict, description="Request fields applied when the client omits them.")
+
+    @property
+    def targets(self) -> list[str]:
+        return [self.upstream] if isinstance(self.upstream, str) else list(self.upstream)
+
+    @model_validator(mode="after")
+    def _priced(self) -> ModelSettings:
+        if self.price is None and not self.free and self.alias_of is None:
+            raise ValueError("a model needs a `price` unless it is marked `free: true`")
+        return self
+
+
+def _default_models() -> dict[str, ModelSettings]:
+    return {
+        "sovereign-alpha": ModelSettings(
+            upstream="default",
+            price=Price(input_per_million=500, output_per_million=1500),
+        )
+    }
+
+
+DEFAULT_PIPELINE = ["auth", "rate_limit", "validation", "responses", "sessions", "legacy_functions", "metering"]
+
+
+class Settings(Section):
+    server: ServerSettings = Field(default_factory=ServerSettings)
+    logging: LoggingSettings = Field(default_factory=LoggingSettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
+    admin: AdminSettings = Field(default_factory=AdminSettings)
+    metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    routing: RoutingSettings = Field(default_factory=RoutingSettings)
+    upstreams: dict[str, UpstreamSettings] = Field(
+        default_factory=lambda: {"default": UpstreamSettings()}, description="Providers by name."
+    )
+    models: dict[str, ModelSettings] = Field(default_factory=_default_models, description="Public models by name.")
+    pipeline: list[str] = Field(default_factory=lambda: list(DEFAULT_PIPELINE), description="Units in request order.")
+    units: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Settings of each unit, by unit name.")
+
+    @model_validator(mode="after")
+    def _references(self) -> Settings:
+        for name, model in self.models.items():
+            if model.alias_of is not None:
+                target = self.models.get(model.alias_of)
+                if target is None or target.alias_of is not None:
+                    raise ValueError(f"models.{name}.alias_of: `{model.alias_of}` is not a configured (non-alias) model")
+                continue
+            for target in model.targets:
+                if target not in self.upstreams:
+                    raise ValueError(f"models.{name}.upstream: no upstream named `{target}`")
+        if len(set(self.pipeline)) != len(self.pipeline):
+            raise ValueError("pipeline: a unit is listed twice")
+        return self
+
+    def resolve_model(self, public: str) -> tuple[str, ModelSettings] | None:
+        """The configured model for a public name, following an alias to its target."""
+        entry = self.models.get(public)
+        if entry is None:
+            return None
+        if entry.alias_of is not None:
+            return entry.alias_of, self.models[entry.alias_of]
+        return public, entry
+
+    def masked(self) -> dict[str, Any]:
+        """The effective settings as plain data with every secret masked."""
+        return _mask(self.model_dump(mode="python"))
+
+
+def _mask(value: Any) -> Any:
+    if isinstance(value, SecretStr):
+        return "********" if value.get_secret_value() else ""
+    if isinstance(value, dict):
+        return {k: _mask(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_mask(v) for v in value]
+    return value
+
+
+def format_validation_error(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        path = ""
+        for part in item["loc"]:
+            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        msg = item["msg"].removeprefix("Value error, ")
+        lines.append(f"{path or '(top level)'}: {msg}")
+    return "invalid configuration:\n  " + "\n  ".join(lines)
+
+
+def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
+    """Nested settings data from SOVEREIGN_* variables (aliases and __ paths)."""
+    _TOP_LEVEL = _top_level_fields()
+    data: dict[str, Any] = {}
+    for name, value in env.items():
+        if not name.startswith(ENV_PREFIX) or name in _NOT_SETTINGS:
+            continue
+        if name in ENV_ALIASES:
+            path = ENV_ALIASES[name]
+        elif "__" in name or name[len(ENV_PREFIX):].lower() in _TOP_LEVEL:
+            path = tuple(name[len(ENV_PREFIX):].lower().split("__"))
+        else:
+            continue
+        node = data
+        for part in path[:-1]:
+            node = node.setdefault(part, {})
+        node[path[-1]] = _parse_env_value(value)
+    return data
+
+
+def _top_level_fields() -> frozenset[str]:
+    return frozenset(Settings.model_fields)
+
+
+def _parse_env_value(value: str) -> Any:
+    if value == "":
+        return None
+    try:
+        parsed = yaml.safe_load(value)
+    except yaml.YAMLError:
+        return value
+    # Only scalars and flow lists/maps; anything else stays the literal string.
+    return parsed if isinstance(parsed, (str, int, float, bool, list, dict)) else value
+
+
+def deep_merge(base: dict[str, Any], override: Mapping[str, Any]) -> dict[str, Any]:
+    merged = dict(base)
+    for key, value in override.items():
+        if isinstance(value, Mapping) and isinstance(merged.get(key), Mapping):
+            merged[key] = deep_merge(dict(merged[key]), value)
+        else:
+            merged[key] = value
+    return merged
+
+
+def config_path(explicit: str | os.PathLike[str] | None, env: Mapping[str, str]) -> Path | None:
+    if explicit:
+        return Path(explicit)
+    if env.get("SOVEREIGN_CONFIG"):
+        return Path(env["SOVEREIGN_CONFIG"])
+    return SHIPPED_CONFIG if SHIPPED_CONFIG.is_file() else None
+
+
+def load_settings(
+    path: str | os.PathLike[str] | None = None,
+    env: Mapping[str, str] | None = None,
+    overrides: Mapping[str, Any] | None = None,
+) -> Settings:
+    """Load the effective settings; raises ConfigError with field paths."""
+    env = os.environ if env is None else env
+    data: dict[str, Any] = {}
+    file = config_path(path, env)
+    if file is not None:
+        try:
+            loaded = yaml.safe_load(file.read_text()) or {}
+        except OSError as exc:
+            raise ConfigError(f"cannot read config file {file}: {exc.strerror}") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"config file {file} is not valid YAML: {exc}") from None
+        if not isinstance(loaded, dict):
+            raise ConfigError(f"config file {file} must hold a mapping at the top level")
+        data = loaded
+    data = deep_merge(data, env_overrides(env))
+    if overrides:
+        data = deep_merge(data, overrides)
+    try:
+        return Settings.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(format_validation_error(exc)) from None

@@ -1,0 +1,1 @@
+"""Development tools: the simulated provider and the demo."""

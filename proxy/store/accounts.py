@@ -1,0 +1,281 @@
+"""Tenants, credits, the ledger and API keys, on the store.
+
+The one place that knows the Redis layout of accounts (see ``lua/prelude.lua``
+for the tenant's keys). Used by the admin API, the CLI, the auth unit and
+`/v1/credits`; metering adds holds and charges through its own scripts on
+the same keys.
+
+API keys are ``sk-sov-live-`` + 40 base62 characters from `secrets`. Only
+their SHA-256 is stored; the plaintext exists once, in the create answer.
+Key records live outside any tenant slot (``<prefix>:key:<sha256>``) because
+a lookup starts from the key alone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+import secrets
+import string
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+
+from proxy.core.call import Principal
+from proxy.core.errors import ApiError, invalid_request, not_found
+from proxy.store.store import Script, TENANT_ID, Store
+
+TENANT_CREATE = Script.load("proxy.store.lua", "tenant_create")
+TENANT_VIEW = Script.load("proxy.store.lua", "tenant_view")
+TENANT_CREDIT = Script.load("proxy.store.lua", "tenant_credit")
+
+KEY_PREFIX = "sk-sov-live-"
+KEY_RANDOM_CHARS = 40
+_BASE62 = string.ascii_letters + string.digits
+MAX_CREDITS = 10**15  # keeps every sum well inside Lua's exact integer range
+
+
+def random_base62(length: int) -> str:
+    return "".join(secrets.choice(_BASE62) for _ in range(length))
+
+
+def new_api_key() -> str:
+    return KEY_PREFIX + random_base62(KEY_RANDOM_CHARS)
+
+
+def hash_key(plaintext: str) -> str:
+    return hashlib.sha256(plaintext.encode()).hexdigest()
+
+
+_KEY_SHAPE = re.compile(re.escape(KEY_PREFIX) + r"[A-Za-z0-9]{32,256}")
+
+
+def looks_like_key(value: str) -> bool:
+    return _KEY_SHAPE.fullmatch(value) is not None
+
+
+def now_ms() -> int:
+    return int(time.time() * 1000)
+
+
+def check_tenant_id(tenant: Any, param: str = "id") -> str:
+    if not isinstance(tenant, str) or not TENANT_ID.fullmatch(tenant):
+        raise invalid_request(
+            "A tenant id is 1-64 characters of letters, digits, '.', '_' or '-', starting with a letter or digit.",
+            param=param,
+        )
+    return tenant
+
+
+def check_credits(value: Any, param: str, *, positive: bool) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise invalid_request("Credits are an integer.", param=param)
+    low = 1 if positive else 0
+    if not low <= value <= MAX_CREDITS:
+        raise invalid_request(f"Credits must be between {low} and {MAX_CREDITS}.", param=param)
+    return value
+
+
+def _entry_prefix(fields: dict[str, Any]) -> str:
+    # The Lua side appends `,"balance_after":N}`.
+    return orjson.dumps(fields).decode()[:-1]
+
+
+@dataclass(frozen=True, slots=True)
+class KeyRecord:
+    """A stored API key, without its plaintext or hash."""
+
+    id: str
+    tenant: str
+    name: str
+    created_at: float
+    expires_at: float | None
+    revoked_at: float | None
+    models: tuple[str, ...]
+    rpm: int | None
+    max_concurrency: int | None
+
+    @classmethod
+    def from_hash(cls, data: dict[str, str]) -> KeyRecord:
+        return cls(
+            id=data["id"],
+            tenant=data["tenant"],
+            name=data.get("name", ""),
+            created_at=float(data["created_at"]),
+            expires_at=float(data["expires_at"]) if data.get("expires_at") else None,
+            revoked_at=float(data["revoked_at"]) if data.get("revoked_at") else None,
+            models=tuple(orjson.loads(data.get("models") or "[]")),
+            rpm=int(data["rpm"]) if data.get("rpm") else None,
+            max_concurrency=int(data["max_concurrency"]) if data.get("max_concurrency") else None,
+        )
+
+    def usable(self, at: float) -> bool:
+        return self.revoked_at is None and (self.expires_at is None or at < self.expires_at)
+
+    def principal(self) -> Principal:
+        return Principal(
+            tenant=self.tenant,
+            key_id=self.id,
+            name=self.name,
+            models=frozenset(self.models),
+            rpm=self.rpm,
+            max_concurrency=self.max_concurrency,
+            expires_at=self.expires_at,
+        )
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "object": "api_key",
+            "tenant": self.tenant,
+            "name": self.name,
+            "created_at": int(self.created_at),
+            "expires_at": int(self.expires_at) if self.expires_at else None,
+            "revoked_at": int(self.revoked_at) if self.revoked_at else None,
+            "models": list(self.models),
+            "rpm": self.rpm,
+            "max_concurrency": self.max_concurrency,
+        }
+
+
+class Accounts:
+    """Tenant and key operations on one store."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+
+    # -- keys of the layout ---------------------------------------------
+    def tenant_keys(self, tenant: str) -> tuple[str, str, str]:
+        k = self.store.tenant_key
+        return k(tenant, "tenant"), k(tenant, "ledger"), k(tenant, "ledger_ids")
+
+    def hold_keys(self, tenant: str) -> tuple[str, str, str]:
+        k = self.store.tenant_key
+        return k(tenant, "tenant"), k(tenant, "holds"), k(tenant, "hold_amounts")
+
+    # -- tenants -------------------------------------------------------------
+    async def create_tenant(self, tenant: str, credits: int = 0) -> dict[str, Any]:
+        check_tenant_id(tenant)
+        check_credits(credits, "credits", positive=False)
+        created = time.time()
+        entry = _entry_prefix(
+            {"id": f"grant:{tenant}", "type": "grant", "credits": credits, "created_at": int(created)}
+        )
+        done = await self.store.run(TENANT_CREATE, list(self.tenant_keys(tenant)), [tenant, credits, created, entry])
+        if not done:
+            raise ApiError(409, f"Tenant `{tenant}` already exists.", code="tenant_exists", param="id")
+        return await self.tenant(tenant)
+
+    async def tenant(self, tenant: str) -> dict[str, Any]:
+        """The tenant's public view; 404 when it does not exist."""
+        if not isinstance(tenant, str) or not TENANT_ID.fullmatch(tenant):
+            raise not_found("tenant")
+        view = await self.store.run(TENANT_VIEW, list(self.hold_keys(tenant)), [now_ms()])
+        if not view:
+            raise not_found("tenant")
+        balance, reserved, created = view
+        return {
+            "id": tenant,
+            "object": "tenant",
+            "balance": int(balance),
+            "reserved": int(reserved),
+            "available": int(balance) - int(reserved),
+            "created_at": int(float(created)),
+        }
+
+    async def add_credits(self, tenant: str, amount: int, idempotency_key: str) -> tuple[bool, dict[str, Any]]:
+        """Top up once per idempotency key; returns (applied, tenant view)."""
+        check_credits(amount, "amount", positive=True)
+        if not isinstance(idempotency_key, str) or not 1 <= len(idempotency_key) <= 200:
+            raise invalid_request("`idempotency_key` is a string of 1-200 characters.", param="idempotency_key")
+        entry_id = f"topup:{idempotency_key}"
+        entry = _entry_prefix({"id": entry_id, "type": "topup", "credits": amount, "created_at": int(time.time())})
+        status, _ = await self.store.run(TENANT_CREDIT, list(self.tenant_keys(tenant)), [amount, entry_id, entry])
+        if status == -1:
+            raise not_found("tenant")
+        return status == 1, await self.tenant(tenant)
+
+    async def ledger(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
+        await self.tenant(tenant)  # 404 for an unknown tenant
+        _, ledger_key, _ = self.tenant_keys(tenant)
+        rows = await self.store.redis.lrange(ledger_key, 0, max(0, limit - 1))
+        return [orjson.loads(row) for row in rows]
+
+    # -- keys ----------------------------------------------------------------
+    def _key_record_key(self, digest: str) -> str:
+        return self.store.global_key("key", digest)
+
+    def _key_id_key(self, key_id: str) -> str:
+        return self.store.global_key("keyid", key_id)
+
+    async def create_key(
+        self,
+        tenant: str,
+        *,
+        name: str = "",
+        models: list[str] | None = None,
+        rpm: int | None = None,
+        max_concurrency: int | None = None,
+        expires_at: float | None = None,
+    ) -> tuple[str, KeyRecord]:
+        """Create a key; returns the plaintext (shown once) and the record."""
+        await self.tenant(tenant)  # the tenant must exist
+        plaintext = new_api_key()
+        digest = hash_key(plaintext)
+        key_id = "key_" + random_base62(20)
+        created = time.time()
+        fields = {
+            "id": key_id,
+            "tenant": tenant,
+            "name": name,
+            "created_at": repr(created),
+            "expires_at": repr(float(expires_at)) if expires_at else "",
+            "revoked_at": "",
+            "models": orjson.dumps(list(models or [])).decode(),
+            "rpm": str(rpm) if rpm else "",
+            "max_concurrency": str(max_concurrency) if max_concurrency else "",
+        }
+        redis = self.store.redis
+        # Three single-key writes (they live in different cluster slots); the
+        # record goes last, so a key is never valid before it is listed.
+        await redis.set(self._key_id_key(key_id), digest)
+        await redis.sadd(self.store.tenant_key(tenant, "keys"), key_id)
+        await redis.hset(self._key_record_key(digest), mapping=fields)
+        return plaintext, KeyRecord.from_hash(fields)
+
+    async def lookup(self, plaintext: str) -> KeyRecord | None:
+        """The record for a presented key, or None (unknown). Revocation is the caller's check."""
+        return await self.lookup_digest(hash_key(plaintext))
+
+    async def lookup_digest(self, digest: str) -> KeyRecord | None:
+        """Like `lookup`, from the key's SHA-256 hex digest (callers that already hashed it)."""
+        data = await self.store.redis.hgetall(self._key_record_key(digest))
+        return KeyRecord.from_hash(data) if data else None
+
+    async def get_key(self, key_id: str) -> KeyRecord | None:
+        digest = await self.store.redis.get(self._key_id_key(key_id))
+        if not digest:
+            return None
+        data = await self.store.redis.hgetall(self._key_record_key(digest))
+        return KeyRecord.from_hash(data) if data else None
+
+    async def list_keys(self, tenant: str) -> list[KeyRecord]:
+        await self.tenant(tenant)
+        ids = await self.store.redis.smembers(self.store.tenant_key(tenant, "keys"))
+        records = [await self.get_key(key_id) for key_id in sorted(ids)]
+        return sorted((r for r in records if r is not None), key=lambda r: r.created_at)
+
+    async def revoke_key(self, key_id: str) -> KeyRecord:
+        digest = await self.store.redis.get(self._key_id_key(key_id)) if isinstance(key_id, str) else None
+        if not digest:
+            raise not_found("key")
+        record_key = self._key_record_key(digest)
+        # HSETNX: revoking twice keeps the first revocation time.
+        await self.store.redis.hsetnx(record_key, "revoked_at", repr(time.time()))
+        if not await self.store.redis.hget(record_key, "revoked_at"):
+            await self.store.redis.hset(record_key, "revoked_at", repr(time.time()))
+        record = await self.get_key(key_id)
+        assert record is not None
+        return record

@@ -1,0 +1,1 @@
+"""Lua scripts of the accounts (tenants, credits) and the prelude every credit script includes."""

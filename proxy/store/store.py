@@ -1,0 +1,213 @@
+"""The store: async Redis (or Redis Cluster, or the embedded emulation) plus Lua scripts.
+
+``redis://`` and ``rediss://`` URLs talk to a real Redis (add ``?cluster=true``
+for Redis Cluster); ``memory://`` runs the same scripts on fakeredis inside
+this process, which is convenient for one process and loses everything at exit.
+
+Keys: every key of a tenant is ``<prefix>:{<tenant>}:<part>…``. The braces are
+the hash tag, so all keys one script touches live in one cluster slot.
+
+Scripts live beside the code that runs them (``proxy/store/lua/`` for accounts,
+each unit's package for its own) and are loaded with `Script.load(package, name)`
+through ``importlib.resources``; they run by SHA (EVALSHA, reloading on NOSCRIPT
+after a Redis restart). ``--! include <name>`` pastes a helper from the same
+package, else from ``proxy/store/lua/`` (the shared ``prelude``).
+
+Connection failures surface as redis' ConnectionError/TimeoutError; the HTTP
+layer turns those into 503 ``store_unavailable``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import re
+from importlib import resources
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import NoScriptError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.asyncio.retry import Retry
+
+from proxy.store.script_client import ScriptClient
+from proxy.core.settings import StoreSettings
+
+SHARED_LUA = "proxy.store.lua"
+TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+# The errors that mean "the store is unreachable", as opposed to a bug.
+STORE_DOWN_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+
+
+_INCLUDE = re.compile(r"^--! include (\w+)$", re.MULTILINE)
+
+
+def _lua_file(package: str, name: str) -> str:
+    return (resources.files(package) / f"{name}.lua").read_text()
+
+
+def load_lua(package: str, name: str) -> str:
+    """A script's source with ``--! include <name>`` lines replaced by that file (Lua has no includes)."""
+
+    def include(match: re.Match[str]) -> str:
+        helper = match.group(1)
+        if (resources.files(package) / f"{helper}.lua").is_file():
+            return _lua_file(package, helper)
+        return _lua_file(SHARED_LUA, helper)
+
+    return _INCLUDE.sub(include, _lua_file(package, name))
+
+
+# Script arguments above this size leave the hot-path connection (see Store.run).
+BULK_BYTES = 64 * 1024
+
+
+def _bulky(args: list[Any]) -> bool:
+    size = 0
+    for arg in args:
+        if isinstance(arg, (bytes, str)):
+            size += len(arg)
+    return size > BULK_BYTES
+
+
+class Script:
+    """A Lua script run by SHA, loaded again if the server forgot it."""
+
+    def __init__(self, name: str, source: str) -> None:
+        self.name = name
+        self.source = source
+        self.sha = hashlib.sha1(source.encode()).hexdigest()
+
+    @classmethod
+    def load(cls, package: str, name: str) -> Script:
+        """The script ``<name>.lua`` shipped in `package` (its includes resolved)."""
+        return cls(name, load_lua(package, name))
+
+    def __repr__(self) -> str:
+        return f"Script({self.name!r})"
+
+    async def __call__(self, client: Any, keys: list[str], args: list[Any]) -> Any:
+        try:
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+        except NoScriptError:
+            await client.script_load(self.source)
+            return await client.evalsha(self.sha, len(keys), *keys, *args)
+
+
+class WaitingConnectionPool(aioredis.ConnectionPool):
+    """A pool whose callers wait for a free connection during a burst.
+
+    redis-py's plain pool raises "Too many connections" when exhausted (a 503
+    for the client); its BlockingConnectionPool arms a timer for every command.
+    A semaphore costs next to nothing until the pool is actually full.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._free = asyncio.Semaphore(self.max_connections)
+
+    async def get_connection(self, *args: Any, **kwargs: Any) -> Any:
+        await self._free.acquire()
+        try:
+            return await super().get_connection(*args, **kwargs)
+        except BaseException:
+            self._free.release()
+            raise
+
+    async def release(self, connection: Any) -> None:
+        try:
+            await super().release(connection)
+        finally:
+            self._free.release()
+
+
+class Store:
+    """One connection pool and the loaded scripts, shared by the whole process."""
+
+    def __init__(self, settings: StoreSettings) -> None:
+        self.settings = settings
+        self.prefix = settings.prefix
+        self.url = settings.url
+        self.durable = not self.url.startswith("memory://")
+        self.redis: Any = None
+        # The hot path's scripts go through the lean pipelined client where it
+        # applies (a single Redis); Cluster and memory:// use redis-py for them too.
+        self.script_client: ScriptClient | None = None
+
+    # -- lifecycle -------------------------------------------------------
+    async def connect(self) -> None:
+        if self.redis is not None:
+            return
+        if not self.durable:
+            import fakeredis  # imported lazily: only the embedded store needs it
+
+            self.redis = fakeredis.FakeAsyncRedis(decode_responses=True, lua_modules=set())
+            return
+        split = urlsplit(self.url)
+        query = dict(parse_qsl(split.query))
+        cluster = query.pop("cluster", "").lower() in {"1", "true", "yes"}
+        url = urlunsplit(split._replace(query=urlencode(query)))
+        common = dict(
+            decode_responses=True,
+            socket_timeout=self.settings.timeout,
+            socket_connect_timeout=self.settings.timeout,
+            # One immediate retry replaces a pooled connection that died with a
+            # Redis restart; more would only delay the 503 during an outage.
+            # redis-py retries only the errors listed here (not timeouts: a hung
+            # Redis should answer 503 after one timeout, not two).
+            retry=Retry(NoBackoff(), 1),
+            retry_on_error=[RedisConnectionError],
+        )
+        if cluster:
+            self.redis = RedisCluster.from_url(url, **common)
+            await self.redis.initialize()
+        else:
+            pool = WaitingConnectionPool.from_url(url, max_connections=self.settings.max_connections, **common)
+            self.redis = aioredis.Redis(connection_pool=pool)
+            if ScriptClient.supports(url):
+                self.script_client = ScriptClient(url, self.settings.timeout)
+
+    async def close(self) -> None:
+        if self.script_client is not None:
+            await self.script_client.aclose()
+            self.script_client = None
+        if self.redis is not None:
+            await self.redis.aclose()
+            self.redis = None
+
+    async def ping(self) -> bool:
+        """True when the store answers; never raises."""
+        try:
+            await self.connect()
+            return bool(await self.redis.ping())
+        except Exception:
+            return False
+
+    # -- keys ------------------------------------------------------------
+    def tenant_key(self, tenant: str, *parts: str) -> str:
+        """A key in the tenant's hash slot: ``prefix:{tenant}:parts``."""
+        return f"{self.prefix}:{{{tenant}}}:" + ":".join(parts)
+
+    def global_key(self, *parts: str) -> str:
+        """A key outside any tenant (e.g. the key-hash index)."""
+        return f"{self.prefix}:" + ":".join(parts)
+
+    # -- scripts ---------------------------------------------------------
+    async def run(self, script: Script, keys: list[str], args: list[Any], deferred: bool = False) -> Any:
+        """Run a Lua script by SHA.
+
+        `deferred`: nobody is waiting on the answer (a settlement), so its write
+        may share the next one (see script_client). Arguments over
+        `BULK_BYTES` go over redis-py's pooled connections instead of the
+        script client's single pipelined one: a multi-megabyte write there would
+        hold up every hold queued behind it.
+        """
+        client = self.script_client
+        if client is None or _bulky(args):
+            return await script(self.redis, keys, args)
+        return await script(client.deferred if deferred else client, keys, args)

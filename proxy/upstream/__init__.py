@@ -1,0 +1,1 @@
+"""The provider hop: router (failover, breaker), forwarder, headers, SSE splitting, the HTTP client and its connector."""

@@ -1,0 +1,66 @@
+"""The terminal unit: resolve the public model and forward to its upstream.
+
+It maps the public model name (or alias) to the provider's model name,
+applies an alias' system prompt and defaults, and returns the provider's reply
+untouched: a JSON body or a stream of raw SSE events.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import TYPE_CHECKING
+
+from proxy.core.call import Call, Reply
+from proxy.core.errors import model_not_found
+
+if TYPE_CHECKING:
+    from proxy.core.gateway import Gateway
+
+
+class Forwarder:
+    """Callable terminal of the pipeline; one per process."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.settings = gateway.settings
+        self.router = gateway.router
+        # Provider model name per public name, computed once.
+        self._upstream_model: dict[str, str] = {}
+        for public in self.settings.models:
+            resolved = self.settings.resolve_model(public)
+            assert resolved is not None
+            target_name, target = resolved
+            default = self.settings.upstreams[target.targets[0]].model
+            self._upstream_model[public] = target.upstream_model or default or target_name
+
+    async def __call__(self, call: Call) -> Reply:
+        public = call.model
+        if not isinstance(public, str) or public not in self._upstream_model or not call.principal.may_use(public):
+            raise model_not_found(public)
+        entry = self.settings.models[public]
+        if entry.alias_of is not None:
+            _apply_alias(call, entry.system_prompt, entry.defaults)
+        resolved = self.settings.resolve_model(public)
+        assert resolved is not None
+        target = resolved[1]
+        call.set("model", self._upstream_model[public])
+        started = time.monotonic()
+
+        def on_attempt(name: str) -> None:
+            call.upstream = name
+
+        reply = await self.router.send(
+            target.targets, call.body_bytes(), call.headers, call.request_id, call.stream, on_attempt
+        )
+        call.upstream_latency = time.monotonic() - started
+        return reply
+
+
+def _apply_alias(call: Call, system_prompt: str | None, defaults: dict) -> None:
+    body = dict(call.body)
+    for key, value in defaults.items():
+        body.setdefault(key, value)
+    if system_prompt:
+        messages = body.get("messages")
+        if isinstance(messages, list):
+            body["messages"] = [{"role": "system", "content": system_prompt}, *messages]
+    call.replace_body(body)

@@ -1,0 +1,258 @@
+"""Talking to providers: pooled clients, timeouts, failover and circuit breakers.
+
+One keep-alive connection pool (`upstream_client.ConnectionPool`) per
+configured upstream, created at start-up and shared by every request.
+`UpstreamRouter.send` posts a chat request to a model's targets in order:
+connection errors, timeouts, 5xx and 429 move on to the next attempt
+(bounded, jittered, honouring a short `Retry-After`) as long as nothing has
+reached the client. A per-upstream breaker skips a target that keeps failing
+until its cool-down has passed.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import random
+import time
+from collections.abc import AsyncIterator, Mapping
+from typing import Any
+
+import orjson
+
+from proxy.core.call import Reply, SSEEvent
+from proxy.core.errors import ApiError, UpstreamError
+from proxy.upstream.headers import request_headers_for_upstream, response_headers_for_client
+from proxy.core.settings import RoutingSettings, UpstreamSettings
+from proxy.upstream.sse import split_events
+from proxy.upstream.client import ConnectionPool, UpstreamConnectionError, UpstreamResponse
+
+RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+REDACTED = b"[redacted]"
+
+
+class Breaker:
+    """Counts consecutive failures; open means "skip this upstream for now"."""
+
+    __slots__ = ("threshold", "cooldown", "failures", "open_until")
+
+    def __init__(self, threshold: int, cooldown: float) -> None:
+        self.threshold = threshold
+        self.cooldown = cooldown
+        self.failures = 0
+        self.open_until = 0.0
+
+    def allows(self, now: float) -> bool:
+        # After the cool-down one request goes through (half-open); a failure re-opens.
+        return now >= self.open_until
+
+    def success(self) -> None:
+        self.failures = 0
+        self.open_until = 0.0
+
+    def failure(self, now: float) -> None:
+        self.failures += 1
+        if self.failures >= self.threshold:
+            self.open_until = now + self.cooldown
+
+
+class Upstream:
+    """One provider: its settings, its connection pool and its breaker."""
+
+    def __init__(self, name: str, settings: UpstreamSettings, routing: RoutingSettings) -> None:
+        self.name = name
+        self.settings = settings
+        self.chat_path = "/chat/completions"  # below the URL's own path (…/v1)
+        key = settings.api_key.get_secret_value() if settings.api_key else ""
+        self.authorization = f"Bearer {key}" if key else None
+        self.secret = key.encode() if key else None
+        t = settings.timeouts
+        # The wait for the response headers is bounded by idle too (as any read is).
+        self.header_timeout = min(t.first_byte, t.idle)
+        self.breaker = Breaker(routing.breaker_failures, routing.breaker_cooldown)
+        self.pool: ConnectionPool | None = None
+
+    async def start(self) -> None:
+        self.pool = ConnectionPool(self.settings.url, self.settings.max_connections, self.settings.timeouts.connect)
+
+    async def close(self) -> None:
+        if self.pool is not None:
+            await self.pool.close()
+            self.pool = None
+
+    def redact(self, data: bytes) -> bytes:
+        if self.secret is not None and self.secret in data:
+            return data.replace(self.secret, REDACTED)
+        return data
+
+
+class _Retryable(Exception):
+    def __init__(self, error: ApiError, retry_after: float | None = None) -> None:
+        self.error = error
+        self.retry_after = retry_after
+
+
+class UpstreamRouter:
+    """Sends chat requests to a model's ordered upstream targets."""
+
+    def __init__(self, upstreams: Mapping[str, UpstreamSettings], routing: RoutingSettings) -> None:
+        self.routing = routing
+        self.upstreams = {name: Upstream(name, s, routing) for name, s in upstreams.items()}
+
+    async def start(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.start()
+
+    async def close(self) -> None:
+        for upstream in self.upstreams.values():
+            await upstream.close()
+
+    async def send(
+        self,
+        targets: list[str],
+        body: bytes,
+        client_headers: Mapping[str, str],
+        request_id: str,
+        stream: bool,
+        on_attempt: Any = None,
+    ) -> Reply:
+        """Forward one chat request; returns the first answer that is not retryable."""
+        attempts = self.routing.attempts
+        last: ApiError | None = None
+        headers = request_headers_for_upstream(client_headers)
+        headers["Content-Type"] = "application/json"
+        headers["X-Request-ID"] = request_id
+        if stream:
+            headers["Accept"] = "text/event-stream"
+        for attempt in range(attempts):
+            upstream = self._pick(targets, attempt)
+            if upstream is None:
+                break
+            if on_attempt is not None:
+                on_attempt(upstream.name)
+            try:
+                return await self._post(upstream, body, headers, stream)
+            except _Retryable as exc:
+                last = exc.error
+                upstream.breaker.failure(time.monotonic())
+                if attempt + 1 < attempts:
+                    await asyncio.sleep(self._pause(attempt, exc.retry_after))
+        if last is None:
+            last = UpstreamError("No upstream is available for this model right now.")
+        raise last
+
+    def _pick(self, targets: list[str], attempt: int) -> Upstream | None:
+        """The attempt-th target in order, skipping open breakers (all open: try anyway)."""
+        now = time.monotonic()
+        ordered = [self.upstreams[name] for name in targets]
+        healthy = [u for u in ordered if u.breaker.allows(now)]
+        pool = healthy or ordered
+        return pool[attempt % len(pool)] if pool else None
+
+    def _pause(self, attempt: int, retry_after: float | None) -> float:
+        if retry_after is not None and retry_after <= self.routing.max_retry_after:
+            return retry_after
+        base = self.routing.backoff_ms / 1000.0 * (2**attempt)
+        return random.uniform(0, base)
+
+    async def _post(self, upstream: Upstream, body: bytes, headers: dict[str, str], stream: bool) -> Reply:
+        pool = upstream.pool
+        assert pool is not None, "upstream not started"
+        if upstream.authorization:
+            headers = {**headers, "Authorization": upstream.authorization}
+        t = upstream.settings.timeouts
+        try:
+            response = await pool.post(upstream.chat_path, headers.items(), body, upstream.header_timeout, t.idle, t.total)
+        except TimeoutError:
+            raise _Retryable(UpstreamError("The upstream provider timed out.", timeout=True, upstream=upstream.name)) from None
+        except UpstreamConnectionError:
+            raise _Retryable(UpstreamError("Could not reach the upstream provider.", upstream=upstream.name)) from None
+
+        status = response.status
+        if status >= 400:
+            return await self._failure(upstream, response)
+        upstream.breaker.success()
+        passthrough = response_headers_for_client(response.headers)
+        if stream and response.content_type == "text/event-stream":
+            return Reply(
+                status=status, headers=passthrough, events=self._events(upstream, response), closers=[response.close]
+            )
+        try:
+            data = await response.read()
+        except (UpstreamConnectionError, TimeoutError) as exc:
+            raise UpstreamError(
+                "The upstream provider failed while sending its response.",
+                timeout=isinstance(exc, TimeoutError),
+                upstream=upstream.name,
+            ) from None
+        finally:
+            response.release()
+        return Reply(status=status, headers=passthrough, body=upstream.redact(data))
+
+    async def _failure(self, upstream: Upstream, response: UpstreamResponse) -> Reply:
+        status = response.status
+        try:
+            data = upstream.redact(await response.read())
+        except (UpstreamConnectionError, TimeoutError):
+            data = b""
+        finally:
+            response.release()
+        if status in RETRYABLE_STATUS:
+            retry_after = _retry_after(response.headers.get("Retry-After"))
+            if status == 429:
+                error = ApiError(
+                    429,
+                    "The upstream provider is rate limiting the gateway; retry later.",
+                    type="rate_limit_error",
+                    code="rate_limit_exceeded",
+                    headers={"Retry-After": str(int(retry_after or 1))},
+                )
+            else:
+                error = UpstreamError(f"The upstream provider failed (HTTP {status}).", upstream=upstream.name)
+            raise _Retryable(error, retry_after)
+        if status in (401, 403):
+            # The provider refused the gateway's own key: the operator's problem,
+            # and the client must learn nothing about that key.
+            upstream.breaker.failure(time.monotonic())
+            raise UpstreamError("The upstream provider refused the gateway's credentials.", upstream=upstream.name)
+        # Any other 4xx is about the client's request: relay it with its status.
+        upstream.breaker.success()
+        return Reply(status=status, headers={}, body=_openai_error_body(status, data))
+
+    async def _events(self, upstream: Upstream, response: UpstreamResponse) -> AsyncIterator[SSEEvent]:
+        finished = False
+        try:
+            async for event in split_events(response.chunks(), upstream.secret):
+                yield event
+            finished = True
+        except TimeoutError:
+            raise UpstreamError("The upstream provider stopped sending.", timeout=True, upstream=upstream.name) from None
+        except UpstreamConnectionError:
+            raise UpstreamError("The upstream provider broke off the stream.", upstream=upstream.name) from None
+        finally:
+            # An unfinished body must close the connection, so the provider
+            # sees the cancellation; a finished one goes back to the pool.
+            if finished:
+                response.release()
+            else:
+                response.close()
+
+
+def _retry_after(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        return None
+
+
+def _openai_error_body(status: int, data: bytes) -> bytes:
+    """The provider's error body if it is OpenAI-shaped, else one built around it."""
+    try:
+        parsed = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        parsed = None
+    if isinstance(parsed, dict) and isinstance(parsed.get("error"), dict):
+        return data
+    text = data.decode("utf-8", "replace")[:500] or f"The upstream provider answered HTTP {status}."
+    return ApiError(status, text, code="upstream_error").to_json()

@@ -1,0 +1,37 @@
+"""The application factory: one aiohttp app with the core routes, unit routes and admin."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from proxy.core.gateway import GATEWAY, Gateway
+from proxy.web.middlewares import gateway_middleware
+from proxy.web.routes import core_routes
+from proxy.core.settings import Settings
+from proxy.store.store import Store
+
+
+def create_app(settings: Settings, store: Store | None = None) -> web.Application:
+    """Build the gateway application; nothing connects until start-up."""
+    gateway = Gateway(settings, store)
+    # client_max_size makes aiohttp stop reading at the limit, so an oversized
+    # body without a Content-Length is refused before it is read whole.
+    app = web.Application(middlewares=[gateway_middleware], client_max_size=settings.server.max_body_bytes)
+    app[GATEWAY] = gateway
+    app.add_routes(core_routes(gateway))
+    for unit in gateway.units:
+        app.add_routes(unit.routes())
+    if settings.admin.token is not None and settings.admin.port is None:
+        from proxy.admin.api import create_admin_app
+
+        app.add_subapp("/admin", create_admin_app(gateway))
+
+    async def start(_: web.Application) -> None:
+        await gateway.start()
+
+    async def stop(_: web.Application) -> None:
+        await gateway.close()
+
+    app.on_startup.append(start)
+    app.on_cleanup.append(stop)
+    return app

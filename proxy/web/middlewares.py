@@ -1,0 +1,164 @@
+"""HTTP-level concerns: request ids, error rendering, draining, and the access log.
+
+Everything about the request *content* lives in the unit pipeline; this
+module only makes sure every response carries an ``X-Request-ID``, every
+failure has the OpenAI error shape (never a traceback), a draining process
+refuses new work, and one JSON log line per request is written after the
+response has been sent (aiohttp's access-logger hook, off the hot path).
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from random import getrandbits
+from typing import Any
+
+import structlog
+from aiohttp import web
+from aiohttp.abc import AbstractAccessLogger
+
+from proxy.core.errors import SERVER, ApiError, store_unavailable
+from proxy.store.store import STORE_DOWN_ERRORS
+from proxy.core.gateway import GATEWAY
+
+log = structlog.get_logger("sovereign")
+
+REQUEST_ID_HEADER = "X-Request-ID"
+
+# Per-request storage, typed (aiohttp warns about plain string keys).
+REQUEST_ID = web.RequestKey("request_id", str)
+STARTED = web.RequestKey("started", float)
+CALL = web.RequestKey("call", object)
+PUBLIC_MODEL = web.RequestKey("public_model", str)
+STREAM_OUTCOME = web.RequestKey("stream_outcome", str)
+ERROR_CODE = web.RequestKey("error_code", str)
+_SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_GATED_PREFIXES = ("/v1/", "/admin/")
+
+
+def new_request_id() -> str:
+    # Unique, not secret: the PRNG avoids a urandom syscall per request.
+    return f"req_{getrandbits(96):024x}"
+
+
+def _http_error(exc: web.HTTPException) -> ApiError:
+    status = exc.status
+    if status == 404:
+        return ApiError(404, "Unknown route.", code="not_found")
+    if status == 405:
+        return ApiError(405, "Method not allowed on this route.", code="method_not_allowed")
+    if status == 413:
+        return ApiError(413, "The request body is larger than this gateway accepts.", code="request_too_large")
+    return ApiError(status, exc.reason or "HTTP error", code="http_error")
+
+
+def render(error: ApiError, request_id: str) -> web.Response:
+    headers = {REQUEST_ID_HEADER: request_id, **error.headers}
+    return web.Response(status=error.status, body=error.to_json(), content_type="application/json", headers=headers)
+
+
+@web.middleware
+async def gateway_middleware(request: web.Request, handler: Any) -> web.StreamResponse:
+    supplied = request.headers.get(REQUEST_ID_HEADER)
+    request_id = supplied if supplied and _SAFE_REQUEST_ID.fullmatch(supplied) else new_request_id()
+    request[REQUEST_ID] = request_id
+    request[STARTED] = time.monotonic()
+    gateway = request.app[GATEWAY]
+    try:
+        if gateway.draining and request.path.startswith(_GATED_PREFIXES):
+            raise ApiError(503, "The gateway is shutting down; retry on another replica.", type=SERVER, code="draining")
+        response = await handler(request)
+    except ApiError as error:
+        request[ERROR_CODE] = error.code
+        _count_refusal(gateway, error)
+        return render(error, request_id)
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        error = _http_error(exc)
+        request[ERROR_CODE] = error.code
+        return render(error, request_id)
+    except STORE_DOWN_ERRORS:
+        gateway.metrics.store_errors.inc()
+        request[ERROR_CODE] = "store_unavailable"
+        return render(store_unavailable(), request_id)
+    except Exception:
+        log.exception("request.crashed", request_id=request_id, path=request.path)
+        request[ERROR_CODE] = "internal_error"
+        return render(ApiError(500, "The gateway failed to handle this request.", type=SERVER, code="internal_error"), request_id)
+    if not response.prepared:
+        response.headers[REQUEST_ID_HEADER] = request_id
+    return response
+
+
+def _count_refusal(gateway: Any, error: ApiError) -> None:
+    if error.status == 402:
+        gateway.metrics.insufficient_credits.inc()
+    elif error.code == "rate_limit_exceeded":
+        gateway.metrics.rate_limited.inc()
+    elif error.code in ("upstream_error", "upstream_timeout"):
+        gateway.metrics.upstream_errors.labels(getattr(error, "upstream", None) or "unknown").inc()
+    elif error.code == "store_unavailable":
+        gateway.metrics.store_errors.inc()
+
+
+class AccessLogger(AbstractAccessLogger):
+    """One structured line and the request metrics, after the response is sent."""
+
+    def log(self, request: web.BaseRequest, response: web.StreamResponse, time_taken: float) -> None:
+        app = getattr(request, "match_info", None)
+        app = app.apps[0] if app is not None and app.apps else None
+        gateway = app.get(GATEWAY) if app is not None else None
+        if gateway is None:
+            return
+        call = request.get(CALL)
+        route = _route_name(request)
+        public_model = request.get(PUBLIC_MODEL) or ("other" if call is not None else "")
+        status = response.status
+        metrics = gateway.metrics
+        labels = [route, public_model, str(status)]
+        if metrics.tenant_labels:
+            labels.append(call.principal.tenant if call is not None else "")
+        metrics.child(metrics.requests, *labels).inc()
+        metrics.child(metrics.duration, route).observe(time_taken)
+        if call is not None and call.upstream is not None and call.upstream_latency is not None:
+            metrics.child(metrics.upstream_latency, call.upstream).observe(call.upstream_latency)
+        if gateway.settings.logging.access_log:
+            self._line(request, status, time_taken, call, public_model)
+
+    @staticmethod
+    def _line(request: web.BaseRequest, status: int, time_taken: float, call: Any, model: str) -> None:
+        fields: dict[str, Any] = {
+            "request_id": request.get(REQUEST_ID),
+            "method": request.method,
+            "path": request.path,
+            "status": status,
+            "duration_ms": round(time_taken * 1000, 3),
+        }
+        if request.get(ERROR_CODE):
+            fields["error_code"] = request[ERROR_CODE]
+        if call is not None:
+            usage = call.usage or {}
+            fields.update(
+                tenant=call.principal.tenant,
+                key_id=call.principal.key_id,
+                model=model,
+                stream=call.stream,
+                upstream=call.upstream,
+                upstream_latency_ms=round(call.upstream_latency * 1000, 3) if call.upstream_latency else None,
+                input_tokens=usage.get("prompt_tokens"),
+                output_tokens=usage.get("completion_tokens"),
+                credits=call.credits,
+                usage_source=call.usage_source,
+                outcome=request.get(STREAM_OUTCOME),
+            )
+        log.info("request", **fields)
+
+
+def _route_name(request: web.BaseRequest) -> str:
+    info = getattr(request, "match_info", None)
+    route = getattr(info, "route", None)
+    resource = getattr(route, "resource", None)
+    canonical = getattr(resource, "canonical", None)
+    return canonical or "unmatched"

@@ -1,0 +1,292 @@
+"""The OpenAPI 3.1 description of Sovereign's own API, served at /openapi.json.
+
+Hand-written (the routes are few and the contract matters more than the
+generator), and kept in step with the router by tests/proxy/test_openapi.py,
+which fails when a route exists without a description or the reverse.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from aiohttp import web
+
+from proxy import __version__
+
+JSON = "application/json"
+
+
+def _ref(name: str) -> dict[str, Any]:
+    return {"$ref": f"#/components/schemas/{name}"}
+
+
+def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
+    return {"description": description, "content": {JSON: {"schema": schema}}}
+
+
+ERRORS = {"default": _json(_ref("Error"), "An OpenAI-shaped error.")}
+
+
+def _op(summary: str, responses: dict[str, Any], *, body: dict[str, Any] | None = None, params: list | None = None,
+        security: str = "client") -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {**responses, **ERRORS}}
+    op["security"] = [{security: []}] if security != "none" else []
+    if body is not None:
+        op["requestBody"] = {"required": True, "content": {JSON: {"schema": body}}}
+    if params:
+        op["parameters"] = params
+    return op
+
+
+def _path_param(name: str) -> dict[str, Any]:
+    return {"name": name, "in": "path", "required": True, "schema": {"type": "string"}}
+
+
+def _query(name: str, schema: dict[str, Any]) -> dict[str, Any]:
+    return {"name": name, "in": "query", "required": False, "schema": schema}
+
+
+def _list_of(item: str) -> dict[str, Any]:
+    return {
+        "type": "object",
+        "required": ["object", "data"],
+        "properties": {"object": {"const": "list"}, "data": {"type": "array", "items": _ref(item)}},
+    }
+
+
+SCHEMAS: dict[str, Any] = {
+    "Error": {
+        "type": "object",
+        "required": ["error"],
+        "properties": {
+            "error": {
+                "type": "object",
+                "required": ["message", "type"],
+                "properties": {
+                    "message": {"type": "string"},
+                    "type": {"type": "string"},
+                    "param": {"type": ["string", "null"]},
+                    "code": {"type": ["string", "null"]},
+                },
+            }
+        },
+    },
+    "Model": {
+        "type": "object",
+        "required": ["id", "object", "created", "owned_by"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "model"},
+            "created": {"type": "integer"},
+            "owned_by": {"type": "string"},
+        },
+    },
+    "ChatRequest": {
+        "type": "object",
+        "required": ["model", "messages"],
+        "description": "An OpenAI chat-completions request; unknown fields are forwarded.",
+        "properties": {
+            "model": {"type": "string"},
+            "messages": {"type": "array", "items": {"type": "object"}},
+            "stream": {"type": "boolean"},
+        },
+    },
+    "ChatCompletion": {
+        "type": "object",
+        "required": ["id", "object", "choices"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "chat.completion"},
+            "choices": {"type": "array", "items": {"type": "object"}},
+            "usage": {"type": ["object", "null"]},
+        },
+    },
+    "ResponsesRequest": {
+        "type": "object",
+        "required": ["model"],
+        "description": "An OpenAI Responses request, served on top of chat completions.",
+        "properties": {"model": {"type": "string"}, "input": {}, "stream": {"type": "boolean"}},
+    },
+    "Response": {
+        "type": "object",
+        "required": ["id", "object", "status", "output"],
+        "properties": {
+            "id": {"type": "string"},
+            "object": {"const": "response"},
+            "status": {"type": "string"},
+            "output": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "Deleted": {
+        "type": "object",
+        "required": ["id", "object", "deleted"],
+        "properties": {"id": {"type": "string"}, "object": {"type": "string"}, "deleted": {"const": True}},
+    },
+    "Session": {
+        "type": "object",
+        "required": ["id"],
+        "properties": {
+            "id": {"type": "string"},
+            "title": {"type": ["string", "null"]},
+            "created_at": {"type": ["integer", "number"]},
+            "updated_at": {"type": ["integer", "number"]},
+            "message_count": {"type": "integer"},
+            "messages": {"type": "array", "items": {"type": "object"}},
+        },
+    },
+    "Credits": {
+        "type": "object",
+        "required": ["object", "tenant", "balance", "reserved"],
+        "properties": {
+            "object": {"const": "credits"},
+            "tenant": {"type": "string"},
+            "balance": {"type": "integer"},
+            "reserved": {"type": "integer"},
+            "available": {"type": "integer"},
+            "key": {"type": "object"},
+        },
+    },
+    "Tenant": {
+        "type": "object",
+        "required": ["id", "balance", "reserved", "created_at"],
+        "properties": {
+            "id": {"type": "string"},
+            "balance": {"type": "integer"},
+            "reserved": {"type": "integer"},
+            "available": {"type": "integer"},
+            "created_at": {"type": "integer"},
+        },
+    },
+    "TenantCreate": {
+        "type": "object",
+        "required": ["id"],
+        "properties": {"id": {"type": "string"}, "credits": {"type": "integer", "minimum": 0}},
+    },
+    "CreditsAdd": {
+        "type": "object",
+        "required": ["amount", "idempotency_key"],
+        "properties": {"amount": {"type": "integer", "minimum": 1}, "idempotency_key": {"type": "string"}},
+    },
+    "LedgerEntry": {
+        "type": "object",
+        "required": ["id", "type", "credits", "balance_after"],
+        "properties": {
+            "id": {"type": "string"},
+            "type": {"type": "string"},
+            "credits": {"type": "integer"},
+            "balance_after": {"type": "integer"},
+        },
+    },
+    "Key": {
+        "type": "object",
+        "required": ["id", "tenant"],
+        "properties": {
+            "id": {"type": "string"},
+            "tenant": {"type": "string"},
+            "name": {"type": "string"},
+            "models": {"type": "array", "items": {"type": "string"}},
+            "rpm": {"type": ["integer", "null"]},
+            "max_concurrency": {"type": ["integer", "null"]},
+            "expires_at": {"type": ["integer", "null"]},
+            "revoked_at": {"type": ["integer", "null"]},
+        },
+    },
+    "KeyCreated": {
+        "allOf": [_ref("Key"), {"type": "object", "required": ["key"], "properties": {"key": {"type": "string"}}}]
+    },
+    "KeyCreate": {
+        "type": "object",
+        "required": ["tenant"],
+        "properties": {
+            "tenant": {"type": "string"},
+            "name": {"type": "string"},
+            "models": {"type": "array", "items": {"type": "string"}},
+            "rpm": {"type": "integer", "minimum": 1},
+            "max_concurrency": {"type": "integer", "minimum": 1},
+            "expires_at": {"type": "number"},
+        },
+    },
+    "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+}
+
+SSE = {"text/event-stream": {"schema": {"type": "string"}}}
+
+
+def _stream_or_json(schema: dict[str, Any]) -> dict[str, Any]:
+    return {"200": {"description": "JSON, or SSE when `stream` is true.", "content": {JSON: {"schema": schema}, **SSE}}}
+
+
+PATHS: dict[str, dict[str, Any]] = {
+    "/v1/chat/completions": {
+        "post": _op("Create a chat completion (JSON or SSE).", _stream_or_json(_ref("ChatCompletion")), body=_ref("ChatRequest"))
+    },
+    "/v1/responses": {
+        "post": _op("Create a response (Responses API on chat completions).", _stream_or_json(_ref("Response")), body=_ref("ResponsesRequest"))
+    },
+    "/v1/responses/{response_id}": {
+        "get": _op("Retrieve a stored response.", {"200": _json(_ref("Response"))}, params=[_path_param("response_id")]),
+        "delete": _op("Delete a stored response.", {"200": _json(_ref("Deleted"))}, params=[_path_param("response_id")]),
+    },
+    "/v1/responses/{response_id}/input_items": {
+        "get": _op("List a stored response's input items.", {"200": _json({"type": "object", "required": ["object", "data"], "properties": {"object": {"const": "list"}, "data": {"type": "array"}}})}, params=[_path_param("response_id")]),
+    },
+    "/v1/models": {"get": _op("Models this key may use.", {"200": _json(_list_of("Model"))})},
+    "/v1/models/{model}": {"get": _op("One model.", {"200": _json(_ref("Model"))}, params=[_path_param("model")])},
+    "/v1/sessions": {
+        "get": _op(
+            "The tenant's sessions.",
+            {"200": _json(_list_of("Session"))},
+            params=[_query("limit", {"type": "integer", "minimum": 1, "maximum": 100}), _query("after", {"type": "string"})],
+        )
+    },
+    "/v1/sessions/{session_id}": {
+        "get": _op("One session with its messages.", {"200": _json(_ref("Session"))}, params=[_path_param("session_id")]),
+        "delete": _op("Delete a session.", {"200": _json(_ref("Deleted"))}, params=[_path_param("session_id")]),
+    },
+    "/v1/credits": {"get": _op("The caller's tenant balance and key limits.", {"200": _json(_ref("Credits"))})},
+    "/healthz": {"get": _op("Liveness.", {"200": _json(_ref("Status"))}, security="none")},
+    "/readyz": {"get": _op("Readiness: store reachable, not draining.", {"200": _json(_ref("Status")), "503": _json(_ref("Status"))}, security="none")},
+    "/metrics": {"get": _op("Prometheus metrics.", {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}, security="none")},
+    "/openapi.json": {"get": _op("This document.", {"200": _json({"type": "object"})}, security="none")},
+    "/admin/tenants": {"post": _op("Create a tenant.", {"201": _json(_ref("Tenant"))}, body=_ref("TenantCreate"), security="admin")},
+    "/admin/tenants/{tenant_id}": {"get": _op("A tenant.", {"200": _json(_ref("Tenant"))}, params=[_path_param("tenant_id")], security="admin")},
+    "/admin/tenants/{tenant_id}/credits": {
+        "post": _op("Add credits (once per idempotency key).", {"200": _json(_ref("Tenant"))}, body=_ref("CreditsAdd"), params=[_path_param("tenant_id")], security="admin")
+    },
+    "/admin/tenants/{tenant_id}/ledger": {
+        "get": _op(
+            "The tenant's ledger, newest first.",
+            {"200": _json(_list_of("LedgerEntry"))},
+            params=[_path_param("tenant_id"), _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000})],
+            security="admin",
+        )
+    },
+    "/admin/keys": {
+        "post": _op("Create an API key (the plaintext is returned only here).", {"201": _json(_ref("KeyCreated"))}, body=_ref("KeyCreate"), security="admin"),
+        "get": _op("List a tenant's keys.", {"200": _json(_list_of("Key"))}, params=[{"name": "tenant", "in": "query", "required": True, "schema": {"type": "string"}}], security="admin"),
+    },
+    "/admin/keys/{key_id}": {"delete": _op("Revoke a key.", {"200": _json(_ref("Key"))}, params=[_path_param("key_id")], security="admin")},
+}
+
+
+def document() -> dict[str, Any]:
+    return {
+        "openapi": "3.1.0",
+        "info": {
+            "title": "Sovereign gateway",
+            "version": __version__,
+            "description": "OpenAI-compatible gateway with multi-tenant keys and prepaid credits. Errors always have the OpenAI shape.",
+        },
+        "paths": PATHS,
+        "components": {
+            "schemas": SCHEMAS,
+            "securitySchemes": {
+                "client": {"type": "http", "scheme": "bearer", "description": "A client key: sk-sov-live-…"},
+                "admin": {"type": "http", "scheme": "bearer", "description": "The admin token (SOVEREIGN_ADMIN_TOKEN)."},
+            },
+        },
+    }
+
+
+async def openapi_json(request: web.Request) -> web.Response:
+    return web.json_response(document())

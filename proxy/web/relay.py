@@ -1,0 +1,123 @@
+"""Write a `Reply` to the client.
+
+JSON replies go out in one piece. Streams go out event by event, each written
+as it arrives (aiohttp hands every write to the transport; nothing is
+coalesced). The relay owns what can go wrong on the client side of a stream:
+a client that disconnects (the reply iterator is closed, which closes the
+provider connection) and a provider that fails mid-stream (one
+``data: {"error": …}`` event, then the stream ends).
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from contextlib import suppress
+
+from aiohttp import web
+
+from proxy.core.call import Call, Reply, SSEEvent
+from proxy.core.errors import ApiError
+from proxy.web.middlewares import STREAM_OUTCOME
+
+try:  # aiohttp >= 3.10 raises its own subclass
+    from aiohttp.client_exceptions import ClientConnectionResetError as _ResetError
+except ImportError:  # pragma: no cover
+    _ResetError = ConnectionResetError  # type: ignore[misc,assignment]
+
+CLIENT_GONE = (ConnectionResetError, _ResetError)
+KEEPALIVE_COMMENT = b": keep-alive\n\n"
+
+SSE_HEADERS = {
+    "Content-Type": "text/event-stream",
+    "Cache-Control": "no-cache",
+    # Tells nginx-style proxies in front of the gateway not to buffer the stream.
+    "X-Accel-Buffering": "no",
+}
+
+
+def _headers(reply: Reply, call: Call) -> dict[str, str]:
+    headers = dict(reply.headers)
+    headers.update(call.response_headers)
+    return headers
+
+
+async def send_json(reply: Reply, call: Call) -> web.Response:
+    headers = _headers(reply, call)
+    headers["Content-Type"] = "application/json"
+    return web.Response(status=reply.status, body=reply.body_bytes(), headers=headers)
+
+
+async def send_stream(
+    request: web.Request,
+    reply: Reply,
+    call: Call,
+    keepalive: float | None = None,
+    on_first_byte: Callable[[], None] | None = None,
+) -> web.StreamResponse:
+    assert reply.events is not None
+    headers = _headers(reply, call)
+    headers.update(SSE_HEADERS)
+    response = web.StreamResponse(status=reply.status, headers=headers)
+    events = reply.events
+    started = False
+    request[STREAM_OUTCOME] = "completed"
+    try:
+        await response.prepare(request)
+        started = True
+        if keepalive:
+            events = _with_keepalive(events, keepalive)
+        async for event in events:
+            await response.write(event.raw if isinstance(event, SSEEvent) else event)
+            if on_first_byte is not None:
+                on_first_byte()
+                on_first_byte = None
+    except ApiError as error:
+        # The provider failed after the stream started: tell the client in-band.
+        request[STREAM_OUTCOME] = "upstream_error"
+        with suppress(*CLIENT_GONE):
+            await response.write(b"data: " + error.to_json() + b"\n\n")
+    except CLIENT_GONE:
+        request[STREAM_OUTCOME] = "client_disconnected"
+    except asyncio.CancelledError:
+        # aiohttp cancels the handler when the client goes away.
+        request[STREAM_OUTCOME] = "client_disconnected"
+        raise
+    finally:
+        if events is not reply.events:
+            await events.aclose()
+        await reply.events.aclose()
+        if not started:
+            await reply.run_closers()
+    if request[STREAM_OUTCOME] != "client_disconnected":
+        with suppress(*CLIENT_GONE):
+            await response.write_eof()
+    return response
+
+
+async def _with_keepalive(events, interval: float):
+    """Send SSE comments while the provider has not produced its first event.
+
+    A comment line is the only addition SSE clients are guaranteed to ignore;
+    once the first event arrives, events are relayed without any timer.
+    """
+    iterator = events.__aiter__()
+    first = asyncio.ensure_future(iterator.__anext__())
+    try:
+        while True:
+            done, _ = await asyncio.wait({first}, timeout=interval)
+            if done:
+                break
+            yield KEEPALIVE_COMMENT
+        try:
+            yield first.result()
+        except StopAsyncIteration:
+            return
+    finally:
+        if not first.done():
+            first.cancel()
+            # Let the cancellation land before anyone closes the iterator it is running.
+            with suppress(BaseException):
+                await first
+    async for event in iterator:
+        yield event

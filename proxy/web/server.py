@@ -1,0 +1,97 @@
+"""Running the gateway: event loop, listeners, signals and graceful drain.
+
+On SIGTERM (or SIGINT) readiness turns false and new `/v1` and `/admin`
+requests get 503 at once; open requests and streams get up to
+``server.drain_seconds`` to finish; then pending settlements are flushed and
+the process exits 0.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import gc
+import signal
+
+import structlog
+from aiohttp import web
+
+from proxy.web.app import create_app
+from proxy.core.gateway import GATEWAY
+from proxy.web.middlewares import AccessLogger
+from proxy.core.settings import Settings
+
+log = structlog.get_logger("sovereign")
+
+
+def install_uvloop() -> None:
+    try:
+        import uvloop
+    except ImportError:  # pragma: no cover - uvloop is a dependency, but stay runnable without it
+        return
+    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def runner_for(app: web.Application, settings: Settings) -> web.AppRunner:
+    return web.AppRunner(
+        app,
+        handler_cancellation=True,  # a client that goes away cancels its request, upstream included
+        access_log_class=AccessLogger,
+        keepalive_timeout=settings.server.keepalive_timeout,
+        # Open requests were already given drain_seconds before cleanup runs.
+        shutdown_timeout=1.0,
+    )
+
+
+async def serve_async(settings: Settings, ready: asyncio.Event | None = None) -> None:
+    app = create_app(settings)
+    gateway = app[GATEWAY]
+    runner = runner_for(app, settings)
+    await runner.setup()
+    sites = [web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)]
+    admin_runner = None
+    if settings.admin.token is not None and settings.admin.port is not None:
+        from proxy.admin.api import create_admin_app
+
+        admin_app = create_admin_app(gateway, standalone=True)
+        admin_runner = web.AppRunner(admin_app, access_log_class=AccessLogger)
+        await admin_runner.setup()
+        sites.append(web.TCPSite(admin_runner, settings.admin.host, settings.admin.port))
+    for site in sites:
+        await site.start()
+    # Everything built so far (settings, schemas, units) lives as long as the
+    # process: moving it out of the collector's reach keeps each full
+    # collection from walking ~70k objects (~15 ms, a stall every few hundred
+    # requests) for objects that are never garbage.
+    gc.collect()
+    gc.freeze()
+    log.info(
+        "gateway.listening",
+        address=f"http://{settings.server.host}:{settings.server.port}",
+        admin="off" if settings.admin.token is None else f"port {settings.admin.port}" if settings.admin.port else "/admin",
+        store="durable" if gateway.store.durable else "memory (not durable)",
+        pipeline=settings.pipeline,
+    )
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready.set()
+    await stop.wait()
+    # Keep listening while draining: new requests get a clean 503 (and
+    # /readyz fails) instead of a refused connection, while open streams finish.
+    gateway.draining = True
+    log.info("gateway.draining", grace_seconds=settings.server.drain_seconds, in_flight=gateway.in_flight)
+    if not await gateway.wait_idle(settings.server.drain_seconds):
+        log.warning("gateway.drain_timeout", cut_requests=gateway.in_flight)
+    # cleanup closes the listeners and connections, then runs on_cleanup,
+    # which flushes pending settlements before the process exits.
+    if admin_runner is not None:
+        await admin_runner.cleanup()
+    await runner.cleanup()
+    log.info("gateway.stopped")
+
+
+def serve(settings: Settings) -> None:
+    install_uvloop()
+    asyncio.run(serve_async(settings))

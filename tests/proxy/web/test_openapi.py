@@ -1,0 +1,101 @@
+"""/openapi.json: in step with the router, and honoured by the running gateway (schemathesis)."""
+
+from __future__ import annotations
+
+import os
+import re
+import subprocess
+import sys
+import time
+
+import pytest
+import requests
+import schemathesis
+import yaml
+from hypothesis import HealthCheck, settings
+from schemathesis import checks
+
+from proxy.web.app import create_app
+from proxy.web.openapi import document
+from tests.support import ADMIN_TOKEN, REPO, free_port, make_settings, settings_data
+
+
+def _routes(app) -> set[tuple[str, str]]:
+    """(method, path) of every route the app serves, sub-apps included."""
+    found = set()
+    for route in app.router.routes():
+        info = route.resource.get_info() if route.resource is not None else {}
+        path = info.get("path") or info.get("formatter")
+        if route.method in ("HEAD", "*") or path is None:
+            continue
+        found.add((route.method.lower(), re.sub(r"\{(\w+)(:[^}]*)?\}", r"{\1}", path)))
+    for resource in app.router.resources():
+        sub = getattr(resource, "_app", None)
+        if sub is not None:  # a sub-app's resources already carry its prefix
+            found |= _routes(sub)
+    return found
+
+
+def _normalised(paths: set[tuple[str, str]]) -> set[tuple[str, str]]:
+    # Parameter names do not matter for coverage: /v1/models/{model} == /v1/models/{x}.
+    return {(m, re.sub(r"\{\w+\}", "{}", p)) for m, p in paths}
+
+
+def test_every_route_is_documented_and_every_documented_route_exists():
+    app = create_app(make_settings("http://127.0.0.1:9/v1", pipeline=[
+        "auth", "rate_limit", "validation", "responses", "sessions", "legacy_functions", "metering"
+    ]))
+    served = _normalised(_routes(app))
+    documented = _normalised({(m, p) for p, ops in document()["paths"].items() for m in ops})
+    assert served == documented
+
+
+# -- schemathesis against a real `sovereign serve` -------------------------
+
+@pytest.fixture(scope="module")
+def live(tmp_path_factory):
+    """A simulated provider and a full-pipeline gateway as real processes, plus a funded key."""
+    tmp = tmp_path_factory.mktemp("openapi")
+    mock_port, port = free_port(), free_port()
+    env = {**os.environ}
+    procs = [subprocess.Popen([sys.executable, "-m", "proxy", "mock-upstream", "--port", str(mock_port)], cwd=REPO,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
+    data = settings_data(f"http://127.0.0.1:{mock_port}/v1")
+    data["pipeline"] = ["auth", "rate_limit", "validation", "responses", "sessions", "legacy_functions", "metering"]
+    data["server"] = {"host": "127.0.0.1", "port": port}
+    config = tmp / "gw.yaml"
+    config.write_text(yaml.safe_dump(data))
+    procs.append(subprocess.Popen([sys.executable, "-m", "proxy", "serve", "--config", str(config)], cwd=REPO, env=env,
+                                  stdout=open(tmp / "gw.log", "wb"), stderr=subprocess.STDOUT))
+    base = f"http://127.0.0.1:{port}"
+    try:
+        for _ in range(200):
+            try:
+                requests.get(base + "/healthz", timeout=1)
+                break
+            except requests.ConnectionError:
+                time.sleep(0.05)
+        admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+        requests.post(base + "/admin/tenants", json={"id": "fuzz", "credits": 10**12}, headers=admin, timeout=5).raise_for_status()
+        key = requests.post(base + "/admin/keys", json={"tenant": "fuzz"}, headers=admin, timeout=5).json()["key"]
+        yield base, key
+    finally:
+        for proc in procs:
+            proc.kill()
+            proc.wait(10)
+
+
+schema = schemathesis.openapi.from_dict(document())
+
+
+@schema.parametrize()
+@settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+def test_the_running_gateway_honours_its_openapi_document(case, live):
+    base, key = live
+    token = ADMIN_TOKEN if case.path.startswith("/admin") else key
+    case.call_and_validate(
+        base_url=base,
+        headers={"Authorization": f"Bearer {token}"},
+        checks=[checks.not_a_server_error, checks.response_schema_conformance, checks.content_type_conformance],
+        timeout=10,
+    )

@@ -29,7 +29,7 @@ import aiohttp
 import orjson
 import yaml
 
-from proxy.core.pipeline import BUILTIN_UNITS
+from proxy.core.pipeline import registered_units
 
 from .streams import CHAT_SSE, RESPONSES_SSE, SSEKind
 
@@ -176,7 +176,7 @@ class Profile:
         """Pipeline units whose module is not in the tree yet."""
         missing = []
         for unit in self.pipeline or []:
-            module = BUILTIN_UNITS[unit].partition(":")[0]
+            module = registered_units()[unit].partition(":")[0]
             try:
                 found = importlib.util.find_spec(module) is not None
             except ModuleNotFoundError:

@@ -9,7 +9,7 @@ bound (default 5 s), an expired key at once (expiry is checked on every
 request). Unknown keys are cached too, so a client retrying a bad key costs
 no Redis traffic, and concurrent lookups of one key share a single read.
 
-The unit installs ``gateway.authenticator`` so routes outside the pipeline
+The unit provides the gateway's authenticator (`Unit.authenticator`), so routes outside the pipeline
 (models, credits, sessions, stored responses) authenticate the same way, and
 answers a model the key may not use exactly like an unknown model (404).
 """
@@ -27,8 +27,8 @@ from pydantic import Field
 
 from proxy.store.accounts import Accounts, KeyRecord, looks_like_key
 from proxy.core.call import Call, Next, Principal, Reply
-from proxy.core.errors import ApiError, model_not_found
-from proxy.core.pipeline import Unit, UnitSettings
+from proxy.core.errors import ApiError, AuthenticationFailed, model_not_found
+from proxy.core.pipeline import Authenticator, Unit, UnitSettings
 
 if TYPE_CHECKING:
     from proxy.core.gateway import Gateway
@@ -36,9 +36,9 @@ if TYPE_CHECKING:
 BEARER = "bearer "
 
 
-def unauthorized(message: str) -> ApiError:
+def unauthorized(message: str) -> AuthenticationFailed:
     # OpenAI answers bad keys with type invalid_request_error, code invalid_api_key.
-    return ApiError(401, message, code="invalid_api_key", headers={"WWW-Authenticate": 'Bearer realm="sovereign"'})
+    return AuthenticationFailed(message)
 
 
 MISSING = "Missing API key. Send it as `Authorization: Bearer sk-sov-live-…`."
@@ -68,8 +68,8 @@ class AuthUnit(Unit):
         # Lookups under way, by digest (shared by concurrent requests).
         self._lookups: dict[str, asyncio.Future[tuple[KeyRecord | None, Principal | None]]] = {}
 
-    async def startup(self) -> None:
-        self.gateway.authenticator = self.authenticate
+    def authenticator(self) -> Authenticator:
+        return self.authenticate
 
     async def __call__(self, call: Call, next: Next) -> Reply:
         principal = await self.authenticate(call.headers)

@@ -66,9 +66,9 @@ from pydantic import Field
 
 from proxy.store.accounts import now_ms
 from proxy.core.call import Call, Next, Reply, SSEEvent
-from proxy.core.errors import ApiError
+from proxy.core.errors import ApiError, CreditsExhausted, StoreUnavailable
 from proxy.core.pipeline import Unit, UnitSettings
-from proxy.store.store import STORE_DOWN_ERRORS, Script
+from proxy.store.store import Script
 
 from middleware.metering.pricing import CAP_FIELDS, Pricing, choices, output_cap, output_estimate, pricing_table, prompt_estimate
 
@@ -92,12 +92,9 @@ TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 TENANT_ENTRIES = 10_000
 
 
-def insufficient_credits(needed: int, available: int) -> ApiError:
-    return ApiError(
-        402,
-        f"Insufficient credits: this request needs {needed} credits but only {max(available, 0)} are available.",
-        code="insufficient_credits",
-        headers={"x-should-retry": "false"},
+def insufficient_credits(needed: int, available: int) -> CreditsExhausted:
+    return CreditsExhausted(
+        f"Insufficient credits: this request needs {needed} credits but only {max(available, 0)} are available."
     )
 
 
@@ -315,7 +312,7 @@ class MeteringUnit(Unit):
         now = now_ms()
         try:
             status, available = await self.store.run(HOLD_RESERVE, ticket.keys[:3], [hold_id, hold, now, now + self.hold_ms])
-        except STORE_DOWN_ERRORS:
+        except StoreUnavailable:
             self._room.clear()  # no speculation until the store answers again
             # The script may have run before the connection broke: drop the
             # hold in the background (a no-op if it never got there), then 503.
@@ -382,7 +379,7 @@ class MeteringUnit(Unit):
                 "output_tokens": output_tokens,
                 "credits": -cost,
                 "usage_source": source,
-                "kind": call.state.get("ledger_kind", "request"),
+                "kind": call.ledger_kind,
                 "created_at": int(time.time()),
             }
         ).decode()
@@ -419,7 +416,7 @@ class MeteringUnit(Unit):
         keys = ticket.keys if script is HOLD_SETTLE else ticket.keys[:3]
         try:
             await self.store.run(script, keys, args + [now_ms()] if script is HOLD_SETTLE else args, deferred)
-        except STORE_DOWN_ERRORS as exc:
+        except StoreUnavailable as exc:
             if not final:
                 return False
             self._failed(ticket, cost, exc)

@@ -29,9 +29,9 @@ from typing import TYPE_CHECKING, Any
 from pydantic import Field
 
 from proxy.core.call import Call, Next, Reply, SSEEvent
-from proxy.core.errors import RATE_LIMIT, ApiError
+from proxy.core.errors import RateLimited, StoreUnavailable
 from proxy.core.pipeline import Unit, UnitSettings
-from proxy.store.store import STORE_DOWN_ERRORS, Script
+from proxy.store.store import Script
 
 RATELIMIT = Script.load("middleware.rate_limit", "ratelimit")
 
@@ -78,20 +78,14 @@ class RateLimitUnit(Unit):
             refused, retry_ms = await store.run(
                 RATELIMIT, [rpm_key, lease_key], [rpm, concurrency, self._lease_ms, member]
             )
-        except STORE_DOWN_ERRORS:
+        except StoreUnavailable:
             # The script may have run before the reply was lost: this request is
             # not served, so take back what it may have recorded (a no-op otherwise).
             self.gateway.spawn(_forget(store, (rpm_key, lease_key), member), "rate_limit.forget")
             raise
         if refused:
             limit = rpm if refused == 1 else concurrency
-            raise ApiError(
-                429,
-                REFUSALS[refused].format(limit=limit),
-                type=RATE_LIMIT,
-                code="rate_limit_exceeded",
-                headers={"Retry-After": str(max(1, math.ceil(retry_ms / 1000)))},
-            )
+            raise RateLimited(REFUSALS[refused].format(limit=limit), retry_after=max(1, math.ceil(retry_ms / 1000)))
         if not concurrency:
             return await next(call)
         release = _Release(self.gateway, lease_key, member)

@@ -27,9 +27,8 @@ from aiohttp import web
 from pydantic import Field
 
 from proxy.core.call import RESPONSES, Call, Next, Reply, SSEEvent
-from proxy.core.errors import ApiError, invalid_request, not_found
+from proxy.core.errors import ApiError, StoreUnavailable, invalid_request, not_found
 from proxy.core.pipeline import Unit, UnitSettings
-from proxy.store.store import STORE_DOWN_ERRORS
 
 from middleware.responses.request import new_id, to_chat
 from middleware.responses.store import ResponseStore
@@ -130,7 +129,7 @@ class ResponsesUnit(Unit):
         """Keep a finished response; a store failure loses the record, never the reply already paid for."""
         try:
             await self.responses.put(tenant, response, input_items, messages)
-        except STORE_DOWN_ERRORS as exc:
+        except StoreUnavailable as exc:
             self.gateway.metrics.store_errors.inc()
             log.error("responses.store_failed", response_id=response.get("id"), tenant=tenant, error=repr(exc))
 

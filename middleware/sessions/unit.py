@@ -46,11 +46,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import Field
 
 from proxy.core.call import CHAT, Call, Next, Reply, SSEEvent
-from proxy.core.errors import ApiError, invalid_request, not_found
+from proxy.core.errors import ApiError, StoreUnavailable, invalid_request, not_found
 from proxy.web.middlewares import new_request_id
 from proxy.core.pipeline import Unit, UnitSettings
 from proxy.core.settings import ConfigError
-from proxy.store.store import STORE_DOWN_ERRORS
 
 from middleware.sessions.store import SessionStore
 
@@ -135,9 +134,9 @@ class SessionsUnit(Unit):
             call.replace_body({**call.body, "messages": [*head, *history, *messages[lead:]]})
         turn = [m for m in messages[lead:] if isinstance(m, dict) and not _is_system(m)]
 
-        call.state[self.name] = session_id
+        call.session_id = session_id
         call.response_headers[HEADER] = session_id
-        context = _TurnContext(self, next, call, session_id, new_system, turn, read_created_at)
+        context = _TurnContext(self, call, session_id, new_system, turn, read_created_at)
         reply = await next(call)
         if reply.status >= 400:
             return reply
@@ -147,7 +146,7 @@ class SessionsUnit(Unit):
                 try:
                     if not await context.save(assistant):
                         call.response_headers["X-Session-Saved"] = "false"
-                except STORE_DOWN_ERRORS as exc:
+                except StoreUnavailable as exc:
                     # The reply exists and is paid for: deliver it, say the turn was not kept.
                     self.gateway.metrics.store_errors.inc()
                     log.error("session.save_failed", session_id=context.session_id, error=repr(exc))
@@ -180,12 +179,10 @@ class SessionsUnit(Unit):
     async def _save_in_stream(context: _TurnContext, builder: _StreamedMessage) -> None:
         try:
             await context.save(builder.message())
-        except STORE_DOWN_ERRORS:
+        except StoreUnavailable:
             # The stream has started: tell the client in-band that the turn was not kept.
             context.unit.gateway.metrics.store_errors.inc()
-            raise ApiError(
-                503, "The reply was produced but the session could not be saved.", type="server_error", code="store_unavailable"
-            ) from None
+            raise StoreUnavailable("The reply was produced but the session could not be saved.") from None
 
     # -- titles ----------------------------------------------------------------
     async def make_title(self, context: _TurnContext, turn: list[dict[str, Any]]) -> None:
@@ -205,9 +202,9 @@ class SessionsUnit(Unit):
         for attempt in (1, 2):
             title_call = Call(CHAT, dict(body), None, _NO_HEADERS, new_request_id(), time.monotonic())
             title_call.principal = principal
-            title_call.state["ledger_kind"] = "title"
+            title_call.ledger_kind = "title"
             try:
-                reply = await context.next(title_call)
+                reply = await self.gateway.submit(title_call, after=self)
                 title = _title_from_reply(reply)
                 if title is None:
                     raise ValueError(f"no usable title in the reply (HTTP {reply.status})")
@@ -270,14 +267,13 @@ class SessionsUnit(Unit):
 class _TurnContext:
     """What saving one turn needs, captured before the call goes on (later units change the body)."""
 
-    __slots__ = ("unit", "next", "call", "model", "session_id", "system", "turn", "read_created_at")
+    __slots__ = ("unit", "call", "model", "session_id", "system", "turn", "read_created_at")
 
     def __init__(
-        self, unit: SessionsUnit, next: Next, call: Call, session_id: str,
+        self, unit: SessionsUnit, call: Call, session_id: str,
         system: dict[str, Any] | None, turn: list[dict[str, Any]], read_created_at: str,
     ) -> None:
         self.unit = unit
-        self.next = next
         self.call = call
         self.session_id = session_id
         self.system = system

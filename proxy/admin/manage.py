@@ -23,9 +23,9 @@ import orjson
 
 from proxy.store.accounts import Accounts
 from proxy.admin.api import CreditTopUp, KeyCreate, TenantCreate, create_key_from, new_idempotency_key, parse_body
-from proxy.core.errors import ApiError
+from proxy.core.errors import ApiError, StoreUnavailable
 from proxy.core.settings import Settings
-from proxy.store.store import STORE_DOWN_ERRORS, Store
+from proxy.store.store import Store
 
 LoadSettings = Callable[[argparse.Namespace], Settings]
 # An operation returns (the JSON answer, the same as readable text).
@@ -169,12 +169,12 @@ def _command(op: Operation, load: LoadSettings) -> Callable[[argparse.Namespace]
             )
         try:
             data, text = asyncio.run(_run(settings, op, args))
+        except StoreUnavailable as exc:
+            print(f"sovereign: cannot reach the store at {_safe_url(settings.store.url)}: {exc.__cause__ or exc}", file=sys.stderr)
+            return 1
         except ApiError as error:
             where = f" (param: {error.param})" if error.param else ""
             print(f"sovereign: {error.message}{where}", file=sys.stderr)
-            return 1
-        except STORE_DOWN_ERRORS as exc:
-            print(f"sovereign: cannot reach the store at {_safe_url(settings.store.url)}: {exc}", file=sys.stderr)
             return 1
         if args.json:
             sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")

@@ -126,6 +126,8 @@ class Call:
         "usage",
         "usage_source",
         "credits",
+        "ledger_kind",
+        "session_id",
     )
 
     def __init__(
@@ -146,8 +148,11 @@ class Call:
         self.principal: Principal = ANONYMOUS
         # Headers the units want on the client's response (e.g. X-Session-ID).
         self.response_headers: dict[str, str] = {}
-        # A slot per unit: hold id, session id, usage, ... keyed by unit name.
+        # Scratch space for third-party units, keyed by unit name. Facts one
+        # built-in unit leaves for another are the typed fields below.
         self.state: dict[str, Any] = {}
+        self.ledger_kind = "request"  # metering's ledger `kind` ("title" for session titles)
+        self.session_id: str | None = None  # set by the sessions unit
         self.started_at = started_at
         # Filled on the way for logs and metrics.
         self.upstream: str | None = None  # name of the upstream that answered

@@ -1,17 +1,27 @@
-"""The per-process gateway: settings, store, upstreams, units and background work.
+"""The per-process gateway: the shared services, then the units, then the pipeline.
 
-One `Gateway` lives on the aiohttp application. Units receive it at
-construction and use it for what is shared across requests: the store, the
-upstream router, the metrics, and `spawn` for work that must finish even
-after the response is gone (credit settlement, session titles), which
-`drain` awaits at shutdown.
+One `Gateway` lives on the aiohttp application. It is built in that order, so a
+unit never sees it half-made:
+
+1. the shared services: settings, the store, the upstream router, the metrics,
+   and the background tasks (`spawn`, awaited by `drain` at shutdown);
+2. the units, each handed the gateway (its services) and its own settings;
+3. the pipeline: the units chained around the terminal `Forwarder`.
+
+Seams the units use instead of reaching into each other:
+
+- `principal(headers)`: authentication for routes outside the pipeline, by
+  the unit that provides it (`Unit.authenticator`);
+- `submit(call, after=unit)`: a provider call the gateway makes on its own
+  behalf (a session title, an agent step in the background) through the units
+  after `unit` (so it is metered like any request) and the forwarder.
 """
 
 from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Coroutine
 from typing import Any
 
 import structlog
@@ -20,34 +30,36 @@ from multidict import CIMultiDictProxy
 
 from proxy.core.call import ANONYMOUS, Call, Next, Principal, Reply
 from proxy.upstream.forward import Forwarder
-from proxy.core.pipeline import Unit, build_units, chain
+from proxy.core.metrics import Metrics
+from proxy.core.pipeline import Authenticator, Unit, build_units, chain
 from proxy.core.settings import Settings
 from proxy.store.store import Store
 from proxy.upstream.router import UpstreamRouter
 
 log = structlog.get_logger("sovereign")
 
-Authenticator = Callable[[CIMultiDictProxy[str]], Awaitable[Principal]]
-
 
 class Gateway:
     """Everything the request path shares within one process."""
 
     def __init__(self, settings: Settings, store: Store | None = None) -> None:
+        # 1. shared services
         self.settings = settings
         self.store = store or Store(settings.store)
         self.router = UpstreamRouter(settings.upstreams, settings.routing)
+        self.metrics = Metrics(tenant_labels=settings.metrics.tenant_labels)
         self.draining = False
         self.started = False
         self.in_flight = 0  # pipeline requests being served now (drain waits for them)
         self._background: set[asyncio.Task[Any]] = set()
-        # Set by the auth unit; routes outside the pipeline use it too.
-        self.authenticator: Authenticator | None = None
+        # 2. units
         self.units: list[Unit] = build_units(self)
-        self.handler: Next = chain(self.units, Forwarder(self))
-        from proxy.core.metrics import Metrics  # late: metrics imports nothing of ours
-
-        self.metrics = Metrics(tenant_labels=settings.metrics.tenant_labels)
+        self.authenticator: Authenticator | None = next(
+            (found for found in (unit.authenticator() for unit in self.units) if found is not None), None
+        )
+        # 3. the pipeline: _entries[i] starts at unit i; the last one is the forwarder alone.
+        self._entries: list[Next] = chain(self.units, Forwarder(self))
+        self.handler: Next = self._entries[0]
 
     def unit(self, name: str) -> Unit | None:
         for unit in self.units:
@@ -101,14 +113,25 @@ class Gateway:
             if deadline is not None and time.monotonic() >= deadline:
                 break
 
-    # -- auth for routes outside the pipeline -----------------------------
+    # -- seams -----------------------------------------------------------
     async def principal(self, headers: CIMultiDictProxy[str]) -> Principal:
+        """Authenticate a request outside the pipeline (models, credits, sessions, …)."""
         if self.authenticator is None:
             return ANONYMOUS
         return await self.authenticator(headers)
 
     async def handle(self, call: Call) -> Reply:
+        """Serve a client's call through the whole pipeline."""
         return await self.handler(call)
+
+    async def submit(self, call: Call, after: Unit) -> Reply:
+        """Serve a call the gateway makes itself through the units after `after` and the forwarder.
+
+        The caller sets `call.principal` (whom to bill) and, for the ledger,
+        `call.ledger_kind`; the units before `after` (auth, rate limits, …) do
+        not see it.
+        """
+        return await self._entries[self.units.index(after) + 1](call)
 
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no pipeline request is in flight; False if the grace ran out."""

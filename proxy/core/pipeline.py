@@ -1,11 +1,12 @@
 """The unit pipeline: registration by name, per-unit settings, and chaining.
 
 A unit is a class with a ``name``, a pydantic ``Settings`` model and an async
-``__call__(call, next) -> Reply``. Built-in units are found by name in
-`BUILTIN_UNITS`; third-party units register under the entry-point group
-``sovereign.middleware``. The pipeline's order and each unit's settings come
-from the config; unknown names and bad settings fail at start-up with the
-field path (``units.metering.on_low_balance``).
+``__call__(call, next) -> Reply``. Every unit, built-in or third-party, is
+registered by name under the entry-point group ``sovereign.middleware`` (the
+built-ins in setup.cfg: that is their one list). The pipeline's order and each
+unit's settings come from the config (the default order is
+`proxy.core.settings.DEFAULT_PIPELINE`); unknown names and bad settings fail
+at start-up with the field path (``units.metering.on_low_balance``).
 """
 
 from __future__ import annotations
@@ -16,9 +17,10 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from aiohttp import web
+from multidict import CIMultiDictProxy
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from proxy.core.call import Call, Next, Reply
+from proxy.core.call import Call, Next, Principal, Reply
 from proxy.core.settings import ConfigError, format_validation_error
 
 if TYPE_CHECKING:
@@ -26,15 +28,21 @@ if TYPE_CHECKING:
 
 ENTRY_POINT_GROUP = "sovereign.middleware"
 
-BUILTIN_UNITS: dict[str, str] = {
-    "auth": "middleware.auth:AuthUnit",
-    "rate_limit": "middleware.rate_limit:RateLimitUnit",
-    "validation": "middleware.validation:ValidationUnit",
-    "responses": "middleware.responses:ResponsesUnit",
-    "sessions": "middleware.sessions:SessionsUnit",
-    "legacy_functions": "middleware.legacy_functions:LegacyFunctionsUnit",
-    "metering": "middleware.metering:MeteringUnit",
-}
+Authenticator = Callable[[CIMultiDictProxy[str]], Awaitable[Principal]]
+
+_registry: dict[str, str] | None = None
+
+
+def registered_units() -> dict[str, str]:
+    """Unit name -> ``module:Class`` for every installed unit, read once from the entry points.
+
+    The mapping is the live registry: code that embeds the gateway (and the
+    tests) may add units to it before building one.
+    """
+    global _registry
+    if _registry is None:
+        _registry = {ep.name: ep.value for ep in entry_points(group=ENTRY_POINT_GROUP)}
+    return _registry
 
 
 class UnitSettings(BaseModel):
@@ -60,6 +68,10 @@ class Unit:
         """Extra HTTP routes this unit serves (mounted at the root app)."""
         return []
 
+    def authenticator(self) -> Authenticator | None:
+        """The unit that authenticates keys provides it here; routes outside the pipeline use it."""
+        return None
+
     async def startup(self) -> None:
         """Runs once the event loop and the store are up."""
 
@@ -73,12 +85,8 @@ def _import(target: str) -> type[Unit]:
 
 
 def find_unit(name: str) -> type[Unit] | None:
-    if name in BUILTIN_UNITS:
-        return _import(BUILTIN_UNITS[name])
-    for ep in entry_points(group=ENTRY_POINT_GROUP):
-        if ep.name == name:
-            return ep.load()
-    return None
+    target = registered_units().get(name)
+    return _import(target) if target is not None else None
 
 
 def unit_classes(names: list[str]) -> list[type[Unit]]:
@@ -110,12 +118,18 @@ def build_units(gateway: Gateway) -> list[Unit]:
     return [cls(unit_settings(cls, settings.units.get(cls.name)), gateway) for cls in unit_classes(names)]
 
 
-def chain(units: list[Unit], terminal: Next) -> Next:
-    """Compose the units around the terminal handler, once per process."""
-    handler: Next = terminal
+def chain(units: list[Unit], terminal: Next) -> list[Next]:
+    """Compose the units around the terminal handler, once per process.
+
+    Returns one entry point per unit (the pipeline from that unit on) and the
+    terminal last: the first is the whole pipeline, the others serve
+    `Gateway.submit`.
+    """
+    entries: list[Next] = [terminal]
     for unit in reversed(units):
-        handler = _bind(unit, handler)
-    return handler
+        entries.append(_bind(unit, entries[-1]))
+    entries.reverse()
+    return entries
 
 
 def _bind(unit: Unit, next: Next) -> Callable[[Call], Awaitable[Reply]]:

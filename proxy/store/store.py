@@ -13,14 +13,18 @@ through ``importlib.resources``; they run by SHA (EVALSHA, reloading on NOSCRIPT
 after a Redis restart). ``--! include <name>`` pastes a helper from the same
 package, else from ``proxy/store/lua/`` (the shared ``prelude``).
 
-Connection failures surface as redis' ConnectionError/TimeoutError; the HTTP
-layer turns those into 503 ``store_unavailable``.
+This module is the store's error boundary: every redis connection error,
+timeout or socket error raised through `Store.run` or `Store.redis` comes out
+as `proxy.core.errors.StoreUnavailable` (503 ``store_unavailable``), so the
+rest of the gateway catches one exception and never mistakes a client's reset
+socket for a Redis outage.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import inspect
 import re
 from importlib import resources
 from typing import Any
@@ -34,13 +38,15 @@ from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.asyncio.retry import Retry
 
+from proxy.core.errors import StoreUnavailable
 from proxy.store.script_client import ScriptClient
 from proxy.core.settings import StoreSettings
 
 SHARED_LUA = "proxy.store.lua"
 TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-# The errors that mean "the store is unreachable", as opposed to a bug.
+# The errors that mean "the store is unreachable", as opposed to a bug; only
+# this module catches them (see `GuardedRedis`).
 STORE_DOWN_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
 
 
@@ -126,6 +132,60 @@ class WaitingConnectionPool(aioredis.ConnectionPool):
             self._free.release()
 
 
+class GuardedRedis:
+    """A redis-py client whose store-down errors come out as `StoreUnavailable`.
+
+    Commands are awaited through a wrapper; ``pipeline()`` hands back a
+    pipeline whose ``execute`` is guarded the same way. Used for everything but
+    the hot path's scripts, which `Store.run` guards itself.
+    """
+
+    __slots__ = ("client",)
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.client, name)
+        if not callable(attr):
+            return attr
+        if name == "pipeline":
+            return lambda *args, **kwargs: _GuardedPipeline(attr(*args, **kwargs))
+
+        def call(*args: Any, **kwargs: Any) -> Any:
+            result = attr(*args, **kwargs)
+            return _guard(result) if inspect.isawaitable(result) else result
+
+        return call
+
+
+class _GuardedPipeline:
+    __slots__ = ("pipe",)
+
+    def __init__(self, pipe: Any) -> None:
+        self.pipe = pipe
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.pipe, name)
+
+    async def __aenter__(self) -> _GuardedPipeline:
+        await self.pipe.__aenter__()
+        return self
+
+    async def __aexit__(self, *exc: Any) -> None:
+        await self.pipe.__aexit__(*exc)
+
+    async def execute(self, *args: Any, **kwargs: Any) -> Any:
+        return await _guard(self.pipe.execute(*args, **kwargs))
+
+
+async def _guard(awaitable: Any) -> Any:
+    try:
+        return await awaitable
+    except STORE_DOWN_ERRORS as exc:
+        raise StoreUnavailable() from exc
+
+
 class Store:
     """One connection pool and the loaded scripts, shared by the whole process."""
 
@@ -134,7 +194,7 @@ class Store:
         self.prefix = settings.prefix
         self.url = settings.url
         self.durable = not self.url.startswith("memory://")
-        self.redis: Any = None
+        self.redis: Any = None  # a GuardedRedis once connected
         # The hot path's scripts go through the lean pipelined client where it
         # applies (a single Redis); Cluster and memory:// use redis-py for them too.
         self.script_client: ScriptClient | None = None
@@ -146,7 +206,7 @@ class Store:
         if not self.durable:
             import fakeredis  # imported lazily: only the embedded store needs it
 
-            self.redis = fakeredis.FakeAsyncRedis(decode_responses=True, lua_modules=set())
+            self.redis = GuardedRedis(fakeredis.FakeAsyncRedis(decode_responses=True, lua_modules=set()))
             return
         split = urlsplit(self.url)
         query = dict(parse_qsl(split.query))
@@ -164,11 +224,12 @@ class Store:
             retry_on_error=[RedisConnectionError],
         )
         if cluster:
-            self.redis = RedisCluster.from_url(url, **common)
-            await self.redis.initialize()
+            client = RedisCluster.from_url(url, **common)
+            await _guard(client.initialize())
+            self.redis = GuardedRedis(client)
         else:
             pool = WaitingConnectionPool.from_url(url, max_connections=self.settings.max_connections, **common)
-            self.redis = aioredis.Redis(connection_pool=pool)
+            self.redis = GuardedRedis(aioredis.Redis(connection_pool=pool))
             if ScriptClient.supports(url):
                 self.script_client = ScriptClient(url, self.settings.timeout)
 
@@ -208,6 +269,9 @@ class Store:
         hold up every hold queued behind it.
         """
         client = self.script_client
-        if client is None or _bulky(args):
-            return await script(self.redis, keys, args)
-        return await script(client.deferred if deferred else client, keys, args)
+        try:
+            if client is None or _bulky(args):
+                return await script(self.redis.client, keys, args)
+            return await script(client.deferred if deferred else client, keys, args)
+        except STORE_DOWN_ERRORS as exc:
+            raise StoreUnavailable() from exc

@@ -20,7 +20,7 @@ from typing import Any
 import orjson
 
 from proxy.core.call import Reply, SSEEvent
-from proxy.core.errors import ApiError, UpstreamError
+from proxy.core.errors import ApiError, UpstreamError, UpstreamRateLimited
 from proxy.upstream.headers import request_headers_for_upstream, response_headers_for_client
 from proxy.core.settings import RoutingSettings, UpstreamSettings
 from proxy.upstream.sse import split_events
@@ -199,12 +199,10 @@ class UpstreamRouter:
         if status in RETRYABLE_STATUS:
             retry_after = _retry_after(response.headers.get("Retry-After"))
             if status == 429:
-                error = ApiError(
-                    429,
+                error: UpstreamError = UpstreamRateLimited(
                     "The upstream provider is rate limiting the gateway; retry later.",
-                    type="rate_limit_error",
-                    code="rate_limit_exceeded",
-                    headers={"Retry-After": str(int(retry_after or 1))},
+                    retry_after=int(retry_after or 1),
+                    upstream=upstream.name,
                 )
             else:
                 error = UpstreamError(f"The upstream provider failed (HTTP {status}).", upstream=upstream.name)

@@ -18,8 +18,17 @@ import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
-from proxy.core.errors import SERVER, ApiError, store_unavailable
-from proxy.store.store import STORE_DOWN_ERRORS
+from proxy.core.errors import (
+    SERVER,
+    ApiError,
+    CreditsExhausted,
+    Draining,
+    NotFound,
+    RateLimited,
+    RequestTooLarge,
+    StoreUnavailable,
+    UpstreamError,
+)
 from proxy.core.gateway import GATEWAY
 
 log = structlog.get_logger("sovereign")
@@ -45,11 +54,11 @@ def new_request_id() -> str:
 def _http_error(exc: web.HTTPException) -> ApiError:
     status = exc.status
     if status == 404:
-        return ApiError(404, "Unknown route.", code="not_found")
+        return NotFound("Unknown route.")
     if status == 405:
         return ApiError(405, "Method not allowed on this route.", code="method_not_allowed")
     if status == 413:
-        return ApiError(413, "The request body is larger than this gateway accepts.", code="request_too_large")
+        return RequestTooLarge("The request body is larger than this gateway accepts.")
     return ApiError(status, exc.reason or "HTTP error", code="http_error")
 
 
@@ -67,7 +76,7 @@ async def gateway_middleware(request: web.Request, handler: Any) -> web.StreamRe
     gateway = request.app[GATEWAY]
     try:
         if gateway.draining and request.path.startswith(_GATED_PREFIXES):
-            raise ApiError(503, "The gateway is shutting down; retry on another replica.", type=SERVER, code="draining")
+            raise Draining()
         response = await handler(request)
     except ApiError as error:
         request[ERROR_CODE] = error.code
@@ -79,10 +88,6 @@ async def gateway_middleware(request: web.Request, handler: Any) -> web.StreamRe
         error = _http_error(exc)
         request[ERROR_CODE] = error.code
         return render(error, request_id)
-    except STORE_DOWN_ERRORS:
-        gateway.metrics.store_errors.inc()
-        request[ERROR_CODE] = "store_unavailable"
-        return render(store_unavailable(), request_id)
     except Exception:
         log.exception("request.crashed", request_id=request_id, path=request.path)
         request[ERROR_CODE] = "internal_error"
@@ -93,13 +98,13 @@ async def gateway_middleware(request: web.Request, handler: Any) -> web.StreamRe
 
 
 def _count_refusal(gateway: Any, error: ApiError) -> None:
-    if error.status == 402:
+    if isinstance(error, CreditsExhausted):
         gateway.metrics.insufficient_credits.inc()
-    elif error.code == "rate_limit_exceeded":
+    elif isinstance(error, RateLimited):
         gateway.metrics.rate_limited.inc()
-    elif error.code in ("upstream_error", "upstream_timeout"):
-        gateway.metrics.upstream_errors.labels(getattr(error, "upstream", None) or "unknown").inc()
-    elif error.code == "store_unavailable":
+    elif isinstance(error, UpstreamError):
+        gateway.metrics.upstream_errors.labels(error.upstream or "unknown").inc()
+    elif isinstance(error, StoreUnavailable):
         gateway.metrics.store_errors.inc()
 
 

@@ -11,7 +11,7 @@ from aiohttp import web
 
 from proxy.web import relay
 from proxy.core.call import CHAT, RESPONSES, Call
-from proxy.core.errors import ApiError, invalid_request, model_not_found
+from proxy.core.errors import ApiError, RequestTooLarge, invalid_request, model_not_found
 from proxy.core.gateway import GATEWAY, Gateway
 from proxy.web.middlewares import CALL, PUBLIC_MODEL, REQUEST_ID, STARTED
 
@@ -25,7 +25,7 @@ async def read_json_body(request: web.Request, gateway: Gateway) -> tuple[bytes,
         raise invalid_request("Content-Type must be application/json.", param=None, code="invalid_content_type")
     limit = gateway.settings.server.max_body_bytes
     if request.content_length is not None and request.content_length > limit:
-        raise ApiError(413, f"The request body is larger than {limit} bytes.", code="request_too_large")
+        raise RequestTooLarge(f"The request body is larger than {limit} bytes.")
     try:
         if request.content.is_eof():  # already buffered (the usual case): no timer needed
             raw = await request.read()
@@ -35,7 +35,7 @@ async def read_json_body(request: web.Request, gateway: Gateway) -> tuple[bytes,
     except TimeoutError:
         raise ApiError(408, "The request body arrived too slowly.", code="request_timeout") from None
     except web.HTTPRequestEntityTooLarge:
-        raise ApiError(413, f"The request body is larger than {limit} bytes.", code="request_too_large") from None
+        raise RequestTooLarge(f"The request body is larger than {limit} bytes.") from None
     if not raw:
         raise invalid_request("The request body is empty; send a JSON object.", code="invalid_json")
     try:

@@ -20,7 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from middleware.validation.unit import ValidationUnit, validate_body
 from proxy.core.call import CHAT, RESPONSES, Call, Principal, Reply
 from proxy.core.errors import ApiError
-from proxy.core.pipeline import BUILTIN_UNITS, Unit
+from proxy.core.pipeline import registered_units, Unit
 from tests.support import make_settings
 
 PIPELINE = ["validation", "legacy_functions"]
@@ -259,7 +259,7 @@ class OnlyBetaUnit(Unit):
 
 
 async def test_model_the_key_may_not_use_is_404(mock, gateway_factory, monkeypatch):
-    monkeypatch.setitem(BUILTIN_UNITS, "only_beta", f"{__name__}:OnlyBetaUnit")
+    monkeypatch.setitem(registered_units(), "only_beta", f"{__name__}:OnlyBetaUnit")
     settings = make_settings(
         mock.url,
         pipeline=["only_beta", *PIPELINE],

@@ -9,7 +9,7 @@ import pytest
 
 from proxy.core.call import Reply
 from proxy.core.gateway import Gateway
-from proxy.core.pipeline import BUILTIN_UNITS, Unit, UnitSettings
+from proxy.core.pipeline import registered_units, Unit, UnitSettings
 from proxy.core.settings import ConfigError
 from tests.support import make_settings
 
@@ -40,8 +40,8 @@ def tag_units(monkeypatch):
     module.First = _tag_unit("first")
     module.Second = _tag_unit("second")
     monkeypatch.setitem(sys.modules, "tests_tag_units", module)
-    monkeypatch.setitem(BUILTIN_UNITS, "first", "tests_tag_units:First")
-    monkeypatch.setitem(BUILTIN_UNITS, "second", "tests_tag_units:Second")
+    monkeypatch.setitem(registered_units(), "first", "tests_tag_units:First")
+    monkeypatch.setitem(registered_units(), "second", "tests_tag_units:Second")
 
 
 async def test_units_run_in_configured_order_and_unwind_in_reverse(mock, gateway_factory, tag_units):

@@ -219,3 +219,20 @@ async def test_a_long_retry_after_is_not_waited_for(mock, gateway_factory):
             await gw.openai().chat.completions.create(**BODY)
         assert asyncio.get_running_loop().time() - started < 2
         assert info.value.response.headers["Retry-After"] == "30"
+
+
+async def test_a_provider_429_counts_as_an_upstream_error_not_a_gateway_rate_limit(gateway_factory):
+    """The provider limiting the gateway's account is not one of this gateway's per-key limits."""
+    from aiohttp import web
+
+    async def limited(request: web.Request) -> web.Response:
+        return web.json_response({"error": {"message": "slow down"}}, status=429, headers={"Retry-After": "30"})
+
+    async with provider(limited) as url:
+        gw = await gateway_factory(make_settings(url, admin_token=None, routing={"attempts": 1}))
+        with pytest.raises(openai.RateLimitError) as info:
+            await gw.openai().chat.completions.create(**BODY)
+        assert info.value.code == "rate_limit_exceeded"
+        metrics = gw.gateway.metrics
+        assert metrics.rate_limited._value.get() == 0
+        assert metrics.upstream_errors.labels("default")._value.get() == 1

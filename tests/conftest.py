@@ -7,7 +7,9 @@ import asyncio
 import pytest
 
 from proxy.devtools.mock_upstream import MockUpstream
-from tests.support import REDIS_URL, OwnRedis, RunningGateway, cleanup_redis_prefix, make_settings, start_gateway, unique_prefix
+from proxy.web.app import create_app
+from proxy.web.middlewares import AccessLogger
+from tests.support import REDIS_URL, OwnRedis, RunningGateway, cleanup_redis_prefix, make_settings, unique_prefix
 
 
 @pytest.fixture
@@ -28,12 +30,15 @@ async def redis_prefix():
 
 
 @pytest.fixture
-async def gateway_factory():
-    """Start gateways from settings; all are closed after the test."""
+async def gateway_factory(aiohttp_server):
+    """Start gateways from settings on loopback sockets (pytest-aiohttp's server fixture); all closed after the test."""
     started: list[RunningGateway] = []
 
     async def start(settings) -> RunningGateway:
-        running = await start_gateway(settings)
+        app = create_app(settings)
+        # The same runner options as `sovereign serve` (TestServer already cancels handlers on disconnect).
+        server = await aiohttp_server(app, port=0, access_log_class=AccessLogger)
+        running = RunningGateway(server=server, app=app, base_url=f"http://127.0.0.1:{server.port}")
         started.append(running)
         return running
 

@@ -25,14 +25,13 @@ functions are pure and exported for tests.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-from collections.abc import AsyncIterator
 from typing import Any
 
 from proxy.core.call import CHAT, Call, Next, Reply, SSEEvent
 from proxy.core.errors import invalid_request
 from proxy.core.pipeline import Unit
+from proxy.core.streams import EventStream
 
 _LEGACY = ("functions", "function_call")
 
@@ -196,7 +195,7 @@ class LegacyFunctionsUnit(Unit):
         if not legacy_client or reply.status >= 400:
             return reply
         if reply.events is not None:
-            reply.events = _legacy_events(reply.events)
+            reply.events = EventStream(reply.events, observe=_legacy_event)
         else:
             completion = reply.json()
             if isinstance(completion, dict):
@@ -206,22 +205,18 @@ class LegacyFunctionsUnit(Unit):
         return reply
 
 
-async def _legacy_events(events: AsyncIterator[SSEEvent]) -> AsyncIterator[SSEEvent]:
-    async with contextlib.aclosing(events) as it:
-        async for event in it:
-            # Cheap filter: only events mentioning tool_calls can need a change.
-            if b"tool_calls" not in event.raw:
-                yield event
-                continue
-            chunk = event.json()
-            if not isinstance(chunk, dict):
-                yield event
-                continue
-            mapped = chunk_to_legacy(chunk)
-            if mapped is chunk:
-                yield event
-            elif mapped is not None:
-                yield SSEEvent.from_json(mapped)
+def _legacy_event(event: SSEEvent) -> SSEEvent | None:
+    """A chat chunk as a legacy client reads it (None: nothing left to send)."""
+    # Cheap filter: only events mentioning tool_calls can need a change.
+    if b"tool_calls" not in event.raw:
+        return event
+    chunk = event.json()
+    if not isinstance(chunk, dict):
+        return event
+    mapped = chunk_to_legacy(chunk)
+    if mapped is chunk:
+        return event
+    return SSEEvent.from_json(mapped) if mapped is not None else None
 
 
 __all__ = [

@@ -22,15 +22,15 @@ import asyncio
 import itertools
 import math
 import os
-from collections.abc import AsyncIterator
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
-from proxy.core.call import Call, Next, Reply, SSEEvent
+from proxy.core.call import Call, Next, Reply
 from proxy.core.errors import RateLimited, StoreUnavailable
 from proxy.core.pipeline import Unit, UnitSettings
+from proxy.core.streams import EventStream
 from proxy.store.store import Script
 
 RATELIMIT = Script.load("middleware.rate_limit", "ratelimit")
@@ -97,7 +97,7 @@ class RateLimitUnit(Unit):
         if reply.events is None:
             await release()
         else:
-            reply.events = _ReleasingEvents(reply.events, release)
+            reply.events = EventStream(reply.events, on_close=lambda _completed: release())
             reply.closers.append(release)
         return reply
 
@@ -129,34 +129,3 @@ class _Release:
         with suppress(Exception):
             await asyncio.shield(task)
 
-
-class _ReleasingEvents:
-    """Relays a stream unchanged and releases the slot when it ends, however it ends.
-
-    A class rather than an async generator: an async generator that was never
-    started skips its ``finally`` on ``aclose()``, which would leak the slot.
-    """
-
-    __slots__ = ("_inner", "_release")
-
-    def __init__(self, inner: AsyncIterator[SSEEvent], release: _Release) -> None:
-        self._inner = inner
-        self._release = release
-
-    def __aiter__(self) -> _ReleasingEvents:
-        return self
-
-    async def __anext__(self) -> SSEEvent:
-        try:
-            return await self._inner.__anext__()
-        except BaseException:
-            await self._release()
-            raise
-
-    async def aclose(self) -> None:
-        try:
-            aclose = getattr(self._inner, "aclose", None)
-            if aclose is not None:
-                await aclose()
-        finally:
-            await self._release()

@@ -21,6 +21,7 @@ import orjson
 
 from proxy.core.call import Reply, SSEEvent
 from proxy.core.errors import ApiError, UpstreamError, UpstreamRateLimited
+from proxy.core.streams import EventStream
 from proxy.upstream.headers import request_headers_for_upstream, response_headers_for_client
 from proxy.core.settings import RoutingSettings, UpstreamSettings
 from proxy.upstream.sse import split_events
@@ -173,9 +174,13 @@ class UpstreamRouter:
         upstream.breaker.success()
         passthrough = response_headers_for_client(response.headers)
         if stream and response.content_type == "text/event-stream":
-            return Reply(
-                status=status, headers=passthrough, events=self._events(upstream, response), closers=[response.close]
+            # An unfinished body must close the connection, so the provider sees
+            # the cancellation; a finished one goes back to the pool.
+            events = EventStream(
+                self._events(upstream, response),
+                on_close=lambda completed: response.release() if completed else response.close(),
             )
+            return Reply(status=status, headers=passthrough, events=events, closers=[response.close])
         try:
             data = await response.read()
         except (UpstreamConnectionError, TimeoutError) as exc:
@@ -216,23 +221,16 @@ class UpstreamRouter:
         upstream.breaker.success()
         return Reply(status=status, headers={}, body=_openai_error_body(status, data))
 
-    async def _events(self, upstream: Upstream, response: UpstreamResponse) -> AsyncIterator[SSEEvent]:
-        finished = False
+    @staticmethod
+    async def _events(upstream: Upstream, response: UpstreamResponse) -> AsyncIterator[SSEEvent]:
+        """The provider's events, its transport failures as `UpstreamError`s."""
         try:
             async for event in split_events(response.chunks(), upstream.secret):
                 yield event
-            finished = True
         except TimeoutError:
             raise UpstreamError("The upstream provider stopped sending.", timeout=True, upstream=upstream.name) from None
         except UpstreamConnectionError:
             raise UpstreamError("The upstream provider broke off the stream.", upstream=upstream.name) from None
-        finally:
-            # An unfinished body must close the connection, so the provider
-            # sees the cancellation; a finished one goes back to the pool.
-            if finished:
-                response.release()
-            else:
-                response.close()
 
 
 def _retry_after(value: str | None) -> float | None:

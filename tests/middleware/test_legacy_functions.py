@@ -13,7 +13,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from middleware.legacy_functions import (
-    _legacy_events,
+    _legacy_event,
     call_id,
     chunk_to_legacy,
     completion_to_legacy,
@@ -22,6 +22,7 @@ from middleware.legacy_functions import (
 )
 from proxy.core.call import SSEEvent
 from proxy.core.errors import ApiError
+from proxy.core.streams import EventStream
 from tests.support import make_settings
 
 MODEL = "sovereign-alpha"
@@ -186,7 +187,7 @@ async def test_stream_wrapper_keeps_untouched_events_and_drops_parallel_calls():
         for event in source:
             yield event
 
-    out = [event async for event in _legacy_events(events())]
+    out = [event async for event in EventStream(events(), observe=_legacy_event)]
     assert out[0] is source[0]  # mentions tool_calls only in text: parsed, unchanged, same object
     assert out[-2] is source[-2] and out[-1] is source[-1]
     assert len(out) == len(source) - 1  # the index-1 call is dropped

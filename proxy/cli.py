@@ -36,7 +36,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
         return 2
     configure_logging(settings.logging.level)
     if args.worker_index is None and settings.server.workers > 1:
-        return supervise(settings, args.config)
+        try:
+            return supervise(settings, args.config)
+        except ConfigError as exc:
+            print(f"sovereign: {exc}", file=sys.stderr)
+            return 2
     from proxy.web.server import serve
 
     role = None

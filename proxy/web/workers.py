@@ -18,8 +18,8 @@ The supervisor (this module, in the parent) never serves a request. It:
 * refuses a ``memory://`` store with more than one worker (each worker would
   have its own tenants, keys and credits): `check_workers`, exit code 2;
 * gives the workers one private ``PROMETHEUS_MULTIPROC_DIR`` (a temporary
-  directory removed at exit), so each worker's ``/metrics`` reports the sum
-  over all of them (see `proxy.core.metrics`);
+  directory in /dev/shm, else $TMPDIR, removed at exit), so each worker's
+  ``/metrics`` reports the sum over all of them (see `proxy.core.metrics`);
 * starts the workers and waits until every one is listening (each writes to
   a pipe it inherits). A worker that exits before that fails the whole start,
   with its exit code: a busy port or a bad store would fail every retry too;
@@ -154,11 +154,12 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; the process's exit code."""
-        reserved = _reserve_port(self.settings.server.host) if self.port == 0 else None
-        if reserved is not None:
-            self.port = reserved.getsockname()[1]
-        self.metrics_dir = tempfile.mkdtemp(prefix="sovereign-metrics-") if self.settings.metrics.enabled else None
+        self.metrics_dir = _metrics_directory() if self.settings.metrics.enabled else None
+        reserved = None
         try:
+            if self.port == 0:
+                reserved = _reserve_port(self.settings.server.host)
+                self.port = reserved.getsockname()[1]
             return asyncio.run(self._run())
         finally:
             if reserved is not None:
@@ -335,6 +336,21 @@ def _describe(code: int) -> str:
         with contextlib.suppress(ValueError):
             return f"signal {signal.Signals(-code).name}"
     return f"code {code}"
+
+
+def _metrics_directory() -> str:
+    """A private directory for the workers' metric files: in /dev/shm when writable, else $TMPDIR.
+
+    /dev/shm is memory (no disk write-back of the mmapped files) and stays
+    writable in containers whose root filesystem is read-only.
+    """
+    errors = []
+    for parent in ("/dev/shm", None):
+        try:
+            return tempfile.mkdtemp(prefix="sovereign-metrics-", dir=parent)
+        except OSError as exc:
+            errors.append(f"{parent or tempfile.gettempdir()}: {exc.strerror}")
+    raise ConfigError(f"server.workers: no writable directory for the workers' metrics ({'; '.join(errors)}); set TMPDIR")
 
 
 def _reserve_port(host: str) -> socket.socket:

@@ -7,6 +7,7 @@ import json
 import os
 import re
 import signal
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -202,6 +203,29 @@ async def test_a_worker_that_dies_is_reported_and_replaced_on_a_port_picked_once
         assert await asyncio.to_thread(proc.wait, 30) == 0
     finally:
         proc.stop()
+
+
+async def test_a_worker_that_cannot_start_fails_the_whole_start_with_its_exit_code(mock, redis_prefix, tmp_path):
+    """The port is held by a process without SO_REUSEPORT: no worker can bind it, and retrying would not help."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    try:
+        data = gateway_data(mock.url, redis_prefix, server={"port": holder.getsockname()[1], "host": "127.0.0.1"})
+        config = tmp_path / "gw.yaml"
+        config.write_text(yaml.safe_dump(data))
+        proc = Process(["serve", "--config", str(config), "--workers", "2"], log_path=tmp_path / "gw.log")
+        try:
+            code = await asyncio.to_thread(proc.wait, 60)
+        finally:
+            proc.stop()
+    finally:
+        holder.close()
+    events = log_events(proc)
+    failed = [e for e in events if e["event"] == "worker.failed_to_start"]
+    assert failed and failed[0]["level"] == "error", proc.output()[-3000:]
+    assert code != 0 and failed[0]["exit"] == f"code {code}"  # the worker's own exit code, passed on
+    assert not any(e["event"] in ("workers.ready", "worker.restarted") for e in events)
 
 
 async def test_memory_store_with_two_workers_and_bad_counts_are_refused_at_start(mock, tmp_path):

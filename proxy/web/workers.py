@@ -18,7 +18,8 @@ The supervisor (this module, in the parent) never serves a request. It:
 * refuses a ``memory://`` store with more than one worker (each worker would
   have its own tenants, keys and credits): `check_workers`, exit code 2;
 * gives the workers one private ``PROMETHEUS_MULTIPROC_DIR`` (a temporary
-  directory in /dev/shm, else $TMPDIR, removed at exit), so each worker's
+  directory in /dev/shm, else $TMPDIR, removed at exit; one left by a
+  supervisor killed with SIGKILL is swept by the next), so each worker's
   ``/metrics`` reports the sum over all of them (see `proxy.core.metrics`);
 * starts the workers and waits until every one is listening (each writes to
   a pipe it inherits). A worker that exits before that fails the whole start,
@@ -68,6 +69,7 @@ QUICK_DEATH_SECONDS = 10.0  # a replacement that dies sooner than this doubles t
 MAX_RESTART_PAUSE = 30.0
 SHUTDOWN_MARGIN = 10.0  # beyond drain_seconds, for a worker's cleanup (settlement flush) before SIGKILL
 _PR_SET_PDEATHSIG = 1
+_METRICS_PREFIX = "sovereign-metrics-"  # then the supervisor's pid: a directory whose owner is gone can be swept
 
 
 def check_workers(settings: Settings) -> None:
@@ -345,12 +347,29 @@ def _metrics_directory() -> str:
     writable in containers whose root filesystem is read-only.
     """
     errors = []
-    for parent in ("/dev/shm", None):
+    for parent in ("/dev/shm", tempfile.gettempdir()):
         try:
-            return tempfile.mkdtemp(prefix="sovereign-metrics-", dir=parent)
+            made = tempfile.mkdtemp(prefix=f"{_METRICS_PREFIX}{os.getpid()}-", dir=parent)
         except OSError as exc:
-            errors.append(f"{parent or tempfile.gettempdir()}: {exc.strerror}")
+            errors.append(f"{parent}: {exc.strerror}")
+            continue
+        _sweep_stale_metrics(Path(parent))
+        return made
     raise ConfigError(f"server.workers: no writable directory for the workers' metrics ({'; '.join(errors)}); set TMPDIR")
+
+
+def _sweep_stale_metrics(parent: Path) -> None:
+    """Remove the metrics directories of supervisors that are gone (killed with SIGKILL, they could not clean up)."""
+    for directory in parent.glob(f"{_METRICS_PREFIX}*-*"):
+        owner = directory.name.removeprefix(_METRICS_PREFIX).partition("-")[0]
+        if not owner.isdigit():
+            continue
+        try:
+            os.kill(int(owner), 0)
+        except ProcessLookupError:
+            shutil.rmtree(directory, ignore_errors=True)
+        except OSError:  # alive, someone else's
+            pass
 
 
 def _reserve_port(host: str) -> socket.socket:

@@ -8,6 +8,9 @@ import os
 import re
 import signal
 import socket
+import subprocess
+import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -120,13 +123,20 @@ async def test_two_workers_serve_one_port_share_the_store_and_sum_their_metrics(
             assert 'sovereign_requests_total{model="sovereign-alpha",route="/v1/chat/completions",status="401"} 8.0' in text
             assert "sovereign_open_streams 0.0" in text
         assert len(mock.requests) == 24
+        proc.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(proc.wait, 30) == 0
     finally:
         proc.stop()
 
 
 async def test_sigterm_drains_every_worker_and_the_supervisor_exits_zero(mock, redis_prefix, tmp_path):
+    # What a supervisor killed with SIGKILL leaves behind: its metrics directory, named with its pid.
+    gone = subprocess.Popen([sys.executable, "-c", ""])
+    gone.wait()
+    stale = Path(tempfile.mkdtemp(prefix=f"sovereign-metrics-{gone.pid}-", dir="/dev/shm" if os.access("/dev/shm", os.W_OK) else None))
     data = gateway_data(mock.url, redis_prefix, server={"port": free_port(), "host": "127.0.0.1", "drain_seconds": 20})
     proc, base = await spawn_workers(data, tmp_path)
+    assert not stale.exists()  # swept by the next supervisor
     sessions: list[aiohttp.ClientSession] = []
     try:
         # Paced streams (25 chunks, 100 ms apart: about 2.5 s), each on its own connection, until both workers hold some.

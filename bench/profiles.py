@@ -3,7 +3,9 @@
 Every target and the simulated provider run as their own process, started
 through ``taskset -c CORE`` so the target has core 0 to itself while the load
 and the provider share core 1. A process's CPU time and RSS are read from
-/proc. The governed profiles get a tenant with plenty of credits and a key,
+/proc, summed over its children (a ``--workers`` target is a supervisor and
+its workers). The workers profile runs unpinned: its workers use every core,
+the load's included. The governed profiles get a tenant with plenty of credits and a key,
 created with `proxy.store.accounts.Accounts` on the real Redis under a unique prefix
 that `Tenant.cleanup` deletes afterwards.
 """
@@ -87,19 +89,49 @@ class Proc:
         except OSError:
             return ""
 
+    def pids(self) -> list[int]:
+        """The process and its live descendants (a supervisor's workers), from /proc/<pid>/task/*/children."""
+        found, queue = [], [self.pid]
+        while queue:
+            pid = queue.pop()
+            found.append(pid)
+            try:
+                tasks = os.listdir(f"/proc/{pid}/task")
+            except OSError:
+                continue
+            for task in tasks:
+                try:
+                    with open(f"/proc/{pid}/task/{task}/children") as f:
+                        queue.extend(int(child) for child in f.read().split())
+                except OSError:
+                    pass
+        return found
+
     def cpu_seconds(self) -> float:
-        """User + system CPU time so far, from /proc/<pid>/stat."""
-        with open(f"/proc/{self.pid}/stat") as f:
-            fields = f.read().rsplit(")", 1)[1].split()
-        return (int(fields[11]) + int(fields[12])) / _CLK_TCK  # utime, stime (fields 14 and 15)
+        """User + system CPU time so far of the process and its live children, from /proc/<pid>/stat."""
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/stat") as f:
+                    fields = f.read().rsplit(")", 1)[1].split()
+            except OSError:
+                if pid == self.pid:
+                    raise
+                continue  # a child that just exited
+            total += int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15)
+        return total / _CLK_TCK
 
     def rss_mb(self) -> float:
-        """Resident set size in MB, from VmRSS in /proc/<pid>/status."""
-        with open(f"/proc/{self.pid}/status") as f:
-            for line in f:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-        raise RuntimeError(f"{self.name}: no VmRSS")
+        """Resident set size in MB (VmRSS in /proc/<pid>/status), summed over the process and its children."""
+        total = 0
+        for pid in self.pids():
+            try:
+                with open(f"/proc/{pid}/status") as f:
+                    total += next(int(line.split()[1]) for line in f if line.startswith("VmRSS:"))
+            except (OSError, StopIteration):
+                if pid == self.pid:
+                    raise RuntimeError(f"{self.name}: no VmRSS") from None
+        return total / 1024
 
     async def quiesce(self, idle_ms: float = 5.0, window: float = 0.15, limit: float = 5.0) -> None:
         """Wait until the process is idle (deferred settlements, GC) before the next measurement."""
@@ -167,6 +199,8 @@ class Profile:
     units: dict[str, Any] = field(default_factory=dict)  # unit settings (config `units:`)
     path: str = CHAT_PATH
     sse: SSEKind = CHAT_SSE
+    workers: int = 1  # `sovereign serve --workers N`; more than one runs unpinned
+    workloads: tuple[str, ...] | None = None  # only these workloads (None: all)
 
     @property
     def governed(self) -> bool:
@@ -196,6 +230,13 @@ PROFILES = [
         "governed with speculative_hold: false (every hold confirmed before the provider is called)",
         pipeline=["auth", "validation", "metering"],
         units={"metering": {"speculative_hold": False}},
+    ),
+    Profile(
+        "governed_2w",
+        "governed with --workers 2, unpinned (the workers share both cores with the provider and the load)",
+        pipeline=["auth", "validation", "metering"],
+        workers=2,
+        workloads=("throughput_64c",),
     ),
     Profile(
         "responses",
@@ -256,7 +297,26 @@ def start_target(profile: Profile, upstream_base: str, log_dir: Path, core: int 
         config = log_dir / f"{profile.name}.yaml"
         config.write_text(yaml.safe_dump(gateway_config(port, upstream_base, profile.pipeline, store_url, prefix, profile.units)))
         argv = ["-m", "proxy", "serve", "--config", str(config)]
+        if profile.workers > 1:
+            argv += ["--workers", str(profile.workers)]
+            core = None
     return Proc(profile.name, argv, core, log_dir), f"http://127.0.0.1:{port}"
+
+
+async def wait_workers(url: str, proc: Proc, workers: int, timeout: float = 30.0) -> None:
+    """Poll ``url`` on new connections until ``workers`` distinct workers have answered (each names its pid)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + timeout
+    while len(seen) < workers:
+        if not proc.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.name}: {len(seen)}/{workers} workers answered within {timeout:.0f}s:\n{proc.log_tail()}")
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as client:
+            try:
+                async with client.get(url) as resp:
+                    await resp.read()
+                    seen.add(resp.headers.get("x-sovereign-worker", ""))
+            except aiohttp.ClientError:
+                await asyncio.sleep(0.05)
 
 
 class Tenant:

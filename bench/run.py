@@ -40,6 +40,7 @@ from .profiles import (
     start_mock,
     start_target,
     wait_http,
+    wait_workers,
 )
 
 WORKLOADS = ("latency_1c", "throughput_64c", "streams_100x50", "open_streams_1000")
@@ -72,12 +73,17 @@ def _names(text: str | None, known: list[str], what: str) -> list[str]:
     return names
 
 
+REFERENCES = ("direct", "floor", "passthrough")  # every ratio is against one of these
+
+
 def _chosen_profiles(text: str | None) -> tuple[Profile, ...]:
-    """All profiles, or the named ones plus direct and floor (every ratio is against those two)."""
+    """All profiles, or the named ones plus the references (and governed, the reference of a workers profile)."""
     names = _names(text, [p.name for p in PROFILES], "target")
     if not names:
         return tuple(PROFILES)
-    return tuple(p for p in PROFILES if p.name in ("direct", "floor") or p.name in names)
+    if any(p.workers > 1 for p in PROFILES if p.name in names):
+        names.append("governed")
+    return tuple(p for p in PROFILES if p.name in REFERENCES or p.name in names)
 
 
 def _chosen_workloads(text: str | None) -> tuple[str, ...]:
@@ -110,7 +116,7 @@ class Bench:
     async def start(self) -> None:
         if self.pin:
             os.sched_setaffinity(0, {LOAD_CORE})  # the harness is the asyncio load client
-            self.say(f"pinning: targets on core {TARGET_CORE}; provider, wrk and asyncio clients on core {LOAD_CORE}")
+            self.say(f"pinning: targets on core {TARGET_CORE}; provider, wrk and asyncio clients on core {LOAD_CORE}; --workers targets unpinned")
         else:
             self.say("pinning: UNAVAILABLE (needs taskset and 2 cores); figures are not comparable to pinned runs")
         self.wrk_path, line = wrk.ensure_wrk()
@@ -143,6 +149,8 @@ class Bench:
         for target, probe in started:
             try:
                 await wait_http(target.base + probe, target.proc)
+                if target.profile.workers > 1:
+                    await wait_workers(target.base + probe, target.proc, target.profile.workers)
             except RuntimeError as exc:
                 self.status[target.name] = f"FAILED to start: {exc}"
                 target.proc.stop()
@@ -266,6 +274,8 @@ class Bench:
             order = self.targets[n % len(self.targets):] + self.targets[: n % len(self.targets)]
             for workload in self.plan.workloads:
                 for target in order:
+                    if target.profile.workloads is not None and workload not in target.profile.workloads:
+                        continue
                     work = getattr(self, workload)
                     charge = target.profile.governed and workload in self.CHARGED and self.tenant is not None
                     began = time.monotonic()
@@ -318,9 +328,9 @@ class Bench:
         if hot:
             out.append(f"WARNING: provider CPU above {BUSY_PROVIDER_PCT:.0f}% during throughput of {', '.join(hot)}: it may be the bottleneck")
         lines = report.target_lines(summary)
-        targets = "== issue targets\n" + report.render_table(["target", "figure", "verdict"], lines)
-        note = report.machine_note(summary)
-        out.append(targets if note is None else f"{targets}\n{note}")
+        targets = "== issue targets (same-run ratios)\n" + report.render_table(["target", "ratio", "verdict"], lines)
+        notes = [report.workers_note(summary, p.name, p.workers) for p in self.plan.profiles if p.workers > 1]
+        out.append("\n".join([targets, *(n for n in notes if n is not None)]))
         return "\n\n".join(out)
 
 

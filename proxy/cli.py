@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from typing import Any
 
 import yaml
 
@@ -11,20 +12,42 @@ from proxy.core.logs import configure_logging
 from proxy.core.settings import ConfigError, Settings, load_settings
 
 
-def _load(args: argparse.Namespace) -> Settings:
+def _load(args: argparse.Namespace, overrides: dict[str, Any] | None = None) -> Settings:
     try:
-        return load_settings(getattr(args, "config", None))
+        return load_settings(getattr(args, "config", None), overrides=overrides)
     except ConfigError as exc:
         print(f"sovereign: {exc}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
-    settings = _load(args)
+    server: dict[str, Any] = {}
+    if args.workers is not None:
+        server["workers"] = args.workers
+    if args.worker_port is not None:
+        server["port"] = args.worker_port  # the supervisor resolved `port: 0` once for all workers
+    settings = _load(args, {"server": server} if server else None)
+    from proxy.web.workers import WorkerRole, become_worker, check_workers, supervise
+
+    try:
+        check_workers(settings)
+    except ConfigError as exc:
+        print(f"sovereign: {exc}", file=sys.stderr)
+        return 2
     configure_logging(settings.logging.level)
+    if args.worker_index is None and settings.server.workers > 1:
+        try:
+            return supervise(settings, args.config)
+        except ConfigError as exc:
+            print(f"sovereign: {exc}", file=sys.stderr)
+            return 2
     from proxy.web.server import serve
 
-    serve(settings)
+    role = None
+    if args.worker_index is not None:
+        role = WorkerRole(args.worker_index, args.worker_ready_fd)
+        become_worker(role)
+    serve(settings, worker=role)
     return 0
 
 
@@ -33,7 +56,9 @@ def cmd_check_config(args: argparse.Namespace) -> int:
     # Building the pipeline validates every unit's settings too.
     try:
         from proxy.core.gateway import Gateway
+        from proxy.web.workers import check_workers
 
+        check_workers(settings)
         Gateway(settings)
     except ConfigError as exc:
         print(f"sovereign: {exc}", file=sys.stderr)
@@ -68,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
 
     serve = sub.add_parser("serve", help="run the gateway")
     serve.add_argument("--config", help="YAML config file (default: $SOVEREIGN_CONFIG, else the shipped default)")
+    serve.add_argument(
+        "--workers", metavar="N", help="processes serving the port together, or `auto` (one per CPU); sets server.workers"
+    )
+    # How the supervisor starts each worker; not for people.
+    serve.add_argument("--worker-index", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-ready-fd", type=int, help=argparse.SUPPRESS)
+    serve.add_argument("--worker-port", type=int, help=argparse.SUPPRESS)
     serve.set_defaults(func=cmd_serve)
 
     check = sub.add_parser("check-config", help="print the effective config with secrets masked")

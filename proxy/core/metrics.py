@@ -3,10 +3,17 @@
 Names follow Prometheus conventions with the ``sovereign_`` prefix. Tenant
 labels are off unless ``metrics.tenant_labels`` is set, because the number of
 tenants is unbounded.
+
+Under ``sovereign serve --workers N`` (N > 1) the supervisor gives every
+worker the same private ``PROMETHEUS_MULTIPROC_DIR`` before prometheus-client
+is imported: values then live in per-process files there and `render` sums
+them over the workers (gauges of what is open now: over the live ones only).
+With one worker the variable is unset and nothing of that runs.
 """
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -41,14 +48,19 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
-        self.open_streams = Gauge("sovereign_open_streams", "Streams being relayed now.", registry=r)
+        # livesum: under several workers, the sum over the workers alive now.
+        self.open_streams = Gauge("sovereign_open_streams", "Streams being relayed now.", registry=r, multiprocess_mode="livesum")
         self.tokens = Counter("sovereign_tokens", "Tokens metered, by direction (input/output) and model.", ["direction", "model"], registry=r)
         self.credits = Counter("sovereign_credits_charged", "Credits charged, by model and usage source.", ["model", "source"], registry=r)
-        self.holds_open = Gauge("sovereign_credit_holds_open", "Credit holds this process has open now.", registry=r)
+        self.holds_open = Gauge(
+            "sovereign_credit_holds_open", "Credit holds this process has open now.", registry=r, multiprocess_mode="livesum"
+        )
         self.insufficient_credits = Counter("sovereign_insufficient_credits", "Requests refused with 402.", registry=r)
         self.rate_limited = Counter("sovereign_rate_limited", "Requests refused with 429 by the gateway's limits.", registry=r)
         self.store_errors = Counter("sovereign_store_errors", "Store operations that failed (unreachable or timed out).", registry=r)
         self.upstream_errors = Counter("sovereign_upstream_errors", "Provider failures, by upstream.", ["upstream"], registry=r)
+        workers = _workers_registry()
+        self.exposed = r if workers is None else workers
 
     def child(self, metric: Any, *labels: str) -> Any:
         """A labelled child, cached: `labels()` takes a lock and builds a key on every call."""
@@ -59,4 +71,16 @@ class Metrics:
         return found
 
     def render(self) -> bytes:
-        return generate_latest(self.registry)
+        return generate_latest(self.exposed)
+
+
+def _workers_registry() -> CollectorRegistry | None:
+    """A registry that reads every worker's files, when this process is one of several workers."""
+    path = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if not path:
+        return None
+    from prometheus_client.multiprocess import MultiProcessCollector
+
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=path)
+    return registry

@@ -62,6 +62,25 @@ class ServerSettings(Section):
     sse_keepalive_seconds: float | None = Field(
         None, gt=0, description="If set, send an SSE comment line after this many idle seconds before a stream's first event (keeps load balancers from cutting slow reasoning streams)."
     )
+    workers: int = Field(
+        1,
+        ge=1,
+        description="Processes serving the client port together (SO_REUSEPORT), each on its own core; `auto` = the CPUs this process may use. More than one needs a shared store (redis://). `sovereign serve --workers N` sets it too.",
+    )
+
+    @field_validator("workers", mode="before")
+    @classmethod
+    def _resolve_workers(cls, value: Any) -> Any:
+        # `auto` becomes a number at load time, so every reader sees an int.
+        return available_cpus() if isinstance(value, str) and value.strip().lower() == "auto" else value
+
+
+def available_cpus() -> int:
+    """CPUs this process may run on (its affinity mask where the OS has one)."""
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
 
 
 class LoggingSettings(Section):

@@ -4,6 +4,10 @@ On SIGTERM (or SIGINT) readiness turns false and new `/v1` and `/admin`
 requests get 503 at once; open requests and streams get up to
 ``server.drain_seconds`` to finish; then pending settlements are flushed and
 the process exits 0.
+
+Under ``--workers N`` (N > 1) each worker process runs this same path, given
+a `WorkerRole`: its sites bind with ``SO_REUSEPORT`` and it tells the
+supervisor when it listens (see `proxy.web.workers`).
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from proxy.web.app import create_app
 from proxy.core.gateway import GATEWAY
 from proxy.web.middlewares import AccessLogger
 from proxy.core.settings import Settings
+from proxy.web.workers import WorkerRole, announce_ready, prepare_app
 
 log = structlog.get_logger("sovereign")
 
@@ -42,12 +47,16 @@ def runner_for(app: web.Application, settings: Settings) -> web.AppRunner:
     )
 
 
-async def serve_async(settings: Settings, ready: asyncio.Event | None = None) -> None:
+async def serve_async(settings: Settings, ready: asyncio.Event | None = None, worker: WorkerRole | None = None) -> None:
     app = create_app(settings)
     gateway = app[GATEWAY]
+    if worker is not None:
+        prepare_app(app)
+    # Several workers listen on one port, each with its own socket.
+    reuse_port = True if worker is not None else None
     runner = runner_for(app, settings)
     await runner.setup()
-    sites = [web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True)]
+    sites = [web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True, reuse_port=reuse_port)]
     admin_runner = None
     if settings.admin.token is not None and settings.admin.port is not None:
         from proxy.admin.api import create_admin_app
@@ -55,7 +64,7 @@ async def serve_async(settings: Settings, ready: asyncio.Event | None = None) ->
         admin_app = create_admin_app(gateway, standalone=True)
         admin_runner = web.AppRunner(admin_app, access_log_class=AccessLogger)
         await admin_runner.setup()
-        sites.append(web.TCPSite(admin_runner, settings.admin.host, settings.admin.port))
+        sites.append(web.TCPSite(admin_runner, settings.admin.host, settings.admin.port, reuse_port=reuse_port))
     for site in sites:
         await site.start()
     # Everything built so far (settings, schemas, units) lives as long as the
@@ -77,6 +86,8 @@ async def serve_async(settings: Settings, ready: asyncio.Event | None = None) ->
         loop.add_signal_handler(sig, stop.set)
     if ready is not None:
         ready.set()
+    if worker is not None:
+        announce_ready(worker)
     await stop.wait()
     # Keep listening while draining: new requests get a clean 503 (and
     # /readyz fails) instead of a refused connection, while open streams finish.
@@ -92,6 +103,6 @@ async def serve_async(settings: Settings, ready: asyncio.Event | None = None) ->
     log.info("gateway.stopped")
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
     install_uvloop()
-    asyncio.run(serve_async(settings))
+    asyncio.run(serve_async(settings, worker=worker))

@@ -9,6 +9,8 @@ tool executed exactly once per call the model made.
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from collections import Counter
 
 import openai
@@ -24,6 +26,7 @@ from agents import (
 )
 
 from tests.interop.conftest import MODEL
+from tests.support import REPO
 
 set_tracing_disabled(True)  # the SDK would otherwise export traces to OpenAI
 
@@ -95,3 +98,19 @@ async def test_parallel_tool_calls_each_run_once(interop, api):
     assert calls == {"get_weather": 1, "get_time": 1}
     assert sorted(tool_outputs(result)) == ["noon in value", "sunny in value"]
     assert result.final_output == "Done: get_weather returned sunny in value; get_time returned noon in value "
+
+
+async def test_readme_agents_example_runs_as_printed(interop, tmp_path):
+    """The README's Agent frameworks snippet, pasted as is (only the demo's URL and key swapped)."""
+    readme = (REPO / "README.md").read_text()
+    section = readme[readme.index("#### Agent frameworks"):]
+    snippet = section[section.index("```python\n") + len("```python\n"):section.index("\n```\n")]
+    assert "http://127.0.0.1:8080/v1" in snippet and "sk-sov-live-..." in snippet
+    script = tmp_path / "agent.py"
+    script.write_text(snippet.replace("http://127.0.0.1:8080/v1", interop.v1).replace("sk-sov-live-...", interop.key))
+    proc = await asyncio.create_subprocess_exec(sys.executable, str(script), stdout=asyncio.subprocess.PIPE,
+                                                stderr=asyncio.subprocess.STDOUT)
+    output, _ = await asyncio.wait_for(proc.communicate(), 60)
+    assert proc.returncode == 0, output.decode()
+    printed = snippet.rsplit("# ", 1)[1].strip()  # the output the README promises
+    assert output.decode().strip() == printed

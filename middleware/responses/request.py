@@ -136,10 +136,10 @@ def _function_output(item: dict[str, Any], param: str) -> tuple[dict[str, Any], 
 
 
 def _is_reference(item: dict[str, Any]) -> bool:
-    # The spec makes `type` optional on an item reference: an object with an
-    # `id` and neither `type` nor `role` can be nothing else.
-    kind = item.get("type")
-    return kind == "item_reference" or (kind is None and "role" not in item and "id" in item)
+    # The spec lets a reference omit `type`, but an untyped item is an easy
+    # input message everywhere else (the validation unit too), so a reference
+    # needs its type here.
+    return item.get("type") == "item_reference"
 
 
 def referenced_ids(value: Any) -> list[tuple[str, str]]:

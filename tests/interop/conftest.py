@@ -16,7 +16,14 @@ from dataclasses import dataclass
 import aiohttp
 import pytest
 
-from tests.support import ADMIN_TOKEN, Process, free_port, settings_data, spawn_gateway, wait_http
+from tests.support import (
+    ADMIN_TOKEN,
+    Process,
+    free_port,
+    settings_data,
+    spawn_gateway,
+    wait_http,
+)
 
 MODEL = "sovereign-alpha"
 

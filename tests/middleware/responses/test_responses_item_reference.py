@@ -3,7 +3,8 @@
 The Vercel AI SDK (store: true) sends `{"type": "item_reference", "id": "rs_…"}`
 for the earlier turn's reasoning and function calls instead of the items
 themselves. Runs on the real Redis and on the embedded store, with the auth
-unit in front so the references resolve per tenant.
+unit in front so the references resolve per tenant, and the validation unit,
+which must let references through.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ TOOL = {"type": "function", "name": "get_weather",
 
 @pytest.fixture
 async def running(mock, gateway_factory, store_url, redis_prefix):
-    settings = make_settings(mock.url, store_url=store_url, prefix=redis_prefix, pipeline=["auth", "responses"],
+    settings = make_settings(mock.url, store_url=store_url, prefix=redis_prefix, pipeline=["auth", "validation", "responses"],
                              units={"responses": {"store_ttl_seconds": TTL}})
     return await gateway_factory(settings)
 
@@ -71,13 +72,13 @@ async def test_references_replace_the_items_they_name(tenants, mock):
     assert [(item.type, item.id) for item in listed][1] == ("function_call", call.id)
 
     # Every kind of stored item can be referenced: input messages, tool outputs, output messages.
-    user_message, _, output_item = (item.id for item in listed)
+    user_message, _, tool_output = (item.id for item in listed)
     answer = second.output[0]
     await client.responses.create(model=MODEL, input=[
         {"type": "item_reference", "id": user_message},
         {"type": "item_reference", "id": call.id},
-        {"type": "item_reference", "id": output_item},
-        {"id": answer.id},  # `type` is optional on a reference
+        {"type": "item_reference", "id": tool_output},
+        {"type": "item_reference", "id": answer.id},
         {"role": "user", "content": "thanks"},
     ])
     assert mock.requests[-1]["body"]["messages"] == [
@@ -114,9 +115,10 @@ async def test_unknown_and_foreign_ids_are_400_naming_the_input(tenants, mock):
         error = info.value.body
         assert error["code"] == "item_not_found" and error["param"] == "input[1].id"
         assert error["type"] == "invalid_request_error" and item_id in error["message"]
-    with pytest.raises(openai.BadRequestError) as info:
-        await client_a.responses.create(model=MODEL, input=[{"type": "item_reference", "id": 7}])
-    assert info.value.body["param"] == "input[0].id"
+    for bad in ({"type": "item_reference", "id": 7}, {"type": "item_reference"}):
+        with pytest.raises(openai.BadRequestError) as info:
+            await client_a.responses.create(model=MODEL, input=[bad])
+        assert info.value.body["param"] == "input[0].id"
     assert len(mock.requests) == requests_before  # nothing reached the provider
     # B's attempts changed nothing for A.
     await client_a.responses.create(model=MODEL, input=[{"type": "item_reference", "id": first.output[1].id}])

@@ -6,6 +6,11 @@ lists them). `history` is the earlier conversation of a
 `previous_response_id` chain as chat messages; the earlier `instructions` are
 not part of it (OpenAI's rule: only the new request's instructions apply).
 
+`item_reference` inputs (`{"type": "item_reference", "id": "rs_…"}`) name
+an item of one of the tenant's stored responses; the unit looks them up first
+(`referenced_ids`, then `ResponseStore.items`) and passes the stored items in,
+so this module stays a pure translator.
+
 Bad input raises a 400 `ApiError` naming the field (`input[2].type`, ...).
 """
 
@@ -130,8 +135,39 @@ def _function_output(item: dict[str, Any], param: str) -> tuple[dict[str, Any], 
     return {"role": "tool", "tool_call_id": call_id, "content": text}, stored
 
 
-def input_messages(value: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The request's `input` → (chat messages, stored input items)."""
+def _is_reference(item: dict[str, Any]) -> bool:
+    # The spec lets a reference omit `type`, but an untyped item is an easy
+    # input message everywhere else (the validation unit too), so a reference
+    # needs its type here.
+    return item.get("type") == "item_reference"
+
+
+def referenced_ids(value: Any) -> list[tuple[str, str]]:
+    """The `item_reference` inputs of `input`: (param, item id) pairs, in order."""
+    if not isinstance(value, list):
+        return []
+    found = []
+    for i, item in enumerate(value):
+        if isinstance(item, dict) and _is_reference(item):
+            if not isinstance(item.get("id"), str):
+                raise _bad("An item_reference needs a string `id`.", f"input[{i}].id")
+            found.append((f"input[{i}].id", item["id"]))
+    return found
+
+
+def item_not_found(item_id: str, param: str) -> ApiError:
+    """An item_reference to no stored item of the caller's tenant (shaped like previous_response_not_found)."""
+    return ApiError(400, f"Item with id '{item_id[:128]}' not found.", code="item_not_found", param=param)
+
+
+def input_messages(
+    value: Any, references: dict[str, dict[str, Any]] | None = None
+) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The request's `input` → (chat messages, stored input items).
+
+    `references` holds the stored items that `item_reference` inputs name, by
+    id; a referenced item is translated as if it had been sent in full.
+    """
     if isinstance(value, str):
         item_id = new_id("msg_")
         stored = {"id": item_id, "type": "message", "role": "user", "status": "completed",
@@ -145,6 +181,11 @@ def input_messages(value: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any
         param = f"input[{i}]"
         if not isinstance(item, dict):
             raise _bad("An input item is an object.", param)
+        if _is_reference(item):
+            stored_item = (references or {}).get(item["id"]) if isinstance(item.get("id"), str) else None
+            if stored_item is None:
+                raise item_not_found(str(item.get("id")), f"{param}.id")
+            item = stored_item
         kind = item.get("type", "message")  # EasyInputMessage has no type
         if kind == "message":
             message, stored = _message(item, param)
@@ -242,15 +283,16 @@ def _check_fields(body: dict[str, Any]) -> None:
 
 
 def to_chat(
-    body: dict[str, Any], history: list[dict[str, Any]]
+    body: dict[str, Any], history: list[dict[str, Any]], references: dict[str, dict[str, Any]] | None = None
 ) -> tuple[dict[str, Any], list[dict[str, Any]], list[dict[str, Any]], list[dict[str, Any]]]:
     """Map a Responses body.
 
+    `references`: the stored items its `item_reference` inputs name, by id.
     Returns (chat body, conversation messages without instructions, stored
     input items, tools as echoed in the Response).
     """
     _check_fields(body)
-    new_messages, items = input_messages(body["input"]) if "input" in body else ([], [])
+    new_messages, items = input_messages(body["input"], references) if "input" in body else ([], [])
     conversation = [*history, *new_messages]
     if not conversation:
         raise ApiError(400, "Missing required parameter: 'input'.", code="missing_required_parameter", param="input")

@@ -9,13 +9,19 @@ and dense `output_index` in the order items are announced.
 Output items, in order of appearance: `reasoning` (from the provider's
 `reasoning_content` / `reasoning`), `message` (assistant `output_text`),
 `function_call` (`fc_…` ids, `call_id` = the provider's tool-call id).
+
+A reasoning item's text goes where the `reasoning` mode says: `summary` (one
+`summary_text` part; `response.reasoning_summary_part.*` and
+`response.reasoning_summary_text.*` events), `text` (one `reasoning_text`
+content part; `response.content_part.*` and `response.reasoning_text.*`
+events) or `both` (each event pair, summary first).
 """
 
 from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from typing import Any
+from typing import Any, Literal
 
 from proxy.core.call import SSEEvent
 from proxy.core.errors import ApiError, UpstreamError
@@ -25,6 +31,8 @@ from middleware.responses.request import new_id
 # finish_reason → incomplete_details.reason; anything else counts as completed.
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 _ID_PREFIX = {"message": "msg_", "reasoning": "rs_", "function_call": "fc_"}
+# The `reasoning` unit setting: summary, text or both.
+ReasoningMode = Literal["summary", "text", "both"]
 
 
 def skeleton(
@@ -96,9 +104,13 @@ def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
 
 
-def _reasoning_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    content = [{"type": "reasoning_text", "text": text}]
-    return {"id": item_id, "type": "reasoning", "summary": [], "content": content, "status": status}
+def _reasoning_item(item_id: str, text: str, status: str, mode: ReasoningMode) -> dict[str, Any]:
+    item: dict[str, Any] = {"id": item_id, "type": "reasoning",
+                            "summary": [] if mode == "text" else [{"type": "summary_text", "text": text}]}
+    if mode != "summary":
+        item["content"] = [{"type": "reasoning_text", "text": text}]
+    item["status"] = status
+    return item
 
 
 def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: str) -> dict[str, Any]:
@@ -106,7 +118,7 @@ def _call_item(item_id: str, call_id: str, name: str, arguments: str, status: st
             "arguments": arguments, "status": status}
 
 
-def complete(response: dict[str, Any], completion: dict[str, Any]) -> None:
+def complete(response: dict[str, Any], completion: dict[str, Any], reasoning_mode: ReasoningMode = "summary") -> None:
     """Fill `response` from a non-streamed `chat.completion` (first choice)."""
     choices = completion.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
@@ -116,7 +128,7 @@ def complete(response: dict[str, Any], completion: dict[str, Any]) -> None:
     output: list[dict[str, Any]] = []
     reasoning = _reasoning_of(message)
     if isinstance(reasoning, str) and reasoning:
-        output.append(_reasoning_item(new_id("rs_"), reasoning, status))
+        output.append(_reasoning_item(new_id("rs_"), reasoning, status, reasoning_mode))
     content = message.get("content")
     if isinstance(content, str) and content:
         output.append(_message_item(new_id("msg_"), content, status))
@@ -145,11 +157,13 @@ def assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
 class _Item:
     """One output item being streamed: its position, id and accumulated text/arguments."""
 
-    __slots__ = ("index", "kind", "id", "parts", "call_id", "name", "status")
+    __slots__ = ("index", "kind", "id", "parts", "call_id", "name", "status", "mode")
 
-    def __init__(self, index: int, kind: str, call_id: str = "", name: str = "") -> None:
+    def __init__(self, index: int, kind: str, call_id: str = "", name: str = "",
+                 mode: ReasoningMode = "summary") -> None:
         self.index = index
         self.kind = kind
+        self.mode = mode
         self.id = new_id(_ID_PREFIX[kind])
         self.parts: list[str] = []
         self.call_id = call_id
@@ -161,22 +175,25 @@ class _Item:
         if self.kind == "message":
             return _message_item(self.id, text, status)
         if self.kind == "reasoning":
-            return _reasoning_item(self.id, text, status)
+            return _reasoning_item(self.id, text, status, self.mode)
         return _call_item(self.id, self.call_id, self.name, text, status)
 
     def announced(self) -> dict[str, Any]:
         """The item as `response.output_item.added` shows it (no content yet)."""
         item = self.item("in_progress")
-        if self.kind != "function_call":
+        if self.kind == "message" or "content" in item:
             item["content"] = []
+        if self.kind == "reasoning":
+            item["summary"] = []
         return item
 
 
 class StreamTranslator:
     """Chat chunks in, Responses events out; one per streamed request."""
 
-    def __init__(self, response: dict[str, Any]) -> None:
+    def __init__(self, response: dict[str, Any], reasoning_mode: ReasoningMode = "summary") -> None:
         self.response = response
+        self.reasoning_mode = reasoning_mode
         self.seq = 0
         self.items: list[_Item] = []
         self.text: _Item | None = None  # the open reasoning or message item
@@ -226,16 +243,32 @@ class StreamTranslator:
             item = self.text = self._open(kind)
             yield self._event({"type": "response.output_item.added", "output_index": item.index,
                                "item": item.announced()})
-            part = {"type": "output_text", "text": "", "annotations": []} if kind == "message" else {
-                "type": "reasoning_text", "text": ""}
-            yield self._event({"type": "response.content_part.added", "item_id": item.id,
-                               "output_index": item.index, "content_index": 0, "part": part})
+            head = {"item_id": item.id, "output_index": item.index}
+            if kind == "message":
+                yield self._event({"type": "response.content_part.added", **head, "content_index": 0,
+                                   "part": {"type": "output_text", "text": "", "annotations": []}})
+            if self._summary(item):
+                yield self._event({"type": "response.reasoning_summary_part.added", **head, "summary_index": 0,
+                                   "part": {"type": "summary_text", "text": ""}})
+            if self._reasoning_text(item):
+                yield self._event({"type": "response.content_part.added", **head, "content_index": 0,
+                                   "part": {"type": "reasoning_text", "text": ""}})
         item.parts.append(delta)
-        event = {"type": "response.output_text.delta" if kind == "message" else "response.reasoning_text.delta",
-                 "item_id": item.id, "output_index": item.index, "content_index": 0, "delta": delta}
+        head = {"item_id": item.id, "output_index": item.index}
         if kind == "message":
-            event["logprobs"] = []
-        yield self._event(event)
+            yield self._event({"type": "response.output_text.delta", **head, "content_index": 0, "delta": delta,
+                               "logprobs": []})
+        if self._summary(item):
+            yield self._event({"type": "response.reasoning_summary_text.delta", **head, "summary_index": 0,
+                               "delta": delta})
+        if self._reasoning_text(item):
+            yield self._event({"type": "response.reasoning_text.delta", **head, "content_index": 0, "delta": delta})
+
+    def _summary(self, item: _Item) -> bool:
+        return item.kind == "reasoning" and self.reasoning_mode != "text"
+
+    def _reasoning_text(self, item: _Item) -> bool:
+        return item.kind == "reasoning" and self.reasoning_mode != "summary"
 
     def _tool_call(self, call: dict[str, Any]) -> Iterator[SSEEvent]:
         function = call.get("function") or {}
@@ -255,7 +288,7 @@ class StreamTranslator:
                                "output_index": item.index, "delta": arguments})
 
     def _open(self, kind: str, call_id: str = "", name: str = "") -> _Item:
-        item = _Item(len(self.items), kind, call_id, name)
+        item = _Item(len(self.items), kind, call_id, name, self.reasoning_mode)
         self.items.append(item)
         return item
 
@@ -271,15 +304,24 @@ class StreamTranslator:
         if item.kind == "function_call":
             yield self._event({"type": "response.function_call_arguments.done", **head,
                                "name": item.name, "arguments": done["arguments"]})
-        else:
+        elif item.kind == "message":
             part = done["content"][0]
-            if item.kind == "message":
-                yield self._event({"type": "response.output_text.done", **head, "content_index": 0,
-                                   "text": part["text"], "logprobs": []})
-            else:
+            yield self._event({"type": "response.output_text.done", **head, "content_index": 0,
+                               "text": part["text"], "logprobs": []})
+            yield self._event({"type": "response.content_part.done", **head, "content_index": 0, "part": part})
+        else:
+            if self._summary(item):
+                part = done["summary"][0]
+                yield self._event({"type": "response.reasoning_summary_text.done", **head, "summary_index": 0,
+                                   "text": part["text"]})
+                yield self._event({"type": "response.reasoning_summary_part.done", **head, "summary_index": 0,
+                                   "part": part})
+            if self._reasoning_text(item):
+                part = done["content"][0]
                 yield self._event({"type": "response.reasoning_text.done", **head, "content_index": 0,
                                    "text": part["text"]})
-            yield self._event({"type": "response.content_part.done", **head, "content_index": 0, "part": part})
+                yield self._event({"type": "response.content_part.done", **head, "content_index": 0,
+                                   "part": part})
         yield self._event({"type": "response.output_item.done", "output_index": item.index, "item": done})
 
     def finish(self) -> Iterator[SSEEvent]:

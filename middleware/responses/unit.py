@@ -9,17 +9,25 @@ any output (4xx replies, raised ApiErrors) pass through unchanged.
 
 With `store` (default true) the response, its input items and the
 conversation so far are kept per tenant (`responses_store`), which serves
-`previous_response_id` and the routes `GET`/`DELETE /v1/responses/{id}` and
+`previous_response_id`, `item_reference` inputs (any stored item of the
+tenant, by id) and the routes `GET`/`DELETE /v1/responses/{id}` and
 `GET /v1/responses/{id}/input_items`. A JSON reply is stored before it is
-returned (an immediate GET finds it); a stream is stored in the background
-once it has finished.
+returned (an immediate GET finds it); a stream is stored before its final
+event goes out.
+
+The provider's reasoning (`reasoning_content`) becomes a `reasoning` item
+whose text sits where the `reasoning` setting says: `summary` (summary_text
+parts and `response.reasoning_summary_*` events, which the Agents SDK,
+LangChain and the Vercel AI SDK all read), `text` (reasoning_text content and
+`response.reasoning_text.*`, the spec's place for raw chain of thought) or
+`both`.
 """
 
 from __future__ import annotations
 
 import contextlib
 from collections.abc import AsyncIterator
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
 import structlog
@@ -30,7 +38,7 @@ from proxy.core.call import RESPONSES, Call, Next, Reply, SSEEvent
 from proxy.core.errors import ApiError, StoreUnavailable, invalid_request, not_found
 from proxy.core.pipeline import Unit, UnitSettings
 
-from middleware.responses.request import new_id, to_chat
+from middleware.responses.request import item_not_found, new_id, referenced_ids, to_chat
 from middleware.responses.store import ResponseStore
 from middleware.responses.stream import StreamTranslator, assistant_message, complete, skeleton
 
@@ -49,6 +57,12 @@ class ResponsesUnit(Unit):
 
     class Settings(UnitSettings):
         store_ttl_seconds: int = Field(30 * 86400, gt=0, description="How long stored responses are kept.")
+        reasoning: Literal["summary", "text", "both"] = Field(
+            "summary",
+            description="Where the provider's reasoning goes in `reasoning` items and events: `summary` "
+            "(summary_text parts, `response.reasoning_summary_*` events: what the Agents SDK, LangChain and the "
+            "Vercel AI SDK read), `text` (reasoning_text content, `response.reasoning_text.*` events) or `both`.",
+        )
 
     settings: Settings
 
@@ -62,7 +76,8 @@ class ResponsesUnit(Unit):
         body = call.body
         tenant = call.principal.tenant
         history = await self._history(tenant, body.get("previous_response_id"))
-        chat, conversation, input_items, tools = to_chat(body, history)
+        references = await self._references(tenant, body.get("input"))
+        chat, conversation, input_items, tools = to_chat(body, history, references)
         store = body.get("store") is not False
         response = skeleton(body, new_id("resp_"), body.get("model"), tools, store)
         call.replace_body(chat)
@@ -75,7 +90,7 @@ class ResponsesUnit(Unit):
         completion = reply.json()
         if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
             return reply
-        complete(response, completion)
+        complete(response, completion, self.settings.reasoning)
         if store:
             await self._store(tenant, response, input_items, [*conversation, assistant_message(response["output"])])
         reply.set_json(response)
@@ -90,6 +105,17 @@ class ResponsesUnit(Unit):
                            code="previous_response_not_found", param="previous_response_id")
         return messages
 
+    async def _references(self, tenant: str, value: Any) -> dict[str, dict[str, Any]]:
+        """The stored items that `item_reference` inputs name; the first unknown id is a 400 naming it."""
+        wanted = referenced_ids(value)
+        if not wanted:
+            return {}
+        found = await self.responses.items(tenant, [item_id for _, item_id in wanted])
+        for param, item_id in wanted:
+            if item_id not in found:
+                raise item_not_found(item_id, param)
+        return found
+
     async def _translate(
         self,
         events: AsyncIterator[SSEEvent],
@@ -98,7 +124,7 @@ class ResponsesUnit(Unit):
         conversation: list[dict[str, Any]],
         input_items: list[dict[str, Any]],
     ) -> AsyncIterator[SSEEvent]:
-        translator = StreamTranslator(response)
+        translator = StreamTranslator(response, self.settings.reasoning)
         # Everything, the opening events included, inside aclosing: a client that
         # leaves at any yield must close the chat stream (provider, metering) too.
         async with contextlib.aclosing(events) as inner:

@@ -342,6 +342,12 @@ class ReasoningItem(Strict):
     encrypted_content: str | None = None
 
 
+class ItemReference(Strict):
+    """An item of a stored response, by id (the responses unit resolves it)."""
+
+    id: str
+
+
 InputItem = tagged(
     "type",
     {
@@ -349,6 +355,7 @@ InputItem = tagged(
         "function_call": FunctionCallItem,
         "function_call_output": FunctionCallOutputItem,
         "reasoning": ReasoningItem,
+        "item_reference": ItemReference,
     },
     default="message",  # `{"role": "user", "content": "hi"}` is an easy input message
 )

@@ -5,6 +5,12 @@ Replies are deterministic (same request -> same bytes except ``id``/``created``)
 follow the OpenAI wire format for ``chat.completion`` and ``chat.completion.chunk``.
 Behaviour (chunk count, pacing, failures, broken streams, usage) is set server-wide by
 :class:`MockOptions` and can be overridden per request with ``x-mock-*`` headers.
+
+It behaves like a model that uses tools and then answers: offered tools, it calls them
+(ids derived from the request, so unique per call and still deterministic); once the
+conversation ends in tool results (``tool`` messages after the last user turn), it
+answers in text that quotes them. The output cap (``max_completion_tokens`` /
+``max_tokens``) bounds content and tool calls alike (``finish_reason: "length"``).
 """
 
 from __future__ import annotations
@@ -13,6 +19,7 @@ import argparse
 import asyncio
 import contextlib
 import dataclasses
+import hashlib
 import itertools
 import time
 from collections.abc import Callable, Iterator
@@ -61,12 +68,13 @@ class _Reply:
     content: list[str]  # one entry per content chunk ("token"); empty for tool calls
     tool_calls: list[dict[str, Any]]
     finish_reason: str
+    # Per tool call, the argument fragments it streams (they join to its arguments).
+    tool_fragments: list[list[str]] = dataclasses.field(default_factory=list)
 
     @property
     def completion_tokens(self) -> int:
         """Tokens per choice: one per streamed reasoning/content/tool-call chunk."""
-        tool_chunks = sum(1 + len(_fragments(c["function"]["arguments"])) for c in self.tool_calls)
-        return len(self.reasoning) + len(self.content) + tool_chunks
+        return len(self.reasoning) + len(self.content) + sum(1 + len(f) for f in self.tool_fragments)
 
     def deltas(self) -> Iterator[tuple[dict[str, Any], bool]]:
         """Stream deltas in order, each flagged True when it counts toward ``cut_after``."""
@@ -75,11 +83,11 @@ class _Reply:
             yield {"reasoning_content": text}, False
         for text in self.content:
             yield {"content": text}, True
-        for k, call in enumerate(self.tool_calls):
+        for k, (call, fragments) in enumerate(zip(self.tool_calls, self.tool_fragments, strict=True)):
             fn = call["function"]
             head = {"index": k, "id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": ""}}
             yield {"tool_calls": [head]}, True
-            for part in _fragments(fn["arguments"]):
+            for part in fragments:
                 yield {"tool_calls": [{"index": k, "function": {"arguments": part}}]}, True
 
 
@@ -124,10 +132,53 @@ def _last_user_words(messages: list[Any]) -> list[str]:
     return []
 
 
+def _tool_results(messages: list[Any]) -> list[str] | None:
+    """``name returned result`` for each tool result the conversation ends with, else None.
+
+    The conversation ends in tool results when a ``tool`` message comes after the last
+    user message; the names come from the assistant tool calls they answer.
+    """
+    results: list[dict[str, Any]] = []
+    for message in reversed(messages):
+        if not isinstance(message, dict) or message.get("role") == "user":
+            break
+        if message.get("role") == "tool":
+            results.append(message)
+    if not results:
+        return None
+    names = {
+        call.get("id"): (call.get("function") or {}).get("name")
+        for message in messages
+        if isinstance(message, dict) and message.get("role") == "assistant"
+        for call in message.get("tool_calls") or ()
+        if isinstance(call, dict)
+    }
+    answers = []
+    for message in reversed(results):
+        content = message.get("content")
+        if isinstance(content, list):  # content parts: keep the text ones
+            content = " ".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+        name = names.get(message.get("tool_call_id")) or "the tool"
+        answers.append(f"{name} returned {content if isinstance(content, str) else orjson.dumps(content).decode()}")
+    return answers
+
+
+def _call_id(body: dict[str, Any], index: int, name: str) -> str:
+    """A tool-call id unique to this conversation turn and call, the same for the same request."""
+    digest = hashlib.sha256(orjson.dumps([body.get("messages"), index, name], default=str)).hexdigest()
+    return f"call_{digest[:24]}"
+
+
 def _tool_calls(body: dict[str, Any]) -> list[dict[str, Any]]:
-    """Deterministic tool calls for the offered tools, honouring tool_choice/parallel_tool_calls."""
+    """Deterministic tool calls for the offered tools, honouring tool_choice/parallel_tool_calls.
+
+    None once the conversation ends in tool results, unless tool_choice forces a call.
+    """
     tools, choice = body.get("tools"), body.get("tool_choice")
     if not isinstance(tools, list) or not tools or choice == "none":
+        return []
+    forced = choice == "required" or isinstance(choice, dict)
+    if not forced and _tool_results(body["messages"]) is not None:
         return []
     functions = [
         t["function"]
@@ -146,8 +197,33 @@ def _tool_calls(body: dict[str, Any]) -> list[dict[str, Any]]:
         props = params.get("properties") if isinstance(params, dict) else None
         args = {key: _SCHEMA_SAMPLES.get(s.get("type") if isinstance(s, dict) else None) for key, s in (props or {}).items()}
         arguments = orjson.dumps(args).decode()
-        calls.append({"id": f"call_mock_{k}", "type": "function", "function": {"name": fn["name"], "arguments": arguments}})
+        calls.append({"id": _call_id(body, k, fn["name"]), "type": "function",
+                      "function": {"name": fn["name"], "arguments": arguments}})
     return calls
+
+
+def _capped_tool_calls(calls: list[dict[str, Any]], cap: int | None) -> tuple[list[dict[str, Any]], list[list[str]], bool]:
+    """The calls that fit in `cap` tokens, their argument fragments, and whether any was cut.
+
+    A call's name is one token and each argument fragment one; a call cut inside its
+    arguments keeps the fragments that fit, as a provider does.
+    """
+    kept: list[dict[str, Any]] = []
+    kept_fragments: list[list[str]] = []
+    budget = cap
+    for call in calls:
+        fragments = _fragments(call["function"]["arguments"])
+        if budget is not None and budget < 1 + len(fragments):
+            if budget >= 1:
+                fragments = fragments[: budget - 1]
+                kept.append({**call, "function": {**call["function"], "arguments": "".join(fragments)}})
+                kept_fragments.append(fragments)
+            return kept, kept_fragments, True
+        kept.append(call)
+        kept_fragments.append(fragments)
+        if budget is not None:
+            budget -= 1 + len(fragments)
+    return kept, kept_fragments, False
 
 
 def _prompt_tokens(messages: list[Any]) -> int:
@@ -254,20 +330,29 @@ class MockUpstream:
         if invalid := _validate(body):
             return invalid
 
+        cap = body.get("max_completion_tokens")
+        cap = body.get("max_tokens") if cap is None else cap
         tool_calls = _tool_calls(body)
         content: list[str] = []
+        fragments: list[list[str]] = []
         finish = "tool_calls" if tool_calls else "stop"
-        if not tool_calls:
-            cap = body.get("max_completion_tokens")
-            cap = body.get("max_tokens") if cap is None else cap
-            count = opts.chunks
-            if cap is not None and cap < count:
-                count, finish = cap, "length"
-            words = _last_user_words(body["messages"])
-            content = [f"{words[i % len(words)]} " if words else f"w{i} " for i in range(count)]
+        if tool_calls:
+            tool_calls, fragments, cut = _capped_tool_calls(tool_calls, cap)
+            if cut:
+                finish = "length"
+        else:
+            results = _tool_results(body["messages"])
+            if results is not None:
+                # An answer that uses the results: their words, one chunk each.
+                content = [f"{word} " for word in " ".join(["Done:", "; ".join(results)]).split()]
+            else:
+                words = _last_user_words(body["messages"])
+                content = [f"{words[i % len(words)]} " if words else f"w{i} " for i in range(opts.chunks)]
+            if cap is not None and cap < len(content):
+                content, finish = content[:cap], "length"
             if echo:  # prefix rather than insert, so the chunk count stays as configured
                 content[:1] = [echo + (content[0] if content else "")]
-        reply = _Reply(["think "] * opts.reasoning_chunks, content, tool_calls, finish)
+        reply = _Reply(["think "] * opts.reasoning_chunks, content, tool_calls, finish, fragments)
 
         n = body.get("n") or 1
         usage = None

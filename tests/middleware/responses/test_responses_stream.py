@@ -93,7 +93,7 @@ async def test_reasoning_and_tool_calls_stream(running):
     check_sequence(events)
     added = [e["item"]["type"] for e in events if e["type"] == "response.output_item.added"]
     assert added == ["reasoning", "function_call", "function_call"]
-    reasoning = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_text.delta")
+    reasoning = "".join(e["delta"] for e in events if e["type"] == "response.reasoning_summary_text.delta")
     assert reasoning == "think think "
     args = {}
     for e in events:
@@ -103,8 +103,11 @@ async def test_reasoning_and_tool_calls_stream(running):
     assert args == done == {1: '{"q":"value"}', 2: '{"q":"value"}'}
     final = events[-1]["response"]
     assert events[-1]["type"] == "response.completed"
-    assert [(o["type"], o.get("call_id"), o.get("name")) for o in final["output"]] == [
-        ("reasoning", None, None), ("function_call", "call_mock_0", "lookup"), ("function_call", "call_mock_1", "fetch")]
+    assert [(o["type"], o.get("name")) for o in final["output"]] == [
+        ("reasoning", None), ("function_call", "lookup"), ("function_call", "fetch")]
+    call_ids = [e["item"]["call_id"] for e in events
+                if e["type"] == "response.output_item.added" and e["item"]["type"] == "function_call"]
+    assert [o["call_id"] for o in final["output"][1:]] == call_ids and len(set(call_ids)) == 2
     assert final["usage"]["output_tokens_details"]["reasoning_tokens"] == 2
 
 
@@ -124,8 +127,8 @@ async def test_sdk_create_stream_with_reasoning(client):
         model=MODEL, input="why", stream=True, extra_headers={"x-mock-reasoning-chunks": "2"})
     types = [event.type async for event in stream]
     assert types[:4] == ["response.created", "response.in_progress", "response.output_item.added",
-                         "response.content_part.added"]
-    assert "response.reasoning_text.done" in types and types[-1] == "response.completed"
+                         "response.reasoning_summary_part.added"]
+    assert "response.reasoning_summary_text.done" in types and types[-1] == "response.completed"
 
 
 async def test_max_output_tokens_stream_is_incomplete(running):
@@ -207,7 +210,8 @@ async def test_leaving_at_the_opening_events_closes_the_chat_stream():
         async def aclose(self):
             ChatStream.closed = True
 
-    unit = ResponsesUnit.__new__(ResponsesUnit)  # _translate needs no settings until the end
+    unit = ResponsesUnit.__new__(ResponsesUnit)  # _translate needs only its reasoning setting until the end
+    unit.settings = ResponsesUnit.Settings()
     response = skeleton({"input": "hi"}, "resp_test", "sovereign-alpha", [], False)
     events = unit._translate(ChatStream(), response, "tenant", [], [])
     first = await events.__anext__()

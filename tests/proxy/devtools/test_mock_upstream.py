@@ -140,9 +140,13 @@ async def test_parallel_tool_calls_json(client: openai.AsyncOpenAI) -> None:
     choice = reply.choices[0]
     assert choice.finish_reason == "tool_calls" and choice.message.content is None
     calls = choice.message.tool_calls
-    assert [(c.id, c.function.name) for c in calls] == [("call_mock_0", "get_weather"), ("call_mock_1", "get_time")]
+    assert [c.function.name for c in calls] == ["get_weather", "get_time"]
+    assert all(c.id.startswith("call_") for c in calls) and calls[0].id != calls[1].id
     assert orjson.loads(calls[0].function.arguments) == {"city": "value", "days": 1}
     assert calls[1].function.arguments == "{}"
+    # Deterministic: the same request gives the same ids.
+    again = await client.chat.completions.create(model="m", messages=USER, tools=[WEATHER, CLOCK])
+    assert [c.id for c in again.choices[0].message.tool_calls] == [c.id for c in calls]
 
 
 async def test_parallel_tool_calls_streamed(client: openai.AsyncOpenAI) -> None:
@@ -152,11 +156,11 @@ async def test_parallel_tool_calls_streamed(client: openai.AsyncOpenAI) -> None:
     choice = final.choices[0]
     assert choice.finish_reason == "tool_calls"
     calls = choice.message.tool_calls
-    assert [(c.id, c.type, c.function.name) for c in calls] == [
-        ("call_mock_0", "function", "get_weather"),
-        ("call_mock_1", "function", "get_time"),
-    ]
+    assert [(c.type, c.function.name) for c in calls] == [("function", "get_weather"), ("function", "get_time")]
     assert orjson.loads(calls[0].function.arguments) == {"city": "value", "days": 1}
+    # The same ids as the JSON reply to the same conversation.
+    reply = await client.chat.completions.create(model="m", messages=USER, tools=[WEATHER, CLOCK])
+    assert [c.id for c in calls] == [c.id for c in reply.choices[0].message.tool_calls]
 
 
 async def test_tool_choice_and_parallel_false(client: openai.AsyncOpenAI) -> None:
@@ -168,6 +172,57 @@ async def test_tool_choice_and_parallel_false(client: openai.AsyncOpenAI) -> Non
     assert [c.function.name for c in single.choices[0].message.tool_calls] == ["get_weather"]
     text = await client.chat.completions.create(model="m", messages=USER, tools=[WEATHER], tool_choice="none")
     assert text.choices[0].message.content and not text.choices[0].message.tool_calls
+
+
+def after_tool_results(reply: Any) -> list[dict[str, Any]]:
+    """USER, the assistant turn of `reply` (tool calls) and one result per call."""
+    calls = reply.choices[0].message.tool_calls
+    assistant = {"role": "assistant", "content": None,
+                 "tool_calls": [c.model_dump(include={"id", "type", "function"}) for c in calls]}
+    results = [{"role": "tool", "tool_call_id": c.id, "content": f'{{"n": {k}}}'} for k, c in enumerate(calls)]
+    return [*USER, assistant, *results]
+
+
+async def test_tool_results_get_a_text_answer(client: openai.AsyncOpenAI) -> None:
+    first = await client.chat.completions.create(model="m", messages=USER, tools=[WEATHER, CLOCK])
+    messages = after_tool_results(first)
+    reply = await client.chat.completions.create(model="m", messages=messages, tools=[WEATHER, CLOCK])
+    choice = reply.choices[0]
+    assert choice.finish_reason == "stop" and not choice.message.tool_calls
+    assert choice.message.content == 'Done: get_weather returned {"n": 0}; get_time returned {"n": 1} '
+    assert reply.usage.completion_tokens == len(choice.message.content.split())
+    # Streamed: the same words, chunk by chunk.
+    async with client.chat.completions.stream(model="m", messages=messages, tools=[WEATHER, CLOCK]) as stream:
+        final = await stream.get_final_completion()
+    assert final.choices[0].message.content == choice.message.content
+    # A new user turn after the results starts the next tool call, with new ids.
+    follow_up = [*messages, {"role": "assistant", "content": choice.message.content},
+                 {"role": "user", "content": "again"}]
+    again = await client.chat.completions.create(model="m", messages=follow_up, tools=[WEATHER, CLOCK])
+    new_ids = {c.id for c in again.choices[0].message.tool_calls}
+    assert len(new_ids) == 2 and not new_ids & {c.id for c in first.choices[0].message.tool_calls}
+    # A forced tool choice still calls a tool after results.
+    forced = await client.chat.completions.create(model="m", messages=messages, tools=[WEATHER], tool_choice="required")
+    assert forced.choices[0].finish_reason == "tool_calls"
+
+
+async def test_output_cap_holds_for_tool_calls(client: openai.AsyncOpenAI) -> None:
+    # get_weather is 1 head + 3 argument fragments = 4 tokens; get_time ("{}") 1 + 2.
+    whole = await client.chat.completions.create(model="m", messages=USER, tools=[WEATHER, CLOCK], max_tokens=7)
+    assert whole.choices[0].finish_reason == "tool_calls" and whole.usage.completion_tokens == 7
+    cut = await client.chat.completions.create(model="m", messages=USER, tools=[WEATHER, CLOCK], max_tokens=3)
+    choice = cut.choices[0]
+    assert choice.finish_reason == "length" and cut.usage.completion_tokens == 3
+    [call] = choice.message.tool_calls
+    assert call.function.name == "get_weather" and len(call.function.arguments) < len('{"city":"value","days":1}')
+    stream = await client.chat.completions.create(model="m", messages=USER, tools=[WEATHER, CLOCK], max_completion_tokens=3,
+                                                  stream=True, stream_options={"include_usage": True})
+    chunks = [c async for c in stream]
+    assert [c.choices[0].finish_reason for c in chunks if c.choices][-1] == "length"
+    assert chunks[-1].usage.completion_tokens == 3
+    # The cap also cuts the answer to tool results.
+    answer = await client.chat.completions.create(model="m", messages=after_tool_results(whole), max_tokens=2)
+    assert answer.choices[0].finish_reason == "length" and answer.choices[0].message.content == "Done: get_weather "
 
 
 async def test_reasoning_content(mock: tuple[MockUpstream, str], client: openai.AsyncOpenAI) -> None:

@@ -17,6 +17,7 @@ from aiohttp import web
 from proxy.store.accounts import Accounts
 from proxy.web.app import create_app
 from proxy.core.gateway import GATEWAY
+from proxy.web.body import RUNNER_OPTIONS
 from proxy.web.middlewares import AccessLogger
 from proxy.core.logs import configure_logging
 from proxy.devtools.mock_upstream import MockOptions, MockUpstream
@@ -71,7 +72,7 @@ async def _run(args: argparse.Namespace) -> None:
         }
     )
     app = create_app(settings)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log_class=AccessLogger)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log_class=AccessLogger, **RUNNER_OPTIONS)
     await runner.setup()
     await web.TCPSite(runner, args.host, args.port).start()
     accounts = Accounts(app[GATEWAY].store)

@@ -20,6 +20,7 @@ import structlog
 from aiohttp import web
 
 from proxy.web.app import create_app
+from proxy.web.body import RUNNER_OPTIONS
 from proxy.core.gateway import GATEWAY
 from proxy.web.middlewares import AccessLogger
 from proxy.core.settings import Settings
@@ -44,6 +45,7 @@ def runner_for(app: web.Application, settings: Settings) -> web.AppRunner:
         keepalive_timeout=settings.server.keepalive_timeout,
         # Open requests were already given drain_seconds before cleanup runs.
         shutdown_timeout=1.0,
+        **RUNNER_OPTIONS,  # request bodies are decoded by proxy.web.body, not by aiohttp
     )
 
 
@@ -62,7 +64,7 @@ async def serve_async(settings: Settings, ready: asyncio.Event | None = None, wo
         from proxy.admin.api import create_admin_app
 
         admin_app = create_admin_app(gateway, standalone=True)
-        admin_runner = web.AppRunner(admin_app, access_log_class=AccessLogger)
+        admin_runner = web.AppRunner(admin_app, access_log_class=AccessLogger, **RUNNER_OPTIONS)
         await admin_runner.setup()
         sites.append(web.TCPSite(admin_runner, settings.admin.host, settings.admin.port, reuse_port=reuse_port))
     for site in sites:

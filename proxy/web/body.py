@@ -24,7 +24,7 @@ from proxy.core.errors import ClientError, InvalidRequest, RequestTooLarge
 try:
     import brotli
 except ImportError:  # pragma: no cover - a dependency; without it `br` is a 415
-    brotli = None
+    brotli = None  # type: ignore[assignment]
 
 # Options for every web.AppRunner/TestServer that serves the gateway app.
 RUNNER_OPTIONS: dict[str, Any] = {"auto_decompress": False}
@@ -62,7 +62,7 @@ async def read_body(request: web.Request, gateway: Any) -> bytes:
         raise too_large(limit) from None
     encoding = request.headers.get("Content-Encoding", "").strip().lower()
     # A runner that left aiohttp's decompression on has decoded the body already.
-    if encoding in ("", "identity") or request.content.total_compressed_bytes is not None:
+    if encoding in ("", "identity") or getattr(request.content, "total_compressed_bytes", None) is not None:
         return raw
     decoded = request.get(_DECODED)
     if decoded is None:

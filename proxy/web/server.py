@@ -90,8 +90,8 @@ async def serve_async(settings: Settings, ready: asyncio.Event | None = None, wo
         admin_app = create_admin_app(gateway, standalone=True)
         admin_runner = web.AppRunner(admin_app, access_log_class=AccessLogger, **RUNNER_OPTIONS)
         await admin_runner.setup()
-        admin = settings.admin
-        sites.append((web.TCPSite(admin_runner, admin.host, admin.port, reuse_port=reuse_port), admin.host, admin.port,
+        host, port = settings.admin.host, settings.admin.port
+        sites.append((web.TCPSite(admin_runner, host, port, reuse_port=reuse_port), host, port,
                       "choose another with admin.port in the config or SOVEREIGN_ADMIN__PORT"))
     try:
         for site, host, port, change in sites:

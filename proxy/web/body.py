@@ -24,7 +24,7 @@ from proxy.core.errors import ClientError, InvalidRequest, RequestTooLarge
 try:
     import brotli
 except ImportError:  # pragma: no cover - a dependency; without it `br` is a 415
-    brotli = None  # type: ignore[assignment]
+    brotli = None
 
 # Options for every web.AppRunner/TestServer that serves the gateway app.
 RUNNER_OPTIONS: dict[str, Any] = {"auto_decompress": False}

@@ -10,8 +10,9 @@ $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 
+# The demo extra brings the `openai` package the demo's Python snippet uses.
 $(VENV)/.installed: $(BIN)/python setup.cfg pyproject.toml
-	$(BIN)/python -m pip install --quiet -e .
+	$(BIN)/python -m pip install --quiet -e '.[demo]'
 	touch $@
 
 $(VENV)/.installed-dev: $(VENV)/.installed setup.cfg
@@ -19,8 +20,12 @@ $(VENV)/.installed-dev: $(VENV)/.installed setup.cfg
 	touch $@
 
 ## make run: create .venv, install, start the demo (simulated provider + gateway + demo key).
+## Other ports: make run PORT=8081 UPSTREAM_PORT=9101; any other demo flags: make run ARGS='--host 0.0.0.0'.
+PORT ?= 8080
+UPSTREAM_PORT ?= 9100
+ARGS ?=
 run: $(VENV)/.installed
-	$(BIN)/sovereign demo
+	$(BIN)/sovereign demo --port $(PORT) --upstream-port $(UPSTREAM_PORT) $(ARGS)
 
 ## make test: dev dependencies, a reachable Redis, the whole suite.
 test: $(VENV)/.installed-dev

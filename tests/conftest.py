@@ -8,6 +8,7 @@ import pytest
 
 from proxy.devtools.mock_upstream import MockUpstream
 from proxy.web.app import create_app
+from proxy.web.body import RUNNER_OPTIONS
 from proxy.web.middlewares import AccessLogger
 from tests.support import REDIS_URL, OwnRedis, RunningGateway, cleanup_redis_prefix, make_settings, unique_prefix
 
@@ -37,7 +38,7 @@ async def gateway_factory(aiohttp_server):
     async def start(settings) -> RunningGateway:
         app = create_app(settings)
         # The same runner options as `sovereign serve` (TestServer already cancels handlers on disconnect).
-        server = await aiohttp_server(app, port=0, access_log_class=AccessLogger)
+        server = await aiohttp_server(app, port=0, access_log_class=AccessLogger, **RUNNER_OPTIONS)
         running = RunningGateway(server=server, app=app, base_url=f"http://127.0.0.1:{server.port}")
         started.append(running)
         return running

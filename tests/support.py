@@ -31,6 +31,7 @@ from aiohttp import web
 from aiohttp.test_utils import TestServer
 
 from proxy.web.app import create_app
+from proxy.web.body import RUNNER_OPTIONS
 from proxy.core.gateway import GATEWAY, Gateway
 from proxy.web.middlewares import AccessLogger
 from proxy.core.settings import Settings, deep_merge
@@ -136,7 +137,7 @@ async def start_gateway(settings: Settings) -> RunningGateway:
     app = create_app(settings)
     server = TestServer(app, host="127.0.0.1", port=0)
     # Runner options go to start_server: the same as `sovereign serve` uses.
-    await server.start_server(access_log_class=AccessLogger)  # TestServer already cancels handlers on disconnect
+    await server.start_server(access_log_class=AccessLogger, **RUNNER_OPTIONS)  # TestServer already cancels handlers on disconnect
     return RunningGateway(server=server, app=app, base_url=f"http://127.0.0.1:{server.port}")
 
 

@@ -82,16 +82,19 @@ def tagged(field: str, choices: dict[str, Any], *, default: str | None = None, o
     return Annotated[Union[tuple(members)], Discriminator(pick)]
 
 
-def rejected(code: str) -> Any:
-    """A part type the gateway refuses; the error message is the code itself."""
+def rejected(code: str, kind: str) -> Any:
+    """A part type the gateway refuses; the error message is a sentence that ends with the code."""
+    message = f"{kind} inputs are not supported by this gateway ({code})."
 
     def reject(value: Any) -> Any:
-        raise PydanticCustomError(code, code)
+        raise PydanticCustomError(code, message)
 
     return Annotated[Any, BeforeValidator(reject)]
 
 
-Image, Audio, File = rejected(UNSUPPORTED_IMAGE), rejected(UNSUPPORTED_AUDIO), rejected(UNSUPPORTED_FILE)
+Image = rejected(UNSUPPORTED_IMAGE, "Image")
+Audio = rejected(UNSUPPORTED_AUDIO, "Audio")
+File = rejected(UNSUPPORTED_FILE, "File")
 FunctionName = Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,64}$")]
 Temperature = Annotated[float, Field(ge=0, le=2)]
 TopP = Annotated[float, Field(ge=0, le=1)]

@@ -9,7 +9,7 @@ A rejection is one OpenAI-shaped 400: ``param`` is the offending field's path
 in OpenAI style (``messages[2].content[0].type``), ``code`` is
 ``missing_required_parameter`` or ``invalid_value``, or for media inputs the
 exact ``unsupported_image_input`` / ``unsupported_audio_input`` /
-``unsupported_file_input`` (message = code). Of pydantic's errors, media
+``unsupported_file_input`` (the message a sentence naming the code). Of pydantic's errors, media
 errors win, then the first error; where that error sits in a union (a string
 *or* an array, ...) the deepest error of the same union is reported, since it
 belongs to the branch the client meant.
@@ -100,7 +100,7 @@ def to_api_error(errors: Sequence[ErrorDetails], body: Any) -> ApiError:
     media = next((e for e in errors if e["type"] in UNSUPPORTED), None)
     if media is not None:
         path, _ = _walk(media["loc"], body, missing=False)
-        return ApiError(400, media["type"], code=media["type"], param=_format(path) or None)
+        return ApiError(400, media["msg"], code=media["type"], param=_format(path) or None)
     first = errors[0]
     _, union_at = _walk(first["loc"], body, missing=first["type"] in _MISSING)
     prefix = first["loc"][:union_at]

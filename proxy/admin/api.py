@@ -25,7 +25,7 @@ from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, Stric
 from proxy.store.accounts import Accounts
 from proxy.core.errors import ApiError, invalid_request
 from proxy.core.gateway import GATEWAY, Gateway
-from proxy.web.middlewares import gateway_middleware
+from proxy.web.middlewares import gateway_middleware, stamp_request_id
 from proxy.web.routes import read_json_body
 from proxy.core.settings import ConfigError, Settings
 
@@ -202,5 +202,6 @@ def create_admin_app(gateway: Gateway, *, standalone: bool = False) -> web.Appli
     # The root app's middleware gives request ids, error rendering and draining, as on the client port.
     root = web.Application(middlewares=[gateway_middleware], client_max_size=gateway.settings.server.max_body_bytes)
     root[GATEWAY] = gateway
+    root.on_response_prepare.append(stamp_request_id)
     root.add_subapp("/admin", app)
     return root

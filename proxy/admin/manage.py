@@ -231,7 +231,8 @@ def add_management_commands(subparsers: Any, load: LoadSettings) -> None:
     p.add_argument("--tenant", required=True)
     p.set_defaults(func=_command(keys_list, load))
 
-    p = k_sub.add_parser("revoke", help="revoke a key (gateways refuse it within auth.cache_seconds)")
+    revoke_note = "gateways refuse a revoked key within units.auth.cache_seconds (their key-lookup cache)"
+    p = k_sub.add_parser("revoke", help=f"revoke a key ({revoke_note})", description=f"Revoke a key; {revoke_note}.")
     p.add_argument("key_id")
     p.set_defaults(func=_command(keys_revoke, load))
 

@@ -9,18 +9,22 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import importlib.util
 import secrets
+import shlex
 import signal
+import sys
 
 from aiohttp import web
 
 from proxy.store.accounts import Accounts
 from proxy.web.app import create_app
 from proxy.core.gateway import GATEWAY
+from proxy.web.body import RUNNER_OPTIONS
 from proxy.web.middlewares import AccessLogger
 from proxy.core.logs import configure_logging
 from proxy.devtools.mock_upstream import MockOptions, MockUpstream
-from proxy.web.server import install_uvloop
+from proxy.web.server import cannot_listen, install_uvloop, listen
 from proxy.core.settings import load_settings
 
 DEMO_TENANT = "demo"
@@ -28,6 +32,14 @@ DEMO_CREDITS = 1_000_000
 
 
 def banner(base: str, key: str, admin_token: str, upstream: str) -> str:
+    """What the demo prints: addresses, the key, and commands that paste and run as printed.
+
+    The commands are flush-left (an indented heredoc terminator never ends the
+    heredoc), and the Python snippet runs with this interpreter, the one that
+    has `openai` installed by `make run` (the `demo` extra).
+    """
+    python = shlex.quote(sys.executable)
+    needs_openai = "" if importlib.util.find_spec("openai") else f"# first: {python} -m pip install openai\n"
     return f"""
 Sovereign demo is running.
 
@@ -38,20 +50,20 @@ Sovereign demo is running.
   API key            {key}
   admin token        {admin_token}
 
-Try it:
+Try it (paste into another shell):
 
-  curl -s {base}/v1/chat/completions \\
-    -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
-    -d '{{"model": "sovereign-alpha", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
+curl -s {base}/v1/chat/completions \\
+  -H "Authorization: Bearer {key}" -H "Content-Type: application/json" \\
+  -d '{{"model": "sovereign-alpha", "messages": [{{"role": "user", "content": "Hello!"}}]}}'
 
-  curl -s {base}/v1/credits -H "Authorization: Bearer {key}"
+curl -s {base}/v1/credits -H "Authorization: Bearer {key}"
 
-  python - <<'PY'
-  from openai import OpenAI
-  client = OpenAI(base_url="{base}/v1", api_key="{key}")
-  reply = client.chat.completions.create(model="sovereign-alpha", messages=[{{"role": "user", "content": "Hello!"}}])
-  print(reply.choices[0].message.content)
-  PY
+{needs_openai}{python} - <<'PY'
+from openai import OpenAI
+client = OpenAI(base_url="{base}/v1", api_key="{key}")
+reply = client.chat.completions.create(model="sovereign-alpha", messages=[{{"role": "user", "content": "Hello!"}}])
+print(reply.choices[0].message.content)
+PY
 
 Press Ctrl-C to stop.
 """
@@ -59,7 +71,11 @@ Press Ctrl-C to stop.
 
 async def _run(args: argparse.Namespace) -> None:
     mock = MockUpstream(MockOptions(delay_ms=30))
-    upstream_url = await mock.start(args.host, args.upstream_port)
+    try:
+        upstream_url = await mock.start(args.host, args.upstream_port)
+    except OSError as exc:
+        await mock.close()
+        raise cannot_listen(exc, args.host, args.upstream_port, "choose another with --upstream-port") from None
     admin_token = "sov-admin-" + secrets.token_urlsafe(24)
     settings = load_settings(
         overrides={
@@ -71,9 +87,14 @@ async def _run(args: argparse.Namespace) -> None:
         }
     )
     app = create_app(settings)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log_class=AccessLogger)
+    runner = web.AppRunner(app, handler_cancellation=True, access_log_class=AccessLogger, **RUNNER_OPTIONS)
     await runner.setup()
-    await web.TCPSite(runner, args.host, args.port).start()
+    try:
+        await listen(web.TCPSite(runner, args.host, args.port), args.host, args.port, "choose another with --port")
+    except SystemExit:
+        await runner.cleanup()
+        await mock.close()
+        raise
     accounts = Accounts(app[GATEWAY].store)
     await accounts.create_tenant(DEMO_TENANT, DEMO_CREDITS)
     key, _ = await accounts.create_key(DEMO_TENANT, name="demo key")

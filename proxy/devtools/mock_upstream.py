@@ -451,7 +451,13 @@ def run_mock_upstream(host: str, port: int, options: MockOptions) -> None:
 
     async def serve() -> None:
         mock = MockUpstream(options)
-        url = await mock.start(host, port)
+        try:
+            url = await mock.start(host, port)
+        except OSError as exc:
+            from proxy.web.server import cannot_listen
+
+            await mock.close()
+            raise cannot_listen(exc, host, port, "choose another with --port") from None
         print(f"mock upstream listening on {url}", flush=True)
         try:
             await asyncio.Event().wait()

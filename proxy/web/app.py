@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.core.gateway import GATEWAY, Gateway
-from proxy.web.middlewares import gateway_middleware
+from proxy.web.middlewares import gateway_middleware, stamp_request_id
 from proxy.web.routes import core_routes
 from proxy.core.settings import Settings
 from proxy.store.store import Store
@@ -18,6 +18,7 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     # body without a Content-Length is refused before it is read whole.
     app = web.Application(middlewares=[gateway_middleware], client_max_size=settings.server.max_body_bytes)
     app[GATEWAY] = gateway
+    app.on_response_prepare.append(stamp_request_id)
     app.add_routes(core_routes(gateway))
     for unit in gateway.units:
         app.add_routes(unit.routes())

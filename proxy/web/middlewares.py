@@ -1,10 +1,12 @@
 """HTTP-level concerns: request ids, error rendering, draining, and the access log.
 
 Everything about the request *content* lives in the unit pipeline; this
-module only makes sure every response carries an ``X-Request-ID``, every
-failure has the OpenAI error shape (never a traceback), a draining process
-refuses new work, and one JSON log line per request is written after the
-response has been sent (aiohttp's access-logger hook, off the hot path).
+module only makes sure every response carries an ``X-Request-ID`` (streams
+included: `stamp_request_id` runs as each response is prepared), every
+failure has the OpenAI error shape (never a traceback), a compressed body is
+decoded (`proxy.web.body`) before any unit runs, a draining process refuses
+new work, and one JSON log line per request is written after the response has
+been sent (aiohttp's access-logger hook, off the hot path).
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ from proxy.core.errors import (
     StoreUnavailable,
     UpstreamError,
 )
+from proxy.web.body import read_body
 from proxy.core.gateway import GATEWAY
 
 log = structlog.get_logger("sovereign")
@@ -56,7 +59,9 @@ def _http_error(exc: web.HTTPException) -> ApiError:
     if status == 404:
         return NotFound("Unknown route.")
     if status == 405:
-        return ApiError(405, "Method not allowed on this route.", code="method_not_allowed")
+        allowed = getattr(exc, "allowed_methods", None) or ()
+        headers = {"Allow": ", ".join(sorted(allowed))} if allowed else None
+        return ApiError(405, "Method not allowed on this route.", code="method_not_allowed", headers=headers)
     if status == 413:
         return RequestTooLarge("The request body is larger than this gateway accepts.")
     return ApiError(status, exc.reason or "HTTP error", code="http_error")
@@ -65,6 +70,17 @@ def _http_error(exc: web.HTTPException) -> ApiError:
 def render(error: ApiError, request_id: str) -> web.Response:
     headers = {REQUEST_ID_HEADER: request_id, **error.headers}
     return web.Response(status=error.status, body=error.to_json(), content_type="application/json", headers=headers)
+
+
+async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare` hook: the request id on every response, streams included.
+
+    A stream's headers go out when the handler prepares it, before the
+    middleware sees the response, so the middleware cannot add them itself.
+    """
+    request_id = request.get(REQUEST_ID)
+    if request_id is not None:
+        response.headers[REQUEST_ID_HEADER] = request_id
 
 
 @web.middleware
@@ -77,6 +93,10 @@ async def gateway_middleware(request: web.Request, handler: Any) -> web.StreamRe
     try:
         if gateway.draining and request.path.startswith(_GATED_PREFIXES):
             raise Draining()
+        if request.body_exists and "Content-Encoding" in request.headers:
+            # Decompress before auth or any unit, so a body that does not
+            # decompress is a 400 on every route (the result is cached).
+            await read_body(request, gateway)
         response = await handler(request)
     except ApiError as error:
         request[ERROR_CODE] = error.code
@@ -92,8 +112,6 @@ async def gateway_middleware(request: web.Request, handler: Any) -> web.StreamRe
         log.exception("request.crashed", request_id=request_id, path=request.path)
         request[ERROR_CODE] = "internal_error"
         return render(ApiError(500, "The gateway failed to handle this request.", type=SERVER, code="internal_error"), request_id)
-    if not response.prepared:
-        response.headers[REQUEST_ID_HEADER] = request_id
     return response
 
 

@@ -12,6 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from proxy import __version__
+from proxy.core.gateway import GATEWAY
 
 JSON = "application/json"
 
@@ -269,7 +270,15 @@ PATHS: dict[str, dict[str, Any]] = {
 }
 
 
-def document() -> dict[str, Any]:
+def document(admin: bool = True) -> dict[str, Any]:
+    """The document; `admin=False` leaves out the /admin routes (and their token scheme)."""
+    paths = PATHS if admin else {path: ops for path, ops in PATHS.items() if not path.startswith("/admin/")}
+    security_schemes = {
+        "client": {"type": "http", "scheme": "bearer", "description": "A client key: sk-sov-live-…"},
+        "admin": {"type": "http", "scheme": "bearer", "description": "The admin token (SOVEREIGN_ADMIN_TOKEN)."},
+    }
+    if not admin:
+        del security_schemes["admin"]
     return {
         "openapi": "3.1.0",
         "info": {
@@ -277,16 +286,12 @@ def document() -> dict[str, Any]:
             "version": __version__,
             "description": "OpenAI-compatible gateway with multi-tenant keys and prepaid credits. Errors always have the OpenAI shape.",
         },
-        "paths": PATHS,
-        "components": {
-            "schemas": SCHEMAS,
-            "securitySchemes": {
-                "client": {"type": "http", "scheme": "bearer", "description": "A client key: sk-sov-live-…"},
-                "admin": {"type": "http", "scheme": "bearer", "description": "The admin token (SOVEREIGN_ADMIN_TOKEN)."},
-            },
-        },
+        "paths": paths,
+        "components": {"schemas": SCHEMAS, "securitySchemes": security_schemes},
     }
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(document())
+    admin = request.app[GATEWAY].settings.admin
+    # The admin routes are on this port only when the admin API is on and has no port of its own (proxy/web/app.py).
+    return web.json_response(document(admin=admin.token is not None and admin.port is None))

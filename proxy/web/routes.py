@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import time
 from typing import Any
 
@@ -11,8 +10,9 @@ from aiohttp import web
 
 from proxy.web import relay
 from proxy.core.call import CHAT, RESPONSES, Call
-from proxy.core.errors import ApiError, RequestTooLarge, invalid_request, model_not_found
+from proxy.core.errors import invalid_request, model_not_found
 from proxy.core.gateway import GATEWAY, Gateway
+from proxy.web.body import read_body
 from proxy.web.middlewares import CALL, PUBLIC_MODEL, REQUEST_ID, STARTED
 
 JSON_TYPES = ("application/json",)
@@ -23,19 +23,7 @@ async def read_json_body(request: web.Request, gateway: Gateway) -> tuple[bytes,
     content_type = request.headers.get("Content-Type")
     if content_type is not None and request.content_type not in JSON_TYPES:
         raise invalid_request("Content-Type must be application/json.", param=None, code="invalid_content_type")
-    limit = gateway.settings.server.max_body_bytes
-    if request.content_length is not None and request.content_length > limit:
-        raise RequestTooLarge(f"The request body is larger than {limit} bytes.")
-    try:
-        if request.content.is_eof():  # already buffered (the usual case): no timer needed
-            raw = await request.read()
-        else:
-            async with asyncio.timeout(gateway.settings.server.client_read_timeout):
-                raw = await request.read()
-    except TimeoutError:
-        raise ApiError(408, "The request body arrived too slowly.", code="request_timeout") from None
-    except web.HTTPRequestEntityTooLarge:
-        raise RequestTooLarge(f"The request body is larger than {limit} bytes.") from None
+    raw = await read_body(request, gateway)
     if not raw:
         raise invalid_request("The request body is empty; send a JSON object.", code="invalid_json")
     try:

@@ -13,6 +13,7 @@ supervisor when it listens (see `proxy.web.workers`).
 from __future__ import annotations
 
 import asyncio
+import errno
 import gc
 import signal
 
@@ -20,6 +21,7 @@ import structlog
 from aiohttp import web
 
 from proxy.web.app import create_app
+from proxy.web.body import RUNNER_OPTIONS
 from proxy.core.gateway import GATEWAY
 from proxy.web.middlewares import AccessLogger
 from proxy.core.settings import Settings
@@ -36,6 +38,25 @@ def install_uvloop() -> None:
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
+def cannot_listen(exc: OSError, host: str, port: int, change: str) -> SystemExit:
+    """A one-line exit (status 1) for a port that cannot be bound, naming how to choose another."""
+    if exc.errno == errno.EADDRINUSE:
+        reason = f"port {port} is already in use"
+    elif exc.errno == errno.EACCES:
+        reason = f"permission denied for port {port}"
+    else:
+        reason = exc.strerror or str(exc)
+    return SystemExit(f"sovereign: cannot listen on {host}:{port}: {reason}; {change}")
+
+
+async def listen(site: web.TCPSite, host: str, port: int, change: str) -> None:
+    """Start `site`; a port that cannot be bound ends the process with one line, not a traceback."""
+    try:
+        await site.start()
+    except OSError as exc:
+        raise cannot_listen(exc, host, port, change) from None
+
+
 def runner_for(app: web.Application, settings: Settings) -> web.AppRunner:
     return web.AppRunner(
         app,
@@ -44,6 +65,7 @@ def runner_for(app: web.Application, settings: Settings) -> web.AppRunner:
         keepalive_timeout=settings.server.keepalive_timeout,
         # Open requests were already given drain_seconds before cleanup runs.
         shutdown_timeout=1.0,
+        **RUNNER_OPTIONS,  # request bodies are decoded by proxy.web.body, not by aiohttp
     )
 
 
@@ -56,17 +78,29 @@ async def serve_async(settings: Settings, ready: asyncio.Event | None = None, wo
     reuse_port = True if worker is not None else None
     runner = runner_for(app, settings)
     await runner.setup()
-    sites = [web.TCPSite(runner, settings.server.host, settings.server.port, reuse_address=True, reuse_port=reuse_port)]
+    server = settings.server
+    sites = [
+        (web.TCPSite(runner, server.host, server.port, reuse_address=True, reuse_port=reuse_port), server.host, server.port,
+         "choose another with server.port in the config or SOVEREIGN_PORT"),
+    ]
     admin_runner = None
     if settings.admin.token is not None and settings.admin.port is not None:
         from proxy.admin.api import create_admin_app
 
         admin_app = create_admin_app(gateway, standalone=True)
-        admin_runner = web.AppRunner(admin_app, access_log_class=AccessLogger)
+        admin_runner = web.AppRunner(admin_app, access_log_class=AccessLogger, **RUNNER_OPTIONS)
         await admin_runner.setup()
-        sites.append(web.TCPSite(admin_runner, settings.admin.host, settings.admin.port, reuse_port=reuse_port))
-    for site in sites:
-        await site.start()
+        host, port = settings.admin.host, settings.admin.port
+        sites.append((web.TCPSite(admin_runner, host, port, reuse_port=reuse_port), host, port,
+                      "choose another with admin.port in the config or SOVEREIGN_ADMIN__PORT"))
+    try:
+        for site, host, port, change in sites:
+            await listen(site, host, port, change)
+    except SystemExit:
+        if admin_runner is not None:
+            await admin_runner.cleanup()
+        await runner.cleanup()
+        raise
     # Everything built so far (settings, schemas, units) lives as long as the
     # process: moving it out of the collector's reach keeps each full
     # collection from walking ~70k objects (~15 ms, a stall every few hundred

@@ -6,11 +6,13 @@ import asyncio
 import json
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
 
 import openai
+import pytest
 import yaml
 
 from tests.support import REPO, Process, free_port, wait_http
@@ -117,3 +119,43 @@ async def test_demo_prints_a_working_key_and_curl_line(tmp_path):
     finally:
         proc.signal(2)
         assert proc.wait(15) == 0
+
+
+def _held_port() -> tuple[socket.socket, int]:
+    """A port some other program is listening on."""
+    holder = socket.socket()
+    holder.bind(("127.0.0.1", 0))
+    holder.listen()
+    return holder, holder.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    "command, flag",
+    [
+        (["demo", "--port", "{busy}", "--upstream-port", "{free}"], "--port"),
+        (["demo", "--port", "{free}", "--upstream-port", "{busy}"], "--upstream-port"),
+        (["mock-upstream", "--port", "{busy}"], "--port"),
+        (["serve"], "server.port in the config or SOVEREIGN_PORT"),
+    ],
+    ids=["demo", "demo-upstream", "mock-upstream", "serve"],
+)
+def test_a_busy_port_is_one_line_naming_the_port_and_the_flag(command, flag):
+    holder, busy = _held_port()
+    with holder:
+        args = [part.format(busy=busy, free=free_port()) for part in command]
+        env = {"SOVEREIGN_HOST": "127.0.0.1", "SOVEREIGN_PORT": str(busy), "SOVEREIGN_LOG_LEVEL": "warning"}
+        result = run_cli(*args, env=env)
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr + result.stdout
+    assert result.stderr.strip().splitlines() == [
+        f"sovereign: cannot listen on 127.0.0.1:{busy}: port {busy} is already in use; choose another with {flag}"
+    ]
+
+
+def test_make_run_passes_ports_and_flags_to_the_demo():
+    result = subprocess.run(
+        ["make", "-n", "run", "PORT=8181", "UPSTREAM_PORT=9191", "ARGS=--host 0.0.0.0"],
+        cwd=REPO, capture_output=True, text=True, timeout=60,
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip().splitlines()[-1] == ".venv/bin/sovereign demo --port 8181 --upstream-port 9191 --host 0.0.0.0"

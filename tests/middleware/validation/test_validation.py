@@ -170,7 +170,8 @@ MEDIA = [
 async def test_media_inputs_are_refused_exactly(gw, mock, path, body, code, param):
     status, reply = await post(gw.v1 + path, body)
     assert status == 400
-    assert reply == error(code, param, code)
+    kind = code.split("_")[1].capitalize()  # unsupported_image_input -> Image
+    assert reply == error(f"{kind} inputs are not supported by this gateway ({code}).", param, code)
     assert mock.requests == []
 
 
@@ -182,7 +183,7 @@ async def test_sdk_image_input_is_a_bad_request(gw, mock):
         )
     assert info.value.status_code == 400
     assert info.value.code == "unsupported_image_input"
-    assert info.value.body["message"] == "unsupported_image_input"
+    assert info.value.body["message"] == "Image inputs are not supported by this gateway (unsupported_image_input)."
     assert info.value.param == "messages[0].content[1]"
     with pytest.raises(openai.BadRequestError) as info:
         await client.responses.create(

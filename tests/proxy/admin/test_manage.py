@@ -87,3 +87,14 @@ def test_unreachable_store_and_memory_warning(sovereign):
     assert "cannot reach the store" in down.stderr and "Traceback" not in down.stderr
     memory = sovereign("tenants", "create", "acme", store_url="memory://")
     assert "memory://" in memory.stderr and "lost" in memory.stderr
+
+
+def test_revoke_help_names_the_real_cache_setting():
+    from proxy.core.reference import config_reference
+
+    shown = subprocess.run([sys.executable, "-m", "proxy", "keys", "revoke", "--help"], cwd=REPO, capture_output=True,
+                           text=True, timeout=30)
+    assert shown.returncode == 0
+    help_text = " ".join(shown.stdout.split())  # argparse wraps lines
+    assert "within units.auth.cache_seconds" in help_text
+    assert "`units.auth.cache_seconds`" in config_reference()  # the setting the help names exists under that path

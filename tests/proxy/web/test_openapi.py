@@ -8,6 +8,7 @@ import subprocess
 import sys
 import time
 
+import aiohttp
 import pytest
 import requests
 import schemathesis
@@ -99,3 +100,23 @@ def test_the_running_gateway_honours_its_openapi_document(case, live):
         checks=[checks.not_a_server_error, checks.response_schema_conformance, checks.content_type_conformance],
         timeout=10,
     )
+
+
+@pytest.mark.parametrize(
+    "admin, on_this_port",
+    [({"token": None}, False), ({"token": ADMIN_TOKEN, "port": 1}, False), ({"token": ADMIN_TOKEN}, True)],
+    ids=["admin-off", "admin-on-its-own-port", "admin-on-the-client-port"],
+)
+async def test_served_document_lists_admin_routes_only_where_they_are_served(mock, gateway_factory, admin, on_this_port):
+    gw = await gateway_factory(make_settings(mock.url, admin=admin))
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gw.base_url + "/openapi.json") as resp:
+            served = await resp.json()
+    admin_paths = [path for path in served["paths"] if path.startswith("/admin")]
+    assert bool(admin_paths) == on_this_port
+    assert ("admin" in served["components"]["securitySchemes"]) == on_this_port
+    # What the port serves and what its document says agree, admin included.
+    routes = _normalised(_routes(gw.app))
+    assert {p for p in routes if p[1].startswith("/admin")} == {
+        p for p in _normalised({(m, p) for p, ops in served["paths"].items() for m in ops}) if p[1].startswith("/admin")
+    }

@@ -30,6 +30,7 @@ run: $(VENV)/.installed
 ## make test: dev dependencies, a reachable Redis, the whole suite.
 test: $(VENV)/.installed-dev
 	.ci/ensure-redis
+	.ci/ensure-node-deps
 	$(BIN)/python -m pytest -q
 
 ## make bench: the benchmark suite (see bench/README.md); writes bench/results/.

@@ -206,8 +206,8 @@ class SettlementQueue:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
             self._task = None
-        if self.pending and await self.store.ping():
-            await self._flush()
+        if self.count and await self.store.ping():
+            await self._flush() and await self._replay()
         left = list(self.pending)
         self.pending.clear()
         if left and self.spool is not None:

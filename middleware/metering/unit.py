@@ -481,11 +481,12 @@ class MeteringUnit(Unit):
         expires = now_ms() + self.hold_ms
         args = [ticket.hold_id, cost, f"req:{call.request_id}", entry, expires]
         # Both deferred: they go out together with the next write on the connection.
-        recorded, _ = await asyncio.gather(
+        results: tuple[Any, ...] = await asyncio.gather(
             self.store.run(HOLD_CHECKPOINT, [keys[1], keys[2], keys[5], keys[6]], args, deferred=True),
             self.sweeper.register(tenant, ticket.hold_id, expires),
             return_exceptions=True,
         )
+        recorded = results[0]
         if recorded == 1:
             ticket.checkpointed = True
         elif isinstance(recorded, BaseException) and not isinstance(recorded, StoreUnavailable):

@@ -184,6 +184,7 @@ class SettlementQueue:
         self.memory_limit = memory_limit
         self.retry_max_seconds = retry_max_seconds
         self.pending: collections.deque[Settlement] = collections.deque()
+        self._in_transit = 0  # taken from `pending` by the loop: being retried or spooled
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._warned_memory = False
@@ -191,7 +192,7 @@ class SettlementQueue:
     @property
     def count(self) -> int:
         """Settlements of this process not yet in the store (in memory or in its spool file)."""
-        return len(self.pending) + (self.spool.lines if self.spool else 0)
+        return len(self.pending) + self._in_transit + (self.spool.lines if self.spool else 0)
 
     # -- lifecycle -------------------------------------------------------
     def start(self) -> None:
@@ -272,7 +273,11 @@ class SettlementQueue:
         """Send what is pending, oldest first, in batches; False at the first batch that met a store error."""
         while self.pending:
             batch = [self.pending.popleft() for _ in range(min(BATCH, len(self.pending)))]
-            results = await asyncio.gather(*(self._send(s) for s in batch))
+            self._in_transit = len(batch)
+            try:
+                results = await asyncio.gather(*(self._send(s) for s in batch))
+            finally:
+                self._in_transit = 0
             failed = [s for s, ok in zip(batch, results, strict=True) if not ok]
             if failed:
                 self.pending.extendleft(reversed(failed))
@@ -285,7 +290,11 @@ class SettlementQueue:
         assert self.spool is not None
         moved = list(self.pending)
         self.pending.clear()
-        await asyncio.to_thread(self.spool.append, moved)
+        self._in_transit = len(moved)
+        try:
+            await asyncio.to_thread(self.spool.append, moved)
+        finally:
+            self._in_transit = 0
         for settlement in moved:
             settlement.finish()
         self._update_gauge()

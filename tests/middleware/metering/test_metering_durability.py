@@ -135,10 +135,10 @@ async def test_a_redis_outage_under_open_streams_and_json_load_loses_no_settleme
             await asyncio.wait(streams, timeout=10)
             results = [t.result() for t in streams]
             assert all(r.status == 200 and r.done and len(r.chunks) == 40 for r in results)  # held, so relayed to the end
+            await until(lambda: metering.settlements.count >= 20, timeout=5)  # the streams' settlements, at least
             async with http.get(running.base_url + "/readyz") as resp:
                 ready = await resp.json()
             assert resp.status == 503 and {"store_unreachable", "settlements_pending"} <= set(ready["reasons"])
-            assert metering.settlements.count >= 20
             assert running.gateway.metrics.settlements_pending._value.get() == metering.settlements.count
             assert metering.settlements.spool.lines > 0  # past the memory bound: on disk
             await asyncio.sleep(max(0.0, outage - (time.monotonic() - killed)))
@@ -187,10 +187,16 @@ async def test_sigterm_during_an_outage_spools_pending_settlements_and_the_next_
             await asyncio.to_thread(redis.kill)
             results = await asyncio.gather(*streams)
             assert all(r.status == 200 and r.done for r in results)
+            # The streams' settlements fail and wait just after their last chunk.
+            for _ in range(100):
+                async with http.get(base + "/metrics") as resp:
+                    if "sovereign_settlements_pending 10.0" in await resp.text():
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the 10 settlements were never reported pending")
             async with http.get(base + "/readyz") as resp:
-                assert resp.status == 503 and "settlements_pending" in (await resp.json())["reasons"]
-            async with http.get(base + "/metrics") as resp:
-                assert "sovereign_settlements_pending 10.0" in await resp.text()
+                assert resp.status == 503 and {"store_unreachable", "settlements_pending"} <= set((await resp.json())["reasons"])
         first.signal(signal.SIGTERM)
         assert await asyncio.to_thread(first.wait, 20) == 0
         files = list(spool.glob("settlements-*.jsonl"))

@@ -103,7 +103,7 @@ class SettlementSpool:
         self.lines = 0  # lines in this process' file (pending settlements)
 
     def append(self, settlements: list[Settlement]) -> None:
-        """Append and fsync (blocking: run it in a thread from the event loop)."""
+        """Append and fsync (blocking: run it in a thread from the event loop; the caller counts `lines`)."""
         if not settlements:
             return
         if self._file is None:
@@ -114,7 +114,6 @@ class SettlementSpool:
         self._file.write(b"".join(s.to_line() for s in settlements))
         self._file.flush()
         os.fsync(self._file.fileno())
-        self.lines += len(settlements)
 
     def read_own(self) -> list[bytes]:
         if self._file is None or not self.lines:
@@ -213,6 +212,7 @@ class SettlementQueue:
         self.pending.clear()
         if left and self.spool is not None:
             await asyncio.to_thread(self.spool.append, left)
+            self.spool.lines += len(left)
             log.warning("metering.settlements_spooled", count=len(left), file=str(self.spool.path))
         for settlement in left:
             if self.spool is None:
@@ -293,6 +293,7 @@ class SettlementQueue:
         self._in_transit = len(moved)
         try:
             await asyncio.to_thread(self.spool.append, moved)
+            self.spool.lines += len(moved)
         finally:
             self._in_transit = 0
         for settlement in moved:

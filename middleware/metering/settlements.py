@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import contextlib
 import fcntl
 import os
 import secrets
@@ -185,6 +186,7 @@ class SettlementQueue:
         self.pending: collections.deque[Settlement] = collections.deque()
         self._in_transit = 0  # taken from `pending` by the loop: being retried or spooled
         self._wake = asyncio.Event()
+        self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._warned_memory = False
 
@@ -203,8 +205,11 @@ class SettlementQueue:
     async def close(self) -> None:
         """At exit: one last try if the store answers, then spool what is left (or log it as lost)."""
         if self._task is not None:
-            self._task.cancel()
-            await asyncio.gather(self._task, return_exceptions=True)
+            # Not cancelled: a step cut in the middle could lose the batch it
+            # holds. The loop stops after its current step (one store timeout at most).
+            self._stop.set()
+            self._wake.set()
+            await self._task
             self._task = None
         if self.count and await self.store.ping():
             await self._flush() and await self._replay()
@@ -255,18 +260,23 @@ class SettlementQueue:
         pause = FIRST_PAUSE
         while True:
             await self._wake.wait()
+            if self._stop.is_set():
+                return
             self._wake.clear()
             if await self._flush() and await self._replay():
                 pause = FIRST_PAUSE
                 continue  # everything written (until the next wake)
             self._wake.set()  # keep trying
+            if self._stop.is_set():
+                return
             if self.spool is not None and len(self.pending) > self.memory_limit:
                 await self._spool_pending()
             elif len(self.pending) > self.memory_limit and not self._warned_memory:
                 self._warned_memory = True
                 log.warning("metering.settlements_over_memory_bound", pending=len(self.pending),
                             message="no store.spool_dir: pending settlements stay in memory")
-            await asyncio.sleep(pause)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stop.wait(), pause)  # a pause that close() cuts short
             pause = min(pause * 2, self.retry_max_seconds)
 
     async def _flush(self) -> bool:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -152,5 +153,19 @@ async def test_checkpointed_holds_of_a_dead_replica_are_swept_and_charged_on_a_c
             ledger = await accounts.ledger(tenant)
             assert ledger[0]["id"] == "req:r1" and ledger[0]["estimated"] is True and ledger[0]["balance_after"] == 75
         assert await sweeper.sweep() == 0  # the index is empty again: nothing charged twice
+        # A checkpointed hold its live replica settled: at expiry the sweep only drops the leftover checkpoint.
+        tenant, keys = tenants[0], checkpoint_keys(store, tenants[0])
+        assert (await store.run(HOLD_RESERVE, keys[:3], ["h2", 30, now_ms(), now_ms() + 60_000]))[0] == 1
+        entry = '{"type":"charge","request_id":"r2","credits":-10,"estimated":true,"reason":"replica_lost"}'
+        assert await store.run(HOLD_CHECKPOINT, [keys[1], keys[2], keys[5], keys[6]], ["h2", 10, "req:r2", entry, now_ms() + 50]) == 1
+        await sweeper.register(tenant, "h2", now_ms() + 50)
+        final = '{"type":"charge","request_id":"r2","credits":-20}'
+        assert await store.run(HOLD_SETTLE, keys[:5], ["h2", 20, "req:r2", final, now_ms()]) == [1, 55]
+        await asyncio.sleep(0.1)
+        assert await sweeper.sweep() == 1
+        view = await accounts.tenant(tenant)
+        assert (view["balance"], view["reserved"]) == (55, 0)
+        assert not await store.redis.exists(keys[5]) and not await store.redis.exists(keys[6])
+        assert [e["credits"] for e in await accounts.ledger(tenant)][:2] == [-20, -25]
     finally:
         await store.close()

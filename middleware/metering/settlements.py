@@ -61,13 +61,13 @@ class Settlement:
     request_id: str
     tenant: str
     credits: int
-    stamp: bool = False  # append the current time (ms) as the last argument when sent
+    now_at: int | None = None  # insert the current time (ms) into the arguments at this index when sent
     done: Callable[[], None] | None = None  # called once when it leaves this process (never spooled)
 
     def to_line(self) -> bytes:
         return orjson.dumps(
             {"script": self.script, "keys": self.keys, "args": self.args, "request_id": self.request_id,
-             "tenant": self.tenant, "credits": self.credits, "stamp": self.stamp}
+             "tenant": self.tenant, "credits": self.credits, "now_at": self.now_at}
         ) + b"\n"
 
     @classmethod
@@ -84,9 +84,9 @@ class Settlement:
             raise ValueError("script, keys or args missing")
         if not all(isinstance(k, str) for k in keys) or not all(isinstance(a, (str, int)) for a in args):
             raise ValueError("keys or args of the wrong type")
-        credits = data.get("credits")
+        credits, now_at = data.get("credits"), data.get("now_at")
         return cls(script, keys, args, str(data.get("request_id", "")), str(data.get("tenant", "")),
-                   credits if type(credits) is int else 0, data.get("stamp") is True)
+                   credits if type(credits) is int else 0, now_at if type(now_at) is int else None)
 
     def finish(self) -> None:
         if self.done is not None:
@@ -245,7 +245,9 @@ class SettlementQueue:
             _log_lost(settlement, f"unknown script {settlement.script!r}")
             settlement.finish()
             return True
-        args = [*settlement.args, now_ms()] if settlement.stamp else settlement.args
+        args = settlement.args
+        if settlement.now_at is not None:
+            args = [*args[: settlement.now_at], now_ms(), *args[settlement.now_at :]]
         try:
             await self.store.run(script, settlement.keys, args, deferred)
         except StoreUnavailable:

@@ -30,7 +30,7 @@ def test_manifests_parse_and_wire_probes_env_and_secrets(path):
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert {"/readyz", "/healthz"} <= set(PATHS)
     env = {e["name"]: e for e in container["env"]}
-    known = set(ENV_ALIASES) | {"SOVEREIGN_SERVER__DRAIN_SECONDS"}
+    known = set(ENV_ALIASES) | {"SOVEREIGN_SERVER__DRAIN_SECONDS", "SOVEREIGN_STORE__SPOOL_DIR"}
     assert set(env) <= known
     for secret in ("SOVEREIGN_UPSTREAM_API_KEY", "SOVEREIGN_ADMIN_TOKEN"):
         assert "secretKeyRef" in env[secret]["valueFrom"]
@@ -39,7 +39,11 @@ def test_manifests_parse_and_wire_probes_env_and_secrets(path):
     assert deployment["spec"]["template"]["spec"]["terminationGracePeriodSeconds"] > drain
     # The env the manifest sets must be a valid configuration.
     values = {name: e["value"] for name, e in env.items() if "value" in e}
-    load_settings(env={**values, "SOVEREIGN_UPSTREAM_API_KEY": "x", "SOVEREIGN_ADMIN_TOKEN": "y"})
+    settings = load_settings(env={**values, "SOVEREIGN_UPSTREAM_API_KEY": "x", "SOVEREIGN_ADMIN_TOKEN": "y"})
+    # The settlement spool is on a volume of its own (the root filesystem is read-only).
+    mounts = {m["mountPath"]: m["name"] for m in container["volumeMounts"]}
+    volumes = {v["name"] for v in deployment["spec"]["template"]["spec"]["volumes"]}
+    assert settings.store.spool_dir in mounts and mounts[settings.store.spool_dir] in volumes
 
 
 def test_fleet_has_service_and_disruption_budget():

@@ -30,13 +30,21 @@ Per request, for a priced model:
    the cap. No output produced → no charge, the hold is released.
 
 Settlement timing: the settlement write never delays the reply. JSON replies
-and streams both settle in ``gateway.spawn`` once the reply is complete
-(shutdown awaits pending settlements, so none is lost); until it lands the
-request's hold still counts against the balance, so nothing can be overspent
-in between. A write that fails on a store error is retried (~8 s); when every
-attempt fails the hold expires by itself, nothing is charged, and
-``metering.settle_failed`` is logged as an error with the request id, tenant
-and cost.
+and streams both settle in ``gateway.spawn`` once the reply is complete; until
+it lands the request's hold still counts against the balance, so nothing can
+be overspent in between. A write that meets a store error is never dropped:
+the `SettlementQueue` (settlements.py) retries it until the store answers,
+spools it to ``store.spool_dir`` at shutdown or past a memory bound, and
+replays the spool later; the scripts are idempotent by request id, so no
+retry or replay charges twice.
+
+Checkpoints (sweeper.py): every ``checkpoint_seconds`` of a stream, the
+output so far is recorded on its hold (deferred: it shares the next write; a
+stream shorter than one interval writes nothing extra) and the hold's expiry
+is pushed out. A hold whose replica died is charged at its checkpoint when it
+expires (flagged ``estimated``, ``reason: "replica_lost"``), by whichever
+replica's sweeper finds it first: a crash leaves at most one checkpoint
+interval of output per stream unbilled.
 
 Balance bound: the charge is the actual usage, so the balance can go below
 zero only when the provider's prompt tokens exceed the prompt estimate — at
@@ -55,6 +63,7 @@ Free models (``free: true``): no hold and no charge; usage is still recorded
 from __future__ import annotations
 
 import asyncio
+import math
 import time
 from dataclasses import dataclass
 from random import getrandbits
@@ -71,19 +80,21 @@ from proxy.core.pipeline import Unit, UnitSettings
 from proxy.store.store import Script
 
 from middleware.metering.pricing import CAP_FIELDS, Pricing, choices, output_cap, output_estimate, pricing_table, prompt_estimate
+from middleware.metering.settlements import Settlement, SettlementQueue
+from middleware.metering.sweeper import HoldSweeper, checkpoint_keys
 
 HOLD_RESERVE = Script.load("middleware.metering", "hold_reserve")
 HOLD_SETTLE = Script.load("middleware.metering", "hold_settle")
 HOLD_RELEASE = Script.load("middleware.metering", "hold_release")
+HOLD_CHECKPOINT = Script.load("middleware.metering", "hold_checkpoint")
+# Where hold_settle takes now_ms among its arguments (ARGV[5]); it is added when the write is sent.
+SETTLE_NOW_ARG = 4
 
 if TYPE_CHECKING:
     from proxy.core.gateway import Gateway
 
 log = structlog.get_logger("sovereign")
 
-# Pauses between attempts of a settlement write that met a store error:
-# together they outlast a Redis restart or fail-over (~8 s).
-RETRY_PAUSES = (0.05, 0.2, 0.5, 1.0, 2.0, 4.0)
 # How providers spell the `"usage": null` they add to chunks under include_usage.
 USAGE_NULL_FIELDS = (b',"usage":null', b', "usage": null')
 # Delta fields whose text counts as produced output.
@@ -102,8 +113,8 @@ def insufficient_credits(needed: int, available: int) -> CreditsExhausted:
 class Room:
     """A tenant's credits as this process last saw them, for the speculative-hold check."""
 
-    available: int  # reported by the last successful hold script
-    speculating: int = 0  # speculative holds sent and not yet answered
+    available: int = -1  # reported by the last hold script (-1: none answered yet)
+    in_flight: int = 0  # credits of the holds sent and not yet answered (speculative or not)
 
 
 @dataclass(slots=True)
@@ -146,6 +157,20 @@ class MeteringUnit(Unit):
         speculation_margin: int = Field(
             4, ge=1, description="Room (in holds of this size) a tenant must have had at its last hold for the next one to be speculative."
         )
+        checkpoint_seconds: float = Field(
+            5.0,
+            gt=0,
+            description="Every this many seconds a stream's output so far is recorded on its hold; if the replica dies, the hold is charged at its checkpoint when it expires (at most this much output per stream goes unbilled).",
+        )
+        sweep_seconds: float = Field(
+            10.0, gt=0, description="How often each replica settles expired holds of dead replicas at their checkpoints (within `hold_ttl_seconds` + this)."
+        )
+        settlement_retry_max_seconds: float = Field(
+            5.0, gt=0, description="Longest pause between retries of settlements the store could not take (never given up)."
+        )
+        pending_settlements_limit: int = Field(
+            10_000, ge=1, description="Pending settlements kept in memory; beyond it they go to the spool (`store.spool_dir`)."
+        )
 
     settings: Settings
 
@@ -157,6 +182,15 @@ class MeteringUnit(Unit):
         # Tenant -> what this process last saw of its room (see _speculate).
         self._room: dict[str, Room] = {}
         self._tenant_keys: dict[str, list[str]] = {}
+        self.settlements = SettlementQueue(
+            self.store,
+            [HOLD_SETTLE, HOLD_RELEASE],
+            on_count=lambda count: gateway.metrics.settlements_pending.set(count),
+            spool_dir=gateway.settings.store.spool_dir,
+            memory_limit=settings.pending_settlements_limit,
+            retry_max_seconds=settings.settlement_retry_max_seconds,
+        )
+        self.sweeper = HoldSweeper(self.store, settings.sweep_seconds)
         # Only as the last unit: a unit after metering would act on the request
         # (store a session turn, say) before its hold is confirmed.
         pipeline = gateway.settings.pipeline
@@ -170,6 +204,22 @@ class MeteringUnit(Unit):
                 upstream_total_timeout=longest,
                 message="a hold may expire before its request settles",
             )
+
+    async def startup(self) -> None:
+        if self.store.durable and self.gateway.settings.store.spool_dir is None:
+            log.warning(
+                "metering.no_spool",
+                message="store.spool_dir is unset: settlements still pending at exit (a Redis outage) are lost",
+            )
+        self.settlements.start()
+        self.sweeper.start()
+
+    async def shutdown(self) -> None:
+        await self.sweeper.close()
+        await self.settlements.close()
+
+    def readiness_notes(self) -> list[str]:
+        return ["settlements_pending"] if self.settlements.count else []
 
     # -- request path ------------------------------------------------------
     async def __call__(self, call: Call, next: Next) -> Reply:
@@ -272,16 +322,17 @@ class MeteringUnit(Unit):
         """True when this tenant's last seen room covers `speculation_margin` holds of this size.
 
         The room is what the last hold script reported as still available,
-        less the speculative holds still under way, so a burst of concurrent
-        requests stops speculating as it eats into the margin.
+        less the holds still under way, so a burst of concurrent requests
+        stops speculating as it eats into the margin; a refusal lowers it
+        below one hold, so near exhaustion requests hold first.
         """
         if not self._speculative:
             return False
         room = self._room.get(tenant)
-        if room is None or room.available - room.speculating < hold * self.settings.speculation_margin:
-            return False
-        room.speculating += hold
-        return True
+        # Every hold of this tenant still under way counts, not only the
+        # speculative ones: a burst that arrives before the first answers
+        # would otherwise speculate on room its own plain holds are taking.
+        return room is not None and room.available - room.in_flight >= hold * self.settings.speculation_margin
 
     async def _forward_speculatively(self, call: Call, next: Next, ticket: Ticket, hold: int) -> Reply:
         """Send the provider request while the hold is being reserved.
@@ -291,15 +342,12 @@ class MeteringUnit(Unit):
         hold is confirmed: a refused hold (or a store error) cancels the
         provider request, whose connection is closed, and answers 402 (503).
         """
-        room = self._room[call.principal.tenant]
         forward = asyncio.ensure_future(next(call))
         try:
             await self._hold(ticket, hold)
         except BaseException:
             await _abandon(forward)
             raise
-        finally:
-            room.speculating -= hold  # answered (a Room dropped meanwhile is simply forgotten)
         try:
             return await forward
         except BaseException:
@@ -310,34 +358,36 @@ class MeteringUnit(Unit):
 
     async def _reserve(self, ticket: Ticket, hold_id: str, hold: int) -> tuple[int, int]:
         now = now_ms()
+        room = self._tenant_room(ticket.call.principal.tenant) if self._speculative else None
+        if room is not None:
+            room.in_flight += hold  # (a Room dropped meanwhile is simply forgotten)
         try:
             status, available = await self.store.run(HOLD_RESERVE, ticket.keys[:3], [hold_id, hold, now, now + self.hold_ms])
         except StoreUnavailable:
             self._room.clear()  # no speculation until the store answers again
             # The script may have run before the connection broke: drop the
-            # hold in the background (a no-op if it never got there), then 503.
-            forget = Ticket(
-                ticket.call, ticket.pricing, ticket.model, ticket.keys, hold_id, hold=0, prompt=0, output_limit=0, added_usage=False
-            )
-            self.gateway.spawn(self._retry(forget, HOLD_RELEASE, [hold_id], 0, RETRY_PAUSES), "metering.release")
+            # hold (a no-op if it never got there; kept until the store answers), then 503.
+            call = ticket.call
+            release = Settlement(HOLD_RELEASE.name, ticket.keys[:3], [hold_id], call.request_id, call.principal.tenant, 0)
+            self.gateway.spawn(self.settlements.write(release), "metering.release")
             raise
+        finally:
+            if room is not None:
+                room.in_flight -= hold
         status, available = int(status), int(available)
-        if self._speculative:
-            self._remember_room(ticket.call.principal.tenant, status, available)
+        if room is not None:
+            # What the script reported, for the next speculative-hold check; a
+            # refusal reports less than one hold, so the next ones hold first.
+            room.available = available
         return status, available
 
-    def _remember_room(self, tenant: str, status: int, available: int) -> None:
-        """Keep what a hold script reported for the next speculative-hold check."""
-        if status != 1:
-            self._room.pop(tenant, None)  # refused: hold first until a hold succeeds again
-            return
+    def _tenant_room(self, tenant: str) -> Room:
         room = self._room.get(tenant)
-        if room is not None:
-            room.available = available
-            return
-        if len(self._room) >= TENANT_ENTRIES:
-            self._room.clear()  # bounded; an evicted tenant's next hold is simply not speculative
-        self._room[tenant] = Room(available)
+        if room is None:
+            if len(self._room) >= TENANT_ENTRIES:
+                self._room.clear()  # bounded; an evicted tenant's next hold is simply not speculative
+            room = self._room[tenant] = Room()
+        return room
 
     # -- settlement ----------------------------------------------------------
     async def _settle(self, ticket: Ticket, usage: Any, chunks: int, chars: int, inline: bool) -> None:
@@ -384,59 +434,64 @@ class MeteringUnit(Unit):
             }
         ).decode()
         args = [ticket.hold_id, cost, f"req:{call.request_id}", entry]
-        await self._write(ticket, HOLD_SETTLE, args, cost, inline)
+        await self._write(ticket, HOLD_SETTLE, ticket.keys, args, cost, inline)
 
     async def _release(self, ticket: Ticket, inline: bool = True) -> None:
         ticket.done = True
         if ticket.hold_id:
-            await self._write(ticket, HOLD_RELEASE, [ticket.hold_id], 0, inline)
+            await self._write(ticket, HOLD_RELEASE, ticket.keys[:3], [ticket.hold_id], 0, inline)
 
-    async def _write(self, ticket: Ticket, script: Script, args: list[Any], cost: int, inline: bool) -> None:
-        """Run a settlement script; inline callers try once and leave retries to the background."""
-        if not inline:
-            await self._retry(ticket, script, args, cost, (0.0, *RETRY_PAUSES))
-        elif not await self._attempt(ticket, script, args, cost, final=False):
-            self.gateway.spawn(self._retry(ticket, script, args, cost, RETRY_PAUSES), "metering.settle")
+    async def _write(self, ticket: Ticket, script: Script, keys: list[str], args: list[Any], cost: int, inline: bool) -> None:
+        """Hand a settlement script to the queue: written now, or kept and retried until the store answers.
 
-    async def _retry(self, ticket: Ticket, script: Script, args: list[Any], cost: int, pauses: tuple[float, ...]) -> None:
-        for index, pause in enumerate(pauses):
-            if pause:
-                await asyncio.sleep(pause)
-            if await self._attempt(ticket, script, args, cost, final=index == len(pauses) - 1, deferred=True):
-                return
-
-    async def _attempt(
-        self, ticket: Ticket, script: Script, args: list[Any], cost: int, final: bool, deferred: bool = False
-    ) -> bool:
-        """One try; True when done (written, or failed in a way a retry cannot fix).
-
-        `deferred` (background writes: the reply is already on its way): the
+        Not `inline` (background writes: the reply is already on its way): the
         write may wait a moment to share the next hold's (see script_client).
         """
-        keys = ticket.keys if script is HOLD_SETTLE else ticket.keys[:3]
-        try:
-            await self.store.run(script, keys, args + [now_ms()] if script is HOLD_SETTLE else args, deferred)
-        except StoreUnavailable as exc:
-            if not final:
-                return False
-            self._failed(ticket, cost, exc)
-        except Exception as exc:  # a script error: retrying cannot help
-            self._failed(ticket, cost, exc)
-        if ticket.hold:  # only reserved holds were counted as open
-            self.gateway.metrics.holds_open.dec()
-        return True
-
-    @staticmethod
-    def _failed(ticket: Ticket, cost: int, exc: BaseException) -> None:
-        log.error(
-            "metering.settle_failed",
-            request_id=ticket.call.request_id,
-            tenant=ticket.call.principal.tenant,
-            model=ticket.model,
-            credits=cost,
-            error=repr(exc),
-            message="settlement not written (a served request goes uncharged); its hold expires by itself",
+        call = ticket.call
+        settlement = Settlement(
+            script.name, keys, args, call.request_id, call.principal.tenant, cost,
+            now_at=SETTLE_NOW_ARG if script is HOLD_SETTLE else None,  # the settle script sweeps expired holds with it
+            done=self.gateway.metrics.holds_open.dec if ticket.hold else None,  # only reserved holds count as open
         )
+        await self.settlements.write(settlement, deferred=not inline)
+
+    # -- checkpoints -------------------------------------------------------
+    async def checkpoint(self, ticket: Ticket, chunks: int, chars: int) -> None:
+        """Record the output so far on the hold, with the entry to charge if this process dies before settling."""
+        call, pricing = ticket.call, ticket.pricing
+        output_tokens = min(output_estimate(chunks, chars), ticket.output_limit)
+        cost = pricing.cost(ticket.prompt, output_tokens)
+        entry = orjson.dumps(
+            {
+                "type": "charge",
+                "request_id": call.request_id,
+                "key_id": call.principal.key_id,
+                "model": ticket.model,
+                "input_tokens": ticket.prompt,
+                "output_tokens": output_tokens,
+                "credits": -cost,
+                "usage_source": "estimated",
+                "estimated": True,
+                "reason": "replica_lost",
+                "kind": call.ledger_kind,
+                "created_at": int(time.time()),
+            }
+        ).decode()
+        tenant = call.principal.tenant
+        keys = checkpoint_keys(self.store, tenant)
+        expires = now_ms() + self.hold_ms
+        args = [ticket.hold_id, cost, f"req:{call.request_id}", entry, expires]
+        # Both deferred: they go out together with the next write on the connection.
+        results: tuple[Any, ...] = await asyncio.gather(
+            self.store.run(HOLD_CHECKPOINT, [keys[1], keys[2], keys[5], keys[6]], args, deferred=True),
+            self.sweeper.register(tenant, ticket.hold_id, expires),
+            return_exceptions=True,
+        )
+        # 0 (the hold is gone: settled meanwhile) and a store outage are expected;
+        # a missed checkpoint only widens what a crash could leave unbilled.
+        for outcome in results:
+            if isinstance(outcome, BaseException) and not isinstance(outcome, StoreUnavailable):
+                log.error("metering.checkpoint_failed", request_id=call.request_id, error=repr(outcome))
 
 
 class MeteredStream:
@@ -449,7 +504,7 @@ class MeteredStream:
     `_drain` then reads to its end.
     """
 
-    __slots__ = ("unit", "ticket", "inner", "drain", "pending", "usage", "chunks", "chars", "over")
+    __slots__ = ("unit", "ticket", "inner", "drain", "pending", "usage", "chunks", "chars", "over", "next_checkpoint", "checkpointing")
 
     def __init__(self, unit: MeteringUnit, ticket: Ticket, inner: Any) -> None:
         self.unit = unit
@@ -461,6 +516,10 @@ class MeteredStream:
         self.chunks = 0  # events that carried output
         self.chars = 0  # characters of output
         self.over = False
+        # No write at all for a stream shorter than one checkpoint interval.
+        interval = unit.settings.checkpoint_seconds
+        self.next_checkpoint = time.monotonic() + interval if ticket.hold else math.inf
+        self.checkpointing: asyncio.Task[None] | None = None
 
     def __aiter__(self) -> MeteredStream:
         return self
@@ -525,6 +584,15 @@ class MeteredStream:
     async def _settle(self) -> None:
         await self.unit._settle(self.ticket, self.usage, self.chunks, self.chars, inline=False)
 
+    def _checkpoint(self) -> None:
+        """Record the output so far on the hold, in the background (one checkpoint in flight at a time)."""
+        self.next_checkpoint = time.monotonic() + self.unit.settings.checkpoint_seconds
+        if self.ticket.done or (self.checkpointing is not None and not self.checkpointing.done()):
+            return
+        self.checkpointing = self.unit.gateway.spawn(
+            self.unit.checkpoint(self.ticket, self.chunks, self.chars), "metering.checkpoint"
+        )
+
     def _observe(self, event: SSEEvent) -> SSEEvent | None:
         """Count output and pick up usage; returns the event to relay, or None to drop it."""
         obj = event.json()
@@ -536,6 +604,8 @@ class MeteredStream:
             if chars:
                 self.chunks += 1
                 self.chars += chars
+                if time.monotonic() >= self.next_checkpoint:
+                    self._checkpoint()
         if "usage" not in obj:
             return event
         usage = obj["usage"]

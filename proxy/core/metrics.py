@@ -55,6 +55,12 @@ class Metrics:
         self.holds_open = Gauge(
             "sovereign_credit_holds_open", "Credit holds this process has open now.", registry=r, multiprocess_mode="livesum"
         )
+        self.settlements_pending = Gauge(
+            "sovereign_settlements_pending",
+            "Settlements not yet written to the store (kept in memory or in this process' spool).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
         self.insufficient_credits = Counter("sovereign_insufficient_credits", "Requests refused with 402.", registry=r)
         self.rate_limited = Counter("sovereign_rate_limited", "Requests refused with 429 by the gateway's limits.", registry=r)
         self.store_errors = Counter("sovereign_store_errors", "Store operations that failed (unreachable or timed out).", registry=r)

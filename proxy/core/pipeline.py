@@ -78,6 +78,10 @@ class Unit:
     async def shutdown(self) -> None:
         """Runs at exit, after open requests have drained."""
 
+    def readiness_notes(self) -> list[str]:
+        """Conditions `/readyz` reports without failing readiness (e.g. `settlements_pending`)."""
+        return []
+
 
 def _import(target: str) -> type[Unit]:
     module_name, _, attr = target.partition(":")

@@ -103,6 +103,10 @@ class StoreSettings(Section):
     max_connections: int = Field(
         256, ge=1, description="Redis connection pool size; request-path commands beyond it wait for a free connection."
     )
+    spool_dir: str | None = Field(
+        None,
+        description="Directory for settlements Redis could not take (at shutdown, or past the memory bound), replayed at start-up and when Redis answers again; mount a volume that outlives the process. Unset: none are spooled (a warning at start with a durable store).",
+    )
 
     @field_validator("url")
     @classmethod

@@ -111,9 +111,14 @@ async def readyz(request: web.Request) -> web.Response:
         reasons.append("starting")
     elif not await gateway.store.ping():
         reasons.append("store_unreachable")
+    # Informative only: a replica with settlements still pending keeps serving.
+    notes = [note for unit in gateway.units for note in unit.readiness_notes()]
     if reasons:
-        return web.json_response({"status": "unavailable", "reasons": reasons}, status=503)
-    return web.json_response({"status": "ready", "store": "durable" if gateway.store.durable else "memory"})
+        return web.json_response({"status": "unavailable", "reasons": reasons + notes}, status=503)
+    ready: dict[str, Any] = {"status": "ready", "store": "durable" if gateway.store.durable else "memory"}
+    if notes:
+        ready["reasons"] = notes
+    return web.json_response(ready)
 
 
 async def metrics(request: web.Request) -> web.Response:

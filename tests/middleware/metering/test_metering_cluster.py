@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import shutil
 import socket
 import subprocess
@@ -121,3 +122,50 @@ async def test_metered_request_through_a_gateway_on_a_cluster(cluster, mock, gat
     view = await accounts.tenant("acme")
     assert (view["balance"], view["reserved"]) == (1000 - prompt_tokens(MESSAGES) - 10, 0)
     assert (await accounts.ledger("acme"))[0]["usage_source"] == "reported"
+
+
+async def test_checkpointed_holds_of_a_dead_replica_are_swept_and_charged_on_a_cluster(cluster):
+    """Checkpoint, deadline index and sweeper on three nodes: the index shards and the tenants live in different slots."""
+    from middleware.metering.sweeper import HoldSweeper, checkpoint_keys, index_key
+    from middleware.metering.unit import HOLD_CHECKPOINT
+
+    store = Store(StoreSettings(url=cluster, prefix="sovcluster-cp"))
+    await store.connect()
+    try:
+        accounts = Accounts(store)
+        sweeper = HoldSweeper(store, interval=60)
+        tenants = [f"cp-tenant-{i}" for i in range(6)]
+        now = now_ms()
+        for tenant in tenants:
+            await accounts.create_tenant(tenant, 100)
+            keys = checkpoint_keys(store, tenant)
+            assert await store.run(HOLD_RESERVE, keys[:3], ["h1", 60, now, now + 60_000]) == [1, 40]
+            entry = '{"type":"charge","request_id":"r1","credits":-25,"estimated":true,"reason":"replica_lost"}'
+            # The replica checkpointed 25 credits of output, then died: the hold expired 1 ms ago.
+            assert await store.run(HOLD_CHECKPOINT, [keys[1], keys[2], keys[5], keys[6]], ["h1", 25, "req:r1", entry, now - 1]) == 1
+            await sweeper.register(tenant, "h1", now - 1)
+        shards = {int(await store.redis.cluster_keyslot(index_key(store, t))) for t in tenants}
+        assert len(shards) > 1
+        assert await sweeper.sweep() == len(tenants)
+        for tenant in tenants:
+            view = await accounts.tenant(tenant)
+            assert (view["balance"], view["reserved"]) == (75, 0)
+            ledger = await accounts.ledger(tenant)
+            assert ledger[0]["id"] == "req:r1" and ledger[0]["estimated"] is True and ledger[0]["balance_after"] == 75
+        assert await sweeper.sweep() == 0  # the index is empty again: nothing charged twice
+        # A checkpointed hold its live replica settled: at expiry the sweep only drops the leftover checkpoint.
+        tenant, keys = tenants[0], checkpoint_keys(store, tenants[0])
+        assert (await store.run(HOLD_RESERVE, keys[:3], ["h2", 30, now_ms(), now_ms() + 60_000]))[0] == 1
+        entry = '{"type":"charge","request_id":"r2","credits":-10,"estimated":true,"reason":"replica_lost"}'
+        assert await store.run(HOLD_CHECKPOINT, [keys[1], keys[2], keys[5], keys[6]], ["h2", 10, "req:r2", entry, now_ms() + 50]) == 1
+        await sweeper.register(tenant, "h2", now_ms() + 50)
+        final = '{"type":"charge","request_id":"r2","credits":-20}'
+        assert await store.run(HOLD_SETTLE, keys[:5], ["h2", 20, "req:r2", final, now_ms()]) == [1, 55]
+        await asyncio.sleep(0.1)
+        assert await sweeper.sweep() == 1
+        view = await accounts.tenant(tenant)
+        assert (view["balance"], view["reserved"]) == (55, 0)
+        assert not await store.redis.exists(keys[5]) and not await store.redis.exists(keys[6])
+        assert [e["credits"] for e in await accounts.ledger(tenant)][:2] == [-20, -25]
+    finally:
+        await store.close()

@@ -17,7 +17,7 @@ from aiohttp import web
 from middleware.metering.unit import HOLD_RESERVE
 from proxy.store.accounts import Accounts
 from tests.middleware.metering.test_metering import MESSAGES, PIPELINE, new_tenant
-from tests.support import REDIS_URL, make_settings, provider
+from tests.support import REDIS_URL, make_settings, provider, until
 
 # Input is free and each request costs exactly 2 × max_tokens + 1, so balances are exact.
 PRICED = {"sovereign-alpha": {"upstream": "default", "price": {"input_per_million": 0, "output_per_million": 2_000_000, "per_request": 1}}}
@@ -163,7 +163,10 @@ async def test_a_store_failure_during_a_speculative_hold_is_a_503_and_ends_specu
             assert arrived[1] == arrived[0] <= 2
         finally:
             await asyncio.to_thread(own_redis.start)
-        await running.gateway.drain()  # the background releases land on the restarted Redis
+        await running.gateway.drain()
+        # The releases of the failed holds were kept and land on the restarted Redis.
+        metering = running.gateway.unit("metering")
+        await until(lambda: metering.settlements.count == 0, timeout=10)
 
 
 async def test_no_overspend_and_no_wasted_provider_call_when_a_burst_meets_a_small_balance(gateway_factory, redis_prefix):

@@ -97,10 +97,10 @@ async def test_bulky_script_arguments_stay_off_the_hot_path_connection(redis_pre
     try:
         key = store.tenant_key("t", "response", "resp_big")
         big = "x" * (BULK_BYTES + 1)
-        assert await store.run(RESPONSE_PUT, [key], [60, "response", big]) == 1
+        assert await store.run(RESPONSE_PUT, [key], [60, 2, "response", big]) == 1
         assert store.script_client._connection is None  # it went over redis-py's pool
         assert await store.redis.hget(key, "response") == big and 0 < await store.redis.ttl(key) <= 60
-        assert await store.run(RESPONSE_PUT, [key], [60, "response", "small"]) == 1
+        assert await store.run(RESPONSE_PUT, [key], [60, 2, "response", "small"]) == 1
         assert store.script_client._connection is not None  # small ones take the script client
     finally:
         await store.close()

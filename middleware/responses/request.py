@@ -217,6 +217,12 @@ def chat_tools(tools: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     echoed: list[dict[str, Any]] = []
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind == "mcp":  # for agent models; the agent unit checks its server_label
+            from middleware.responses.mcp import echoed_tool
+
+            chat.append(tool)
+            echoed.append(echoed_tool(tool))
+            continue
         if kind != "function":
             raise ApiError(
                 400,

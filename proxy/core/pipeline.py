@@ -78,6 +78,10 @@ class Unit:
     async def shutdown(self) -> None:
         """Runs at exit, after open requests have drained."""
 
+    def readiness(self) -> list[str]:
+        """Degradations `/readyz` lists as reasons without failing readiness (e.g. an unreachable tool server)."""
+        return []
+
 
 def _import(target: str) -> type[Unit]:
     module_name, _, attr = target.partition(":")

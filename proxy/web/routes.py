@@ -123,9 +123,14 @@ async def readyz(request: web.Request) -> web.Response:
         reasons.append("starting")
     elif not await gateway.store.ping():
         reasons.append("store_unreachable")
+    # Degradations (an unreachable tool server) are listed but do not fail readiness.
+    degraded = [reason for unit in gateway.units for reason in unit.readiness()]
     if reasons:
-        return web.json_response({"status": "unavailable", "reasons": reasons}, status=503)
-    return web.json_response({"status": "ready", "store": "durable" if gateway.store.durable else "memory"})
+        return web.json_response({"status": "unavailable", "reasons": reasons + degraded}, status=503)
+    ready: dict[str, Any] = {"status": "ready", "store": "durable" if gateway.store.durable else "memory"}
+    if degraded:
+        ready["reasons"] = degraded
+    return web.json_response(ready)
 
 
 async def metrics(request: web.Request) -> web.Response:

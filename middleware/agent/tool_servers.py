@@ -152,6 +152,13 @@ class ToolServer:
                 break
         self.tools = tools
 
+    def _lost(self) -> None:
+        """The connection is gone (a stdio server died, an HTTP server went away): reconnect now."""
+        self.session = None
+        self.tools = {}
+        self._broken = True
+        self._wake.set()
+
     async def _on_message(self, message: Any) -> None:
         # Runs inside the session's receive loop: only flag the work, never await session I/O here.
         if isinstance(message, types.ToolListChangedNotification):
@@ -168,11 +175,15 @@ class ToolServer:
         try:
             async with asyncio.timeout(timeout):
                 result = await session.call_tool(tool, arguments, read_timeout_seconds=timeout)
-        except (TimeoutError, MCPError):
+        except TimeoutError:
             raise
-        except Exception as exc:  # the transport failed: reconnect in the background
-            self._broken = True
-            self._wake.set()
+        except MCPError as exc:
+            if exc.error.code != types.CONNECTION_CLOSED:
+                raise  # the server answered with an error
+            self._lost()
+            raise ToolUnavailable("the connection closed") from None
+        except Exception as exc:  # the transport failed
+            self._lost()
             raise ToolUnavailable(_describe(exc)) from None
         if not isinstance(result, types.CallToolResult):
             raise MCPError(code=types.INTERNAL_ERROR, message="the server asked for input, which agent mode cannot give")

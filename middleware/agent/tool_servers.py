@@ -32,9 +32,8 @@ from mcp.client.streamable_http import streamable_http_client
 from mcp.shared._httpx_utils import create_mcp_http_client
 from mcp.shared.exceptions import MCPError
 
-from proxy.core.settings import ToolServerSettings
-
 from middleware.agent.launch import SPEC
+from proxy.core.settings import ToolServerSettings
 
 log = structlog.get_logger("sovereign")
 

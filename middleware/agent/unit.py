@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import os
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator, AsyncIterator
 from dataclasses import dataclass, field
 from random import getrandbits
 from typing import TYPE_CHECKING, Any
@@ -40,6 +40,9 @@ from typing import TYPE_CHECKING, Any
 import orjson
 import structlog
 
+from middleware.agent import translate
+from middleware.agent.trace import AgentTrace, ToolRun
+from middleware.responses.mcp import MARKER
 from proxy.core.call import DONE_EVENT, RESPONSES, Call, Next, Reply, SSEEvent
 from proxy.core.errors import ApiError, UpstreamError, invalid_request
 from proxy.core.pipeline import Unit, UnitSettings
@@ -47,14 +50,9 @@ from proxy.core.settings import AgentSettings, ConfigError
 from proxy.store.accounts import now_ms
 from proxy.store.store import STORE_DOWN_ERRORS, Script
 
-from middleware.agent import translate
-from middleware.agent.trace import AgentTrace, ToolRun
-from middleware.responses.mcp import MARKER
-
 if TYPE_CHECKING:
-    from proxy.core.gateway import Gateway
-
     from middleware.agent.tool_servers import ToolServers
+    from proxy.core.gateway import Gateway
 
 log = structlog.get_logger("sovereign")
 
@@ -145,8 +143,9 @@ class AgentUnit(Unit):
                     outcome = "refused"
                     run.error = _protocol_error(CONNECTION_CLOSED, "insufficient credits for this tool call")
                     return translate.result_text(run.error["message"], True, server.settings.max_result_bytes)
-            from middleware.agent.tool_servers import ToolUnavailable
             from mcp.shared.exceptions import MCPError
+
+            from middleware.agent.tool_servers import ToolUnavailable
 
             try:
                 result = await server.call(run.name, arguments)
@@ -345,7 +344,7 @@ class AgentLoop:
         """Run one turn's server tool calls concurrently; append the assistant and tool messages."""
         results = await asyncio.gather(*(self.unit.execute(run, self.call) for run in runs))
         assistant = translate.assistant_message(content, [translate.tool_call(i, n, a) for i, n, a in calls])
-        appended = [assistant, *(translate.tool_message(run.call_id, text) for run, text in zip(runs, results))]
+        appended = [assistant, *(translate.tool_message(run.call_id, text) for run, text in zip(runs, results, strict=True))]
         self.messages.extend(appended)
         self.trace.messages.extend(appended)
         self.trace.runs.extend(runs)
@@ -366,7 +365,7 @@ class AgentLoop:
             server = [c for c in calls if _name_of(c) in self.catalog]
             if server and len(server) == len(calls) and not last:
                 calls_ = [(_id_of(c), _name_of(c), _arguments_of(c)) for c in server]
-                await self._run_tools(calls_, self._runs(calls_), message.get("content"))
+                await self._run_tools(calls_, self._runs(calls_), message.get("content") if isinstance(message, dict) else None)
                 continue
             if server:  # mixed with client tools, or the provider ignored tool_choice "none": not run
                 _drop_calls(choice, "message", {id(c) for c in server})
@@ -392,7 +391,7 @@ class AgentLoop:
         reply = Reply(status=200, headers=self.headers, events=_prepend(first, events))
         return reply
 
-    async def _events(self) -> AsyncIterator[SSEEvent]:
+    async def _events(self) -> AsyncGenerator[SSEEvent, None]:
         for index in range(self.agent.max_iterations):
             last = index == self.agent.max_iterations - 1
             reply = await self._send(last)
@@ -405,7 +404,7 @@ class AgentLoop:
                 self.headers = reply.headers
             slots: dict[int, _Slot] = {}
             self.content = None
-            async with contextlib.aclosing(reply.events) as events:
+            async with contextlib.aclosing(reply.events) as events:  # type: ignore[type-var]
                 async for event in events:
                     out = self._relay(event, slots, last)
                     if out is not None:
@@ -491,7 +490,7 @@ class AgentLoop:
                     continue
                 index = fragment.get("index", 0)
                 slot = slots.get(index)
-                function = fragment.get("function") if isinstance(fragment.get("function"), dict) else {}
+                function: dict[str, Any] = fragment["function"] if isinstance(fragment.get("function"), dict) else {}
                 if slot is None:
                     server = function.get("name") in self.catalog
                     client_index = self.shown + sum(1 for s in slots.values() if not s.server)
@@ -504,6 +503,7 @@ class AgentLoop:
                     slot.arguments.append(function["arguments"])
                 if not slot.server:
                     forwarded.append({**fragment, "index": slot.client_index})
+            assert isinstance(delta, dict)
             new_delta = {k: v for k, v in delta.items() if k != "tool_calls"}
             if forwarded:
                 new_delta["tool_calls"] = forwarded
@@ -519,7 +519,7 @@ class AgentLoop:
         return new
 
 
-async def _prepend(first: SSEEvent | None, rest: AsyncIterator[SSEEvent]) -> AsyncIterator[SSEEvent]:
+async def _prepend(first: SSEEvent | None, rest: AsyncGenerator[SSEEvent, None]) -> AsyncIterator[SSEEvent]:
     async with contextlib.aclosing(rest) as events:
         if first is not None:
             yield first

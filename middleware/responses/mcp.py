@@ -23,9 +23,8 @@ from __future__ import annotations
 from collections.abc import Iterator
 from typing import TYPE_CHECKING, Any
 
-from proxy.core.call import SSEEvent
-
 from middleware.responses.request import new_id
+from proxy.core.call import SSEEvent
 
 if TYPE_CHECKING:
     from middleware.responses.stream import StreamTranslator

@@ -10,7 +10,14 @@ import openai
 import pytest
 
 from proxy.store.accounts import Accounts
-from tests.middleware.agent.support import AGENT, USAGE, ScriptedProvider, agent_config, text_completion, tool_call_completion
+from tests.middleware.agent.support import (
+    AGENT,
+    USAGE,
+    ScriptedProvider,
+    agent_config,
+    text_completion,
+    tool_call_completion,
+)
 from tests.support import REDIS_URL
 
 PIPELINE = ["auth", "validation", "responses", "sessions", "legacy_functions", "agent", "metering"]

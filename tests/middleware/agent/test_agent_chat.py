@@ -13,7 +13,12 @@ import aiohttp
 import pytest
 
 from tests.middleware.agent.support import (
-    AGENT, USAGE, ScriptedProvider, agent_config, text_completion, tool_call_completion,
+    AGENT,
+    USAGE,
+    ScriptedProvider,
+    agent_config,
+    text_completion,
+    tool_call_completion,
 )
 from tests.support import until
 

@@ -21,7 +21,13 @@ from openai.types.responses import (
 )
 from openai.types.responses.response_output_item import McpCall
 
-from tests.middleware.agent.support import AGENT, ScriptedProvider, agent_config, text_completion, tool_call_completion
+from tests.middleware.agent.support import (
+    AGENT,
+    ScriptedProvider,
+    agent_config,
+    text_completion,
+    tool_call_completion,
+)
 from tests.support import provider as bare_provider
 
 PIPELINE = ["validation", "responses", "agent"]

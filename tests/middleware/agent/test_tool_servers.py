@@ -11,7 +11,14 @@ import openai
 import pytest
 
 from tests.middleware.agent.support import (
-    AGENT, McpServer, ScriptedProvider, agent_config, read_calls, stdio_command, text_completion, tool_call_completion,
+    AGENT,
+    McpServer,
+    ScriptedProvider,
+    agent_config,
+    read_calls,
+    stdio_command,
+    text_completion,
+    tool_call_completion,
 )
 from tests.support import ADMIN_TOKEN, free_port, settings_data, spawn_gateway, until
 

@@ -17,7 +17,8 @@ import json
 import os
 import sys
 
-from mcp.server.mcpserver import MCPServer
+from mcp.server.mcpserver import Context, MCPServer
+from mcp.server.mcpserver.exceptions import ToolError
 
 parser = argparse.ArgumentParser()
 parser.add_argument("--log", required=True)
@@ -53,7 +54,7 @@ def add(a: int, b: int) -> str:
 @server.tool(description="Always fails.")
 def broken(reason: str) -> str:
     record("broken", {"reason": reason})
-    raise RuntimeError(f"the tool broke: {reason}")
+    raise ToolError(f"the tool broke: {reason}")
 
 
 @server.tool(description="Waits, then answers.")
@@ -67,6 +68,19 @@ async def slow(seconds: float) -> str:
 def big(size: int) -> str:
     record("big", {"size": size})
     return "x" * size
+
+
+def echo(text: str) -> str:
+    record("echo", {"text": text})
+    return text
+
+
+@server.tool(description="Adds the echo tool and tells the client its tools changed.")
+async def grow(ctx: Context) -> str:
+    record("grow", {})
+    server.add_tool(echo, name="echo", description="Echoes the text.")
+    await ctx.session.send_tool_list_changed()
+    return "grown"
 
 
 @server.tool(description="Exits the server process (to test restarts).")

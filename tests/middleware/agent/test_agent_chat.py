@@ -220,3 +220,24 @@ async def test_client_disconnect_mid_loop_stops_further_provider_calls(mcp_http,
         # (there is no event for "something did not happen").
         await asyncio.sleep(1.5)
     assert len(provider.requests) == 1
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_through_the_simulated_provider(mock, mcp_http, agent_gateway, stream):
+    """The shipped mock provider calls every offered tool until told `tool_choice: "none"`."""
+    servers = {"tools": {"url": mcp_http.url, "tools": ["weather", "add"]}}
+    running = await agent_gateway(mock.url, pipeline=PIPELINE, **agent_config(servers, max_iterations=2))
+    before = len(mcp_http.calls())
+    client = running.openai()
+    if stream:
+        chunks = [c async for c in await client.chat.completions.create(model=AGENT, messages=QUESTION, stream=True)]
+        shown = [c.choices[0].delta.tool_calls[0].function.name for c in chunks if c.choices and c.choices[0].delta.tool_calls]
+        text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        assert sorted(shown) == ["add", "weather"]
+        assert [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason] == ["stop"]
+    else:
+        reply = await client.chat.completions.create(model=AGENT, messages=QUESTION)
+        text = reply.choices[0].message.content
+        assert reply.choices[0].finish_reason == "stop"
+    assert text
+    assert sorted(c["tool"] for c in mcp_http.calls()[before:]) == ["add", "weather"]

@@ -67,6 +67,22 @@ async def test_stdio_server_gets_only_its_configured_environment_and_is_restarte
     assert pids[0] == pids[1] != pids[2]  # the same process until the crash, a new one after
 
 
+async def test_tools_are_listed_again_when_the_server_says_they_changed(tmp_path, agent_gateway):
+    servers = {"tools": {"command": stdio_command(tmp_path / "calls.jsonl")}}
+    provider = ScriptedProvider(calls_then_answer(("c1", "grow", {})))
+    async with provider.serve() as url:
+        running = await agent_gateway(url, pipeline=PIPELINE, **agent_config(servers))
+        server = running.gateway.unit("agent").servers["tools"]
+        assert "echo" not in server.tools
+        await running.openai().chat.completions.create(model=AGENT, messages=QUESTION)
+        await until(lambda: "echo" in server.tools, timeout=10)
+        provider.script = lambda body, n: text_completion("ok")
+        await running.openai().chat.completions.create(model=AGENT, messages=QUESTION)
+    offered = [t["function"]["name"] for t in provider.requests[-1]["tools"]]
+    assert "echo" in offered and "echo" not in [t["function"]["name"] for t in provider.requests[0]["tools"]]
+    assert server.connections == 1  # the same session, re-listed
+
+
 async def test_a_server_that_is_down_is_a_readiness_reason_not_a_failure(tmp_path, mcp_http, agent_gateway):
     down = f"http://127.0.0.1:{free_port()}/mcp"
     servers = {"tools": {"url": mcp_http.url}, "down": {"url": down, "timeout_seconds": 2}}

@@ -370,7 +370,7 @@ class AgentLoop:
             if server:  # mixed with client tools, or the provider ignored tool_choice "none": not run
                 _drop_calls(choice, "message", {id(c) for c in server})
             if self.usage is not None:
-                completion["usage"] = self.usage
+                completion["usage"] = self.call.usage = self.usage  # the access log shows the loop's tokens
             reply.set_json(completion)
             return reply
         raise AssertionError("unreachable: the last iteration always returns")
@@ -427,6 +427,7 @@ class AgentLoop:
             if self.responses:
                 for run in runs:
                     yield SSEEvent.from_json({"choices": [], MARKER: {"phase": "finished", "run": run}})
+        self.call.usage = self.usage
         if self.client_usage and self.usage is not None:
             yield SSEEvent.from_json(translate.usage_chunk(self._template(), self.usage))
         yield SSEEvent(DONE_EVENT)

@@ -162,6 +162,18 @@ async def test_a_failing_tool_becomes_an_error_tool_message(mcp_http, agent_gate
     assert 'sovereign_tool_call_duration_seconds_count{server="tools"} 2.0' in exposition
 
 
+async def test_a_tool_that_times_out_becomes_an_error_tool_message(mcp_http, agent_gateway):
+    def slow_then_answer(body, n):
+        return tool_call_completion([("call_s", "slow", {"seconds": 3})]) if n == 1 else text_completion("too slow")
+
+    provider = ScriptedProvider(slow_then_answer)
+    async with provider.serve() as url:
+        running = await agent_gateway(url, pipeline=PIPELINE, **agent_config({"tools": {"url": mcp_http.url, "timeout_seconds": 0.5}}))
+        reply = await running.openai().chat.completions.create(model=AGENT, messages=QUESTION)
+    assert reply.choices[0].message.content == "too slow"
+    assert tool_messages(provider.requests[1])[0]["content"] == "error: the tool did not answer within 0.5 seconds"
+
+
 async def test_results_are_cut_at_max_result_bytes(mcp_http, agent_gateway):
     def big_then_answer(body, n):
         return tool_call_completion([("call_big", "big", {"size": 5000})]) if n == 1 else text_completion("ok")

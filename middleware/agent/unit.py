@@ -117,7 +117,7 @@ class AgentUnit(Unit):
             agent = self.agents.get(model) if isinstance(model, str) else None
             if agent is None:
                 return await next(call)
-        if call.state.get("ledger_kind") == "title":
+        if call.ledger_kind == "title":
             return await next(call)  # a session title: plain text from the agent's model, no tools
         loop = AgentLoop(self, call, next, agent)
         return await (loop.stream() if call.stream else loop.json())
@@ -329,6 +329,7 @@ class AgentLoop:
         inner = Call(call.endpoint, body, None, call.headers, call.request_id, call.started_at)
         inner.principal = call.principal
         inner.state = call.state
+        inner.ledger_kind, inner.session_id = call.ledger_kind, call.session_id
         return inner
 
     async def _send(self, last: bool) -> Reply:

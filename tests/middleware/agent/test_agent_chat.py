@@ -231,7 +231,14 @@ async def test_client_disconnect_mid_loop_stops_further_provider_calls(mcp_http,
         # Past the tool's own second: a loop still running would have called the provider again by now
         # (there is no event for "something did not happen").
         await asyncio.sleep(1.5)
-    assert len(provider.requests) == 1
+        assert len(provider.requests) == 1
+        # The MCP session outlives the cancelled call: the next request's tool runs on it.
+        provider.requests.clear()
+        provider.script = weather_then_answer
+        reply = await running.openai().chat.completions.create(model=AGENT, messages=QUESTION)
+    assert reply.choices[0].message.content == "It is sunny in Oslo."
+    assert tool_messages(provider.requests[1])[0]["content"] == "sunny and 21 degrees in Oslo"
+    assert running.gateway.unit("agent").servers["tools"].connections == 1
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])

@@ -210,7 +210,11 @@ async def spawn_gateway(
     config.write_text(yaml.safe_dump(data))
     proc = Process(["serve", "--config", str(config)], env=env, log_path=tmp_path / f"{name}.log")
     base = f"http://127.0.0.1:{port}"
-    await wait_http(base + "/healthz", timeout, proc=proc)
+    try:
+        await wait_http(base + "/healthz", timeout, proc=proc)
+    except BaseException:
+        proc.stop()  # a gateway that never came up must not outlive the test
+        raise
     return proc, base
 
 

@@ -33,13 +33,14 @@ import yaml
 
 from proxy.core.pipeline import registered_units
 
-from .streams import CHAT_SSE, RESPONSES_SSE, SSEKind
+from .streams import AGENT_SSE, CHAT_SSE, RESPONSES_SSE, SSEKind
 
 REPO = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("SOVEREIGN_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 TARGET_CORE, LOAD_CORE = 0, 1
 CHAT_PATH, RESPONSES_PATH = "/v1/chat/completions", "/v1/responses"
 MODEL = "sovereign-alpha"
+AGENT_MODEL = "sovereign-agent"  # the `agent` profile's agent model over MODEL
 TENANT_CREDITS = 10**12
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PR_SET_PDEATHSIG = 1
@@ -175,12 +176,12 @@ async def wait_http(url: str, proc: Proc, timeout: float = 20.0) -> None:
 _PROMPT = "Say hello to the benchmark, please."
 
 
-def request_body(path: str, stream: bool, max_tokens: int) -> bytes:
+def request_body(path: str, stream: bool, max_tokens: int, model: str = MODEL) -> bytes:
     """The body every target gets for a workload (the gateway maps the public model)."""
     if path == RESPONSES_PATH:
-        body: dict[str, Any] = {"model": MODEL, "input": _PROMPT, "max_output_tokens": max_tokens}
+        body: dict[str, Any] = {"model": model, "input": _PROMPT, "max_output_tokens": max_tokens}
     else:
-        body = {"model": MODEL, "messages": [{"role": "user", "content": _PROMPT}], "max_tokens": max_tokens}
+        body = {"model": model, "messages": [{"role": "user", "content": _PROMPT}], "max_tokens": max_tokens}
     if stream:
         body["stream"] = True
     return orjson.dumps(body)
@@ -201,6 +202,7 @@ class Profile:
     sse: SSEKind = CHAT_SSE
     workers: int = 1  # `sovereign serve --workers N`; more than one runs unpinned
     workloads: tuple[str, ...] | None = None  # only these workloads (None: all)
+    model: str = MODEL
 
     @property
     def governed(self) -> bool:
@@ -245,6 +247,13 @@ PROFILES = [
         path=RESPONSES_PATH,
         sse=RESPONSES_SSE,
     ),
+    Profile(
+        "agent",
+        "governed + agent unit: one MCP tool call (stdio server, bench/mcp_tools.py) per request, two provider calls",
+        pipeline=["auth", "validation", "agent", "metering"],
+        sse=AGENT_SSE,
+        model=AGENT_MODEL,
+    ),
 ]
 
 
@@ -252,7 +261,7 @@ def gateway_config(
     port: int, upstream_base: str, pipeline: list[str], store_url: str, prefix: str, units: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Settings data of a benchmarked gateway (no access log; metrics stay on)."""
-    return {
+    data: dict[str, Any] = {
         "server": {"host": "127.0.0.1", "port": port, "drain_seconds": 1},
         "logging": {"level": "warning", "access_log": False},
         "store": {"url": store_url, "prefix": prefix},
@@ -262,6 +271,12 @@ def gateway_config(
         "pipeline": pipeline,
         "units": units or {},
     }
+    if "agent" in pipeline:
+        # The simulated provider calls every offered tool until `tool_choice: "none"`, which the
+        # second (last) call gets: exactly one tool call per request.
+        data["tool_servers"] = {"bench": {"command": [sys.executable, str(REPO / "bench" / "mcp_tools.py")]}}
+        data["models"][AGENT_MODEL] = {"agent": {"model": MODEL, "tool_servers": ["bench"], "max_iterations": 2}}
+    return data
 
 
 @dataclass

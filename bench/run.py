@@ -24,6 +24,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import aiohttp
+
 from . import report, streams, wrk
 from .profiles import (
     LOAD_CORE,
@@ -155,6 +157,10 @@ class Bench:
                 self.status[target.name] = f"FAILED to start: {exc}"
                 target.proc.stop()
                 continue
+            if "agent" in (target.profile.pipeline or []) and not await _tool_servers_ready(target.base):
+                self.status[target.name] = "FAILED to start: its tool server did not connect"
+                target.proc.stop()
+                continue
             self.status[target.name] = "ok"
             self.targets.append(target)
         for profile in self.plan.profiles:
@@ -195,7 +201,7 @@ class Bench:
         return result
 
     def body(self, target: Target, stream: bool, max_tokens: int) -> bytes:
-        return request_body(target.profile.path, stream, max_tokens)
+        return request_body(target.profile.path, stream, max_tokens, target.profile.model)
 
     async def latency_1c(self, target: Target) -> report.Round:
         stats = await streams.sequential(target.url, self.body(target, False, JSON_TOKENS), target.headers, self.plan.duration)
@@ -372,6 +378,18 @@ async def main_async(args: argparse.Namespace) -> int:
     failed = any("failed" in cell for cells in summary.values() for cell in cells.values())
     return 1 if failed else 0
 
+async def _tool_servers_ready(base: str, timeout: float = 60.0) -> bool:
+    """Wait until /readyz lists no unreachable tool server (agent mode connects in the background)."""
+    deadline = time.monotonic() + timeout
+    async with aiohttp.ClientSession() as http:
+        while time.monotonic() < deadline:
+            async with http.get(base + "/readyz") as response:
+                body = await response.json()
+            if response.status == 200 and not body.get("reasons"):
+                return True
+            await asyncio.sleep(0.1)
+    return False
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__.split("\n\n")[0])
@@ -391,3 +409,4 @@ def main(argv: list[str] | None = None) -> int:
 
 if __name__ == "__main__":
     raise SystemExit(main())
+

@@ -39,6 +39,8 @@ class SSEKind:
 
 
 CHAT_SSE = SSEKind(chunk_marker=b"data: ", end_marker=b"data: [DONE]", skip_marker=None, extra_chunks=2)
+# Agent mode: the first provider call's role chunk and the tool call's delta come before the answer's chunks.
+AGENT_SSE = SSEKind(chunk_marker=b"data: ", end_marker=b"data: [DONE]", skip_marker=None, extra_chunks=4)
 RESPONSES_SSE = SSEKind(
     chunk_marker=b"event: response.output_text.delta",
     end_marker=b"event: response.completed",

@@ -27,7 +27,7 @@ from pydantic import Field
 
 from proxy.store.accounts import Accounts, KeyRecord, looks_like_key
 from proxy.core.call import Call, Next, Principal, Reply
-from proxy.core.errors import ApiError, AuthenticationFailed, model_not_found
+from proxy.core.errors import AuthenticationFailed, model_not_found
 from proxy.core.pipeline import Authenticator, Unit, UnitSettings
 
 if TYPE_CHECKING:

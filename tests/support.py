@@ -201,15 +201,21 @@ async def wait_http(url: str, timeout: float = 15.0, proc: Process | None = None
     raise TimeoutError(f"{url} did not answer within {timeout}s")
 
 
-async def spawn_gateway(data: dict[str, Any], tmp_path: Path, name: str = "gw") -> tuple[Process, str]:
-    """Run `sovereign serve` on a free port with `data` as its config file."""
+async def spawn_gateway(
+    data: dict[str, Any], tmp_path: Path, name: str = "gw", env: dict[str, str] | None = None, timeout: float = 15.0
+) -> tuple[Process, str]:
+    """Run `sovereign serve` on a free port with `data` as its config file (and `env` added to its environment)."""
     port = free_port()
     data = deep_merge(data, {"server": {"port": port, "host": "127.0.0.1"}})
     config = tmp_path / f"{name}.yaml"
     config.write_text(yaml.safe_dump(data))
-    proc = Process(["serve", "--config", str(config)], log_path=tmp_path / f"{name}.log")
+    proc = Process(["serve", "--config", str(config)], env=env, log_path=tmp_path / f"{name}.log")
     base = f"http://127.0.0.1:{port}"
-    await wait_http(base + "/healthz", proc=proc)
+    try:
+        await wait_http(base + "/healthz", timeout, proc=proc)
+    except BaseException:
+        proc.stop()  # a gateway that never came up must not outlive the test
+        raise
     return proc, base
 
 

@@ -66,7 +66,6 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass
-from random import getrandbits
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
@@ -75,6 +74,7 @@ from pydantic import Field
 
 from proxy.store.accounts import now_ms
 from proxy.core.call import Call, Next, Reply, SSEEvent
+from proxy.core.ids import unique_id
 from proxy.core.errors import ApiError, CreditsExhausted, StoreUnavailable
 from proxy.core.pipeline import Unit, UnitSettings
 from proxy.store.store import Script
@@ -218,7 +218,7 @@ class MeteringUnit(Unit):
         await self.sweeper.close()
         await self.settlements.close()
 
-    def readiness_notes(self) -> list[str]:
+    def readiness(self) -> list[str]:
         return ["settlements_pending"] if self.settlements.count else []
 
     # -- request path ------------------------------------------------------
@@ -298,7 +298,7 @@ class MeteringUnit(Unit):
         # releases its hold (a no-op if the script never ran). The suffix tells
         # apart requests reusing a client-supplied request id; the PRNG (not
         # urandom) because it needs to be unique, not secret.
-        ticket.hold_id = hold_id = f"{call.request_id}:{getrandbits(32):08x}"
+        ticket.hold_id = hold_id = unique_id(f"{call.request_id}:", 32)
         try:
             status, available = await self._reserve(ticket, hold_id, hold)
             if status == 0 and self.settings.on_low_balance == "clamp":

@@ -16,9 +16,9 @@ Bad input raises a 400 `ApiError` naming the field (`input[2].type`, ...).
 
 from __future__ import annotations
 
-import os
 from typing import Any
 
+from proxy.core.ids import new_id
 from proxy.core.errors import ApiError, invalid_request
 
 # Chat roles per Responses message role. `developer` becomes `system`, which
@@ -34,10 +34,6 @@ _UNSUPPORTED = {
     "conversation": "Conversations are not supported by this gateway; use previous_response_id.",
     "prompt": "Prompt templates are not supported by this gateway.",
 }
-
-
-def new_id(prefix: str) -> str:
-    return prefix + os.urandom(16).hex()
 
 
 def _bad(message: str, param: str) -> ApiError:
@@ -217,6 +213,12 @@ def chat_tools(tools: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
     echoed: list[dict[str, Any]] = []
     for i, tool in enumerate(tools):
         kind = tool.get("type") if isinstance(tool, dict) else None
+        if kind == "mcp":  # for agent models; the agent unit checks its server_label
+            from middleware.responses.mcp import echoed_tool
+
+            chat.append(tool)
+            echoed.append(echoed_tool(tool))
+            continue
         if kind != "function":
             raise ApiError(
                 400,

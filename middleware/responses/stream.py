@@ -26,7 +26,7 @@ from typing import Any, Literal
 from proxy.core.call import SSEEvent
 from proxy.core.errors import ApiError, UpstreamError
 
-from middleware.responses.request import new_id
+from proxy.core.ids import new_id
 
 # finish_reason → incomplete_details.reason; anything else counts as completed.
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}

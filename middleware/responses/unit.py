@@ -38,7 +38,9 @@ from proxy.core.call import RESPONSES, Call, Next, Reply, SSEEvent
 from proxy.core.errors import ApiError, StoreUnavailable, invalid_request, not_found
 from proxy.core.pipeline import Unit, UnitSettings
 
-from middleware.responses.request import item_not_found, new_id, referenced_ids, to_chat
+from middleware.responses import mcp
+from middleware.responses.request import item_not_found, referenced_ids, to_chat
+from proxy.core.ids import new_id
 from middleware.responses.store import ResponseStore
 from middleware.responses.stream import StreamTranslator, assistant_message, complete, skeleton
 
@@ -91,6 +93,7 @@ class ResponsesUnit(Unit):
         if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
             return reply
         complete(response, completion, self.settings.reasoning)
+        mcp.add_items(response, call.agent)  # agent models: the MCP tool calls they ran
         if store:
             await self._store(tenant, response, input_items, [*conversation, assistant_message(response["output"])])
         reply.set_json(response)
@@ -134,7 +137,8 @@ class ResponsesUnit(Unit):
                 async for chunk_event in inner:
                     chunk = chunk_event.json()
                     if isinstance(chunk, dict):
-                        for event in translator.chunk(chunk):
+                        marker = chunk.get(mcp.MARKER)  # an agent model's MCP tool call
+                        for event in translator.chunk(chunk) if marker is None else mcp.stream_events(translator, marker):
                             yield event
                     elif chunk_event.is_done:
                         translator.saw_done = True

@@ -284,7 +284,8 @@ class _TurnContext:
     async def save(self, assistant: dict[str, Any]) -> bool:
         """Append the finished turn; False when its session was deleted (or expired) meanwhile."""
         unit = self.unit
-        turn = [*self.turn, assistant]
+        agent = self.call.agent  # an agent model's run: its tool traffic is stored only if configured
+        turn = [*self.turn, *(agent.session_turn(assistant) if agent is not None else [assistant])]
         stored = await unit.sessions.append(
             self.call.principal.tenant, self.session_id, self.system, turn, self.read_created_at
         )

@@ -128,6 +128,7 @@ class Call:
         "credits",
         "ledger_kind",
         "session_id",
+        "agent",
     )
 
     def __init__(
@@ -160,6 +161,9 @@ class Call:
         self.usage: dict[str, Any] | None = None  # chat-shaped usage, when known
         self.usage_source: str | None = None  # "reported" or "estimated"
         self.credits: int | None = None  # credits charged
+        # Set by the agent unit: the server tool calls it ran (middleware.agent.trace.AgentTrace),
+        # read by the Responses (mcp_call items) and sessions (stored turn) units.
+        self.agent: Any = None
 
     @property
     def model(self) -> Any:

@@ -65,6 +65,13 @@ class Metrics:
         self.rate_limited = Counter("sovereign_rate_limited", "Requests refused with 429 by the gateway's limits.", registry=r)
         self.store_errors = Counter("sovereign_store_errors", "Store operations that failed (unreachable or timed out).", registry=r)
         self.upstream_errors = Counter("sovereign_upstream_errors", "Provider failures, by upstream.", ["upstream"], registry=r)
+        # Agent mode: calls of the operator's MCP tools (outcome: ok, error, timeout, unreachable, invalid_arguments, refused).
+        self.tool_calls = Counter(
+            "sovereign_tool_calls", "MCP tool calls run by agent models, by server, tool and outcome.", ["server", "tool", "outcome"], registry=r
+        )
+        self.tool_call_duration = Histogram(
+            "sovereign_tool_call_duration_seconds", "Time of one MCP tool call.", ["server"], buckets=LATENCY_BUCKETS, registry=r
+        )
         workers = _workers_registry()
         self.exposed = r if workers is None else workers
 

@@ -78,8 +78,8 @@ class Unit:
     async def shutdown(self) -> None:
         """Runs at exit, after open requests have drained."""
 
-    def readiness_notes(self) -> list[str]:
-        """Conditions `/readyz` reports without failing readiness (e.g. `settlements_pending`)."""
+    def readiness(self) -> list[str]:
+        """Conditions `/readyz` lists as reasons without failing readiness (pending settlements, an unreachable tool server)."""
         return []
 
 

@@ -13,6 +13,7 @@ naming the field path (``models.sovereign-alpha.price.input_per_million``).
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -164,6 +165,51 @@ class Price(Section):
     per_request: int = Field(0, ge=0, description="Flat credits per request.")
 
 
+TOOL_SERVER_LABEL = r"^[A-Za-z0-9_-]{1,48}$"
+
+
+class ToolServerSettings(Section):
+    """One MCP server the gateway itself calls for agent models (`tool_servers.<label>`)."""
+
+    url: str | None = Field(None, description="Streamable-HTTP endpoint of the MCP server (`http(s)://…/mcp`); or give `command`.")
+    headers: dict[str, SecretStr] = Field(default_factory=dict, description="HTTP headers sent to the server (e.g. `Authorization`).")
+    command: list[str] | None = Field(None, description="Start the server as a child process over stdio: `[program, arg…]`.")
+    env: dict[str, SecretStr] = Field(
+        default_factory=dict, description="The whole environment of a stdio server (it inherits nothing else, not even PATH)."
+    )
+    tools: list[str] | None = Field(None, description="Allowlist of the server's tools offered to the model (default: all).")
+    timeout_seconds: float = Field(30.0, gt=0, description="Seconds one tool call may take before it counts as failed.")
+    max_result_bytes: int = Field(65536, ge=1, description="Tool results are cut to this many bytes before the model sees them.")
+    price_per_call: int = Field(0, ge=0, description="Credits charged per call of this server's tools (0: free).")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _one_transport(self) -> ToolServerSettings:
+        if (self.url is None) == (self.command is None):
+            raise ValueError("give exactly one of `url` (streamable HTTP) or `command` (stdio)")
+        if self.command is not None and not self.command:
+            raise ValueError("`command` needs at least the program")
+        return self
+
+
+class AgentSettings(Section):
+    """Makes a public model an agent: the gateway runs the configured MCP tools in a loop."""
+
+    model: str = Field(description="The public model that reasons (the agent is priced as it unless it has its own `price`).")
+    tool_servers: list[str] = Field(min_length=1, description="Labels of the `tool_servers` whose tools this agent may call.")
+    max_iterations: int = Field(30, ge=1, le=1000, description="Most provider calls per request; the last is sent with `tool_choice: \"none\"`.")
+    show_tool_calls: bool = Field(True, description="Stream each server tool call to the client as a `delta.tool_calls` chunk.")
+    keep_tool_messages: bool = Field(
+        False, description="Store the tool calls and results in the session (X-Session-ID) instead of only the final answer."
+    )
+
+
 class ModelSettings(Section):
     upstream: str | list[str] = Field("default", description="Upstream name, or an ordered list for failover.")
     upstream_model: str | None = Field(None, description="The provider's model name (default: the upstream's `model`, else the public name).")
@@ -177,6 +223,7 @@ class ModelSettings(Section):
     alias_of: str | None = Field(None, description="Serve this entry as an alias of another public model.")
     system_prompt: str | None = Field(None, description="System message prepended for this (alias) model.")
     defaults: dict[str, Any] = Field(default_factory=dict, description="Request fields applied when the client omits them.")
+    agent: AgentSettings | None = Field(None, description="Serve this entry as an agent that runs the operator's MCP tools (see Agent mode).")
 
     @property
     def targets(self) -> list[str]:
@@ -184,7 +231,7 @@ class ModelSettings(Section):
 
     @model_validator(mode="after")
     def _priced(self) -> ModelSettings:
-        if self.price is None and not self.free and self.alias_of is None:
+        if self.price is None and not self.free and self.alias_of is None and self.agent is None:
             raise ValueError("a model needs a `price` unless it is marked `free: true`")
         return self
 
@@ -198,7 +245,7 @@ def _default_models() -> dict[str, ModelSettings]:
     }
 
 
-DEFAULT_PIPELINE = ["auth", "rate_limit", "validation", "responses", "sessions", "legacy_functions", "metering"]
+DEFAULT_PIPELINE = ["auth", "rate_limit", "validation", "responses", "sessions", "legacy_functions", "agent", "metering"]
 
 
 class Settings(Section):
@@ -212,6 +259,9 @@ class Settings(Section):
         default_factory=lambda: {"default": UpstreamSettings()}, description="Providers by name."
     )
     models: dict[str, ModelSettings] = Field(default_factory=_default_models, description="Public models by name.")
+    tool_servers: dict[str, ToolServerSettings] = Field(
+        default_factory=dict, description="MCP servers the gateway calls for agent models, by label."
+    )
     pipeline: list[str] = Field(default_factory=lambda: list(DEFAULT_PIPELINE), description="Units in request order.")
     units: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Settings of each unit, by unit name.")
 
@@ -223,12 +273,26 @@ class Settings(Section):
                 if target is None or target.alias_of is not None:
                     raise ValueError(f"models.{name}.alias_of: `{model.alias_of}` is not a configured (non-alias) model")
                 continue
+            if model.agent is not None:
+                self._check_agent(name, model.agent)
+                continue
             for target in model.targets:
                 if target not in self.upstreams:
                     raise ValueError(f"models.{name}.upstream: no upstream named `{target}`")
         if len(set(self.pipeline)) != len(self.pipeline):
             raise ValueError("pipeline: a unit is listed twice")
+        for label in self.tool_servers:
+            if not re.fullmatch(TOOL_SERVER_LABEL, label):
+                raise ValueError(f"tool_servers.{label}: a label is 1-48 letters, digits, '_' or '-'")
         return self
+
+    def _check_agent(self, name: str, agent: AgentSettings) -> None:
+        target = self.models.get(agent.model)
+        if target is None or target.agent is not None or target.alias_of is not None:
+            raise ValueError(f"models.{name}.agent.model: `{agent.model}` is not a configured model (nor an agent or an alias)")
+        for index, label in enumerate(agent.tool_servers):
+            if label not in self.tool_servers:
+                raise ValueError(f"models.{name}.agent.tool_servers[{index}]: no tool server labelled `{label}`")
 
     def resolve_model(self, public: str) -> tuple[str, ModelSettings] | None:
         """The configured model for a public name, following an alias to its target."""
@@ -237,6 +301,8 @@ class Settings(Section):
             return None
         if entry.alias_of is not None:
             return entry.alias_of, self.models[entry.alias_of]
+        if entry.agent is not None:  # an agent reasons with (and is routed as) its model
+            return entry.agent.model, self.models[entry.agent.model]
         return public, entry
 
     def masked(self) -> dict[str, Any]:

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import re
 import time
-from random import getrandbits
 from typing import Any
 
 import structlog
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from proxy.core.ids import unique_id
 from proxy.core.errors import (
     SERVER,
     ApiError,
@@ -50,8 +50,7 @@ _GATED_PREFIXES = ("/v1/", "/admin/")
 
 
 def new_request_id() -> str:
-    # Unique, not secret: the PRNG avoids a urandom syscall per request.
-    return f"req_{getrandbits(96):024x}"
+    return unique_id("req_")
 
 
 def _http_error(exc: web.HTTPException) -> ApiError:

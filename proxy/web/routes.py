@@ -111,13 +111,13 @@ async def readyz(request: web.Request) -> web.Response:
         reasons.append("starting")
     elif not await gateway.store.ping():
         reasons.append("store_unreachable")
-    # Informative only: a replica with settlements still pending keeps serving.
-    notes = [note for unit in gateway.units for note in unit.readiness_notes()]
+    # Listed but not failing readiness: settlements still pending, an unreachable tool server.
+    degraded = [reason for unit in gateway.units for reason in unit.readiness()]
     if reasons:
-        return web.json_response({"status": "unavailable", "reasons": reasons + notes}, status=503)
+        return web.json_response({"status": "unavailable", "reasons": reasons + degraded}, status=503)
     ready: dict[str, Any] = {"status": "ready", "store": "durable" if gateway.store.durable else "memory"}
-    if notes:
-        ready["reasons"] = notes
+    if degraded:
+        ready["reasons"] = degraded
     return web.json_response(ready)
 
 

@@ -1,0 +1,3 @@
+from middleware.agent.unit import AgentUnit
+
+__all__ = ["AgentUnit"]

@@ -70,6 +70,8 @@ from proxy.core.errors import ApiError, CreditsExhausted, StoreUnavailable
 from proxy.core.pipeline import Unit, UnitSettings
 from proxy.store.store import Script
 
+from middleware.metering.budgets import budget_tail, settle_tail
+from proxy.store.events import mark_pending
 from middleware.metering.pricing import CAP_FIELDS, Pricing, choices, output_cap, output_estimate, pricing_table, prompt_estimate
 
 HOLD_RESERVE = Script.load("middleware.metering", "hold_reserve")
@@ -90,6 +92,10 @@ USAGE_NULL_FIELDS = (b',"usage":null', b', "usage": null')
 TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 # Most tenants whose room (speculative holds) and key names this process remembers.
 TENANT_ENTRIES = 10_000
+
+
+def key_budget_exceeded() -> CreditsExhausted:
+    return CreditsExhausted("This API key has used up its budget for the current period.", code="key_budget_exceeded")
 
 
 def insufficient_credits(needed: int, available: int) -> CreditsExhausted:
@@ -120,6 +126,10 @@ class Ticket:
     output_limit: int  # output tokens the hold covers (cap × n)
     added_usage: bool  # the gateway turned on stream_options.include_usage
     done: bool = False
+    # Trailing script arguments (middleware/metering/budgets.py): the key's
+    # budget for reserve/release, usage aggregates and events for settle.
+    budget: tuple[list[str], list[Any]] = ([], [])
+    settle_tail: tuple[list[str], list[Any]] = ([], [])
 
 
 class MeteringUnit(Unit):
@@ -227,7 +237,9 @@ class MeteringUnit(Unit):
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 call.set("stream_options", {**(options if isinstance(options, dict) else {}), "include_usage": True})
                 added_usage = True
-        return Ticket(call, pricing, model, self._keys(call.principal.tenant), "", 0, prompt, cap * n, added_usage)
+        ticket = Ticket(call, pricing, model, self._keys(call.principal.tenant), "", 0, prompt, cap * n, added_usage)
+        ticket.budget = budget_tail(self.store, call.principal)
+        return ticket
 
     def _keys(self, tenant: str) -> list[str]:
         """The tenant's credit keys (tenant, holds, hold_amounts, ledger, ledger_ids), built once."""
@@ -259,6 +271,8 @@ class MeteringUnit(Unit):
                     hold = pricing.cost(ticket.prompt, affordable * n)
                     ticket.output_limit = affordable * n
                     status, available = await self._reserve(ticket, hold_id, hold)
+            if status == -2:
+                raise key_budget_exceeded()
             if status != 1:
                 raise insufficient_credits(hold, available)
         except Exception:
@@ -311,13 +325,16 @@ class MeteringUnit(Unit):
     async def _reserve(self, ticket: Ticket, hold_id: str, hold: int) -> tuple[int, int]:
         now = now_ms()
         try:
-            status, available = await self.store.run(HOLD_RESERVE, ticket.keys[:3], [hold_id, hold, now, now + self.hold_ms])
+            status, available = await self.store.run(
+                HOLD_RESERVE, ticket.keys[:3] + ticket.budget[0], [hold_id, hold, now, now + self.hold_ms, *ticket.budget[1]]
+            )
         except StoreUnavailable:
             self._room.clear()  # no speculation until the store answers again
             # The script may have run before the connection broke: drop the
             # hold in the background (a no-op if it never got there), then 503.
             forget = Ticket(
-                ticket.call, ticket.pricing, ticket.model, ticket.keys, hold_id, hold=0, prompt=0, output_limit=0, added_usage=False
+                ticket.call, ticket.pricing, ticket.model, ticket.keys, hold_id, hold=0, prompt=0, output_limit=0, added_usage=False,
+                budget=ticket.budget,
             )
             self.gateway.spawn(self._retry(forget, HOLD_RELEASE, [hold_id], 0, RETRY_PAUSES), "metering.release")
             raise
@@ -369,6 +386,8 @@ class MeteringUnit(Unit):
         metrics.child(metrics.tokens, "input", ticket.model).inc(input_tokens)
         metrics.child(metrics.tokens, "output", ticket.model).inc(output_tokens)
         metrics.child(metrics.credits, ticket.model, source).inc(cost)
+        created = int(time.time())
+        ticket.settle_tail = settle_tail(self.store, self.gateway.settings, call.principal, ticket.model, input_tokens, output_tokens, created)
         entry = orjson.dumps(
             {
                 "type": "charge",
@@ -380,7 +399,7 @@ class MeteringUnit(Unit):
                 "credits": -cost,
                 "usage_source": source,
                 "kind": call.ledger_kind,
-                "created_at": int(time.time()),
+                "created_at": created,
             }
         ).decode()
         args = [ticket.hold_id, cost, f"req:{call.request_id}", entry]
@@ -413,9 +432,14 @@ class MeteringUnit(Unit):
         `deferred` (background writes: the reply is already on its way): the
         write may wait a moment to share the next hold's (see script_client).
         """
-        keys = ticket.keys if script is HOLD_SETTLE else ticket.keys[:3]
+        if script is HOLD_SETTLE:
+            keys, args = ticket.keys + ticket.settle_tail[0], args + [now_ms()] + ticket.settle_tail[1]
+        else:
+            keys, args = ticket.keys[:3] + ticket.budget[0], args + ticket.budget[1]
         try:
-            await self.store.run(script, keys, args + [now_ms()] if script is HOLD_SETTLE else args, deferred)
+            result = await self.store.run(script, keys, args, deferred)
+            if script is HOLD_SETTLE and len(result) > 2 and result[2]:
+                await mark_pending(self.store, ticket.call.principal.tenant)  # webhook events to deliver
         except StoreUnavailable as exc:
             if not final:
                 return False

@@ -209,7 +209,7 @@ async def _run(settings: Settings, op: Operation, args: argparse.Namespace) -> t
     store = Store(settings.store)
     try:
         await store.connect()
-        return await op(Accounts(store), settings, args)
+        return await op(Accounts(store, events=bool(settings.webhooks.url)), settings, args)
     finally:
         await store.close()
 

@@ -27,10 +27,16 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
 
         app.add_subapp("/admin", create_admin_app(gateway))
 
+    from proxy.admin.housekeeping import Housekeeper
+
+    housekeeper = Housekeeper(gateway)  # webhook delivery and ledger retention, one replica at a time
+
     async def start(_: web.Application) -> None:
         await gateway.start()
+        await housekeeper.start()
 
     async def stop(_: web.Application) -> None:
+        await housekeeper.close()
         await gateway.close()
 
     app.on_startup.append(start)

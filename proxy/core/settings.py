@@ -124,8 +124,8 @@ class UsageSettings(Section):
 
 
 class LedgerSettings(Section):
-    retention_days: int | None = Field(
-        None, ge=1, description="Fold ledger entries older than this many days into one opening-balance entry (unset: keep every entry)."
+    retention_days: float | None = Field(
+        None, gt=0, description="Fold ledger entries older than this many days into one opening-balance entry (unset: keep every entry)."
     )
     fold_interval_seconds: float = Field(3600.0, gt=0, description="How often one replica folds old ledger entries (when `retention_days` is set).")
 

@@ -22,6 +22,8 @@ from typing import Any, Literal, TypeVar
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
+from proxy.admin.console import create_console_app
+from proxy.admin.console.session import ADMIN_COOKIE, Sessions
 from proxy.store.accounts import MAX_CREDITS, Accounts
 from proxy.web.usage import usage_response
 from proxy.core.errors import ApiError, invalid_request, not_found
@@ -248,13 +250,18 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 
 # -- the application -----------------------------------------------------------
-def _admin_token_middleware(token: str) -> Any:
+def _admin_token_middleware(token: str, sessions: Sessions) -> Any:
+    """Bearer admin token, or a console admin session (cookie) with its CSRF token on changes."""
     expected = token.encode()
 
     @web.middleware
     async def require_admin_token(request: web.Request, handler: Any) -> web.StreamResponse:
         header = request.headers.get("Authorization", "")
         presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if not presented and ADMIN_COOKIE in request.cookies:
+            session = await sessions.read(request, "admin")
+            if session is not None and await sessions.csrf_ok(request, session):
+                return await handler(request)
         if not presented or not hmac.compare_digest(presented.encode(), expected):
             raise ApiError(
                 401,
@@ -272,7 +279,8 @@ def create_admin_app(gateway: Gateway, *, standalone: bool = False) -> web.Appli
     token = gateway.settings.admin.token
     if token is None or not token.get_secret_value():
         raise ConfigError("invalid configuration:\n  admin.token: must not be empty (leave it unset to turn the admin API off)")
-    app = web.Application(middlewares=[_admin_token_middleware(token.get_secret_value())])
+    sessions = Sessions(gateway.store, token.get_secret_value())
+    app = web.Application(middlewares=[_admin_token_middleware(token.get_secret_value(), sessions)])
     app[GATEWAY] = gateway
     app[ACCOUNTS] = Accounts(gateway.store, events=bool(gateway.settings.webhooks.url))
     app.add_routes(
@@ -299,4 +307,5 @@ def create_admin_app(gateway: Gateway, *, standalone: bool = False) -> web.Appli
     root[GATEWAY] = gateway
     root.on_response_prepare.append(stamp_request_id)
     root.add_subapp("/admin", app)
+    root.add_subapp("/console", create_console_app(gateway, admin=True, tenant=False))
     return root

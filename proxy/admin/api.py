@@ -195,7 +195,7 @@ async def ledger(request: web.Request) -> web.Response:
 
 async def fold_ledger(request: web.Request) -> web.Response:
     """Fold old entries into one opening-balance entry now (the housekeeping task does it on a schedule)."""
-    body = await _body(request, LedgerFold) if request.can_read_body else LedgerFold()
+    body = await _body(request, LedgerFold) if request.can_read_body else LedgerFold(before=None)
     days = request.app[GATEWAY].settings.ledger.retention_days
     before = body.before
     if before is None:

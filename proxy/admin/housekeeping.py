@@ -131,7 +131,7 @@ class Housekeeper:
                 for tenant in batch:
                     pipe.llen(events_key(self.store, tenant))
                 lengths = await pipe.execute()
-            found.update(t for t, n in zip(batch, lengths) if n)
+            found.update(t for t, n in zip(batch, lengths, strict=True) if n)
         return found
 
     async def _fold_all(self, before: float) -> None:

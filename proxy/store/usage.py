@@ -124,7 +124,7 @@ async def query_usage(
             pipe.hgetall(bucket_key(store, tenant, resolution, at))
         results = await pipe.execute()
     rows: dict[tuple[Any, ...], dict[str, Any]] = {}
-    for (_, at, until), fields in zip(buckets, results):
+    for (_, at, until), fields in zip(buckets, results, strict=True):
         if by_hour:
             span = (at, until)
         elif by_day:

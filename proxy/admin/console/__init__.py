@@ -26,7 +26,13 @@ from urllib.parse import quote
 
 from aiohttp import web
 
-from proxy.admin.console.session import ADMIN_COOKIE, TENANT_COOKIE, Session, Sessions, same_origin
+from proxy.admin.console.session import (
+    ADMIN_COOKIE,
+    TENANT_COOKIE,
+    Session,
+    Sessions,
+    same_origin,
+)
 from proxy.core.errors import ApiError
 from proxy.core.gateway import GATEWAY, Gateway
 from proxy.store.accounts import Accounts, KeyRecord
@@ -75,6 +81,17 @@ def login_page(action: str, label: str, field: str, error: str = "", status: int
   <button type="submit">Log in</button>
 </form>"""
     return render("Log in", body, status=status, home=home)
+
+
+async def read_form(request: web.Request) -> dict[str, str]:
+    """The posted form's fields; the console's forms are urlencoded, anything else is refused (415/400)."""
+    if request.content_type != "application/x-www-form-urlencoded":
+        raise web.HTTPUnsupportedMediaType(text="The console's forms are application/x-www-form-urlencoded.")
+    try:
+        form = await request.post()
+    except ValueError:
+        raise web.HTTPBadRequest(text="Malformed form body.") from None
+    return {name: value for name, value in form.items() if isinstance(value, str)}
 
 
 async def static(request: web.Request) -> web.Response:
@@ -130,7 +147,7 @@ async def home(request: web.Request) -> web.Response:
 
 async def login(request: web.Request) -> web.Response:
     token = request.config_dict[GATEWAY].settings.admin.token
-    form = await request.post()
+    form = await read_form(request)
     presented = str(form.get("token", ""))
     if not same_origin(request):
         return login_page("/console/login", "Admin token", "token", "This form must be sent from the console itself.", 403)
@@ -149,7 +166,7 @@ async def logout(request: web.Request) -> web.Response:
 async def _logout(request: web.Request, kind: str, cookie: str, to: str) -> web.Response:
     sessions = request.app[SESSIONS]
     session = await sessions.read(request, kind)
-    form = await request.post()
+    form = await read_form(request)
     if session is not None and not await sessions.csrf_ok(request, session, str(form.get("csrf", ""))):
         raise web.HTTPForbidden(text="CSRF token missing or wrong.")
     response = see_other(to)
@@ -349,7 +366,7 @@ async def tenant_home(request: web.Request) -> web.Response:
 
 
 async def tenant_login(request: web.Request) -> web.Response:
-    form = await request.post()
+    form = await read_form(request)
     if not same_origin(request):
         return login_page("/console/tenant/login", "API key", "key", "This form must be sent from the console itself.", 403, "/console/tenant")
     record = await request.app[CONSOLE_ACCOUNTS].lookup(str(form.get("key", "")).strip())

@@ -88,8 +88,8 @@ class Sessions:
         """Safe methods pass; others need the token in `X-CSRF-Token` (or `presented`, from a form field)."""
         if request.method in SAFE_METHODS:
             return True
-        presented = presented or request.headers.get(CSRF_HEADER, "")
-        return bool(presented) and hmac.compare_digest(presented, await self.csrf_token(session))
+        token: str = presented or request.headers.get(CSRF_HEADER) or ""
+        return bool(token) and hmac.compare_digest(token, await self.csrf_token(session))
 
 
 def same_origin(request: web.Request) -> bool:

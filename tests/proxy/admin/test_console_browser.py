@@ -113,6 +113,8 @@ async def test_operator_console_end_to_end(browser, mock, gateway_factory, redis
     await page.locator(".legend", has_text="key_").first.wait_for()
     assert int(await page.locator("#balance").inner_text()) == 1250 - charged
     await shot(page, "console-tenant.png")
+    ARTIFACTS.mkdir(exist_ok=True)
+    await page.screenshot(path=str(ARTIFACTS / "console-readme.png"), clip={"x": 0, "y": 0, "width": 1100, "height": 1000})
     await page.set_viewport_size({"width": 390, "height": 844})  # a phone
     await shot(page, "console-phone.png")
     await page.set_viewport_size({"width": 1100, "height": 900})

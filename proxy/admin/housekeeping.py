@@ -44,6 +44,7 @@ import structlog
 
 from proxy.store.accounts import Accounts
 from proxy.store.events import events_key, pending_key, tenants_key
+from proxy.core.errors import StoreUnavailable
 from proxy.store.store import STORE_DOWN_ERRORS, Script
 
 if TYPE_CHECKING:
@@ -51,6 +52,7 @@ if TYPE_CHECKING:
 
 LEASE = Script.load("proxy.store.lua", "lease")
 SWEEP_SECONDS = 60.0
+STORE_DOWN: tuple[type[BaseException], ...] = (StoreUnavailable, *STORE_DOWN_ERRORS)
 log = structlog.get_logger("sovereign")
 
 
@@ -99,7 +101,7 @@ class Housekeeper:
                     await self.step()
             except asyncio.CancelledError:
                 raise
-            except STORE_DOWN_ERRORS:
+            except STORE_DOWN:
                 pass  # the store is down: try again at the next poll
             except Exception as exc:  # a bug must not stop the loop for good
                 log.error("housekeeping.failed", error=repr(exc))

@@ -27,10 +27,11 @@ ARGS ?=
 run: $(VENV)/.installed
 	$(BIN)/sovereign demo --port $(PORT) --upstream-port $(UPSTREAM_PORT) $(ARGS)
 
-## make test: dev dependencies, a reachable Redis, the whole suite.
+## make test: dev dependencies, a reachable Redis, Chromium for the console tests, the whole suite.
 test: $(VENV)/.installed-dev
 	.ci/ensure-redis
 	.ci/ensure-node-deps
+	.ci/ensure-chromium
 	$(BIN)/python -m pytest -q
 
 ## make bench: the benchmark suite (see bench/README.md); writes bench/results/.

@@ -1,4 +1,4 @@
-"""The auth unit: API-key authentication, per-key model access, and `GET /v1/credits`.
+"""The auth unit: API-key authentication, per-key model access, `GET /v1/credits` and `GET /v1/usage`.
 
 Clients send ``Authorization: Bearer sk-sov-live-…``. The key is hashed
 (SHA-256) and its record read from the store; a missing, malformed, unknown,
@@ -29,6 +29,7 @@ from proxy.store.accounts import Accounts, KeyRecord, looks_like_key
 from proxy.core.call import Call, Next, Principal, Reply
 from proxy.core.errors import AuthenticationFailed, model_not_found
 from proxy.core.pipeline import Authenticator, Unit, UnitSettings
+from proxy.web.usage import usage_response
 
 if TYPE_CHECKING:
     from proxy.core.gateway import Gateway
@@ -135,7 +136,12 @@ class AuthUnit(Unit):
 
     # -- GET /v1/credits -------------------------------------------------------
     def routes(self) -> list[web.RouteDef]:
-        return [web.get("/v1/credits", self.credits)]
+        return [web.get("/v1/credits", self.credits), web.get("/v1/usage", self.usage)]
+
+    async def usage(self, request: web.Request) -> web.Response:
+        """`GET /v1/usage`: the key's own tenant's usage (proxy/web/usage.py has the query)."""
+        principal = await self.authenticate(request.headers)
+        return await usage_response(self.gateway.store, principal.tenant, request.query)
 
     async def credits(self, request: web.Request) -> web.Response:
         principal = await self.authenticate(request.headers)
@@ -153,6 +159,9 @@ class AuthUnit(Unit):
                 "rpm": principal.rpm,
                 "max_concurrency": principal.max_concurrency,
                 "expires_at": int(principal.expires_at) if principal.expires_at else None,
+                "budget": {"credits": principal.budget_credits, "period": principal.budget_period}
+                if principal.budget_credits is not None
+                else None,
             },
         }
         return web.json_response(body)

@@ -5,9 +5,13 @@
 --       (a complete object; "id" and "balance_after" are added here), now_ms
 -- Ids are built from request ids, which the HTTP layer limits to [A-Za-z0-9._:-],
 -- so they are pasted into the JSON without escaping.
--- Returns {1, balance} when charged, {0, balance} when already settled,
+-- Trailing KEYS/ARGV: usage aggregates, the key's budget and events (see usage.lua).
+-- Returns {1, balance[, events pushed when any]} when charged, {0, balance} when already settled,
 -- {-1, 0} when there is no such tenant.
 --! include prelude
+--! include events
+--! include budget
+--! include usage
 if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0} end
 sweep_holds(KEYS[1], KEYS[2], KEYS[3], tonumber(ARGV[5]))
 local held = ARGV[1] ~= '' and redis.call('HGET', KEYS[3], ARGV[1])
@@ -31,4 +35,6 @@ if held then
 end
 local balance = redis.call('HINCRBY', KEYS[1], 'balance', 0 - tonumber(ARGV[2]))
 ledger_push(KEYS[4], '{"id":"' .. id .. '",' .. string.sub(ARGV[4], 2, -2), balance)
+local pushed = settle_extras(KEYS, ARGV, ARGV[1], tonumber(ARGV[2]), balance)
+if pushed > 0 then return {1, balance, pushed} end
 return {1, balance}

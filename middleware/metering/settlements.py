@@ -30,7 +30,7 @@ import contextlib
 import fcntl
 import os
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -176,8 +176,10 @@ class SettlementQueue:
         spool_dir: str | None,
         memory_limit: int,
         retry_max_seconds: float,
+        on_written: Callable[[Settlement, Any], Awaitable[None]] | None = None,
     ) -> None:
         self.store = store
+        self.on_written = on_written  # told each script's answer once it is written
         self.scripts = {script.name: script for script in scripts}
         self.on_count = on_count  # told the pending count whenever it changes (the gauge)
         self.spool = SettlementSpool(spool_dir) if spool_dir else None
@@ -249,7 +251,9 @@ class SettlementQueue:
         if settlement.now_at is not None:
             args = [*args[: settlement.now_at], now_ms(), *args[settlement.now_at :]]
         try:
-            await self.store.run(script, settlement.keys, args, deferred)
+            result = await self.store.run(script, settlement.keys, args, deferred)
+            if self.on_written is not None:
+                await self.on_written(settlement, result)
         except StoreUnavailable:
             return False
         except Exception as exc:  # a script error: retrying cannot help

@@ -79,6 +79,8 @@ from proxy.core.errors import ApiError, CreditsExhausted, StoreUnavailable
 from proxy.core.pipeline import Unit, UnitSettings
 from proxy.store.store import Script
 
+from middleware.metering.budgets import budget_tail, settle_tail
+from proxy.store.events import mark_pending
 from middleware.metering.pricing import CAP_FIELDS, Pricing, choices, output_cap, output_estimate, pricing_table, prompt_estimate
 from middleware.metering.settlements import Settlement, SettlementQueue
 from middleware.metering.sweeper import HoldSweeper, checkpoint_keys
@@ -101,6 +103,10 @@ USAGE_NULL_FIELDS = (b',"usage":null', b', "usage": null')
 TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 # Most tenants whose room (speculative holds) and key names this process remembers.
 TENANT_ENTRIES = 10_000
+
+
+def key_budget_exceeded() -> CreditsExhausted:
+    return CreditsExhausted("This API key has used up its budget for the current period.", code="key_budget_exceeded")
 
 
 def insufficient_credits(needed: int, available: int) -> CreditsExhausted:
@@ -131,6 +137,10 @@ class Ticket:
     output_limit: int  # output tokens the hold covers (cap × n)
     added_usage: bool  # the gateway turned on stream_options.include_usage
     done: bool = False
+    # Trailing script arguments (middleware/metering/budgets.py): the key's
+    # budget for reserve/release, usage aggregates and events for settle.
+    budget: tuple[list[str], list[Any]] = ([], [])
+    settle_tail: tuple[list[str], list[Any]] = ([], [])
 
 
 class MeteringUnit(Unit):
@@ -189,6 +199,7 @@ class MeteringUnit(Unit):
             spool_dir=gateway.settings.store.spool_dir,
             memory_limit=settings.pending_settlements_limit,
             retry_max_seconds=settings.settlement_retry_max_seconds,
+            on_written=self._written,
         )
         self.sweeper = HoldSweeper(self.store, settings.sweep_seconds)
         # Only as the last unit: a unit after metering would act on the request
@@ -277,7 +288,9 @@ class MeteringUnit(Unit):
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 call.set("stream_options", {**(options if isinstance(options, dict) else {}), "include_usage": True})
                 added_usage = True
-        return Ticket(call, pricing, model, self._keys(call.principal.tenant), "", 0, prompt, cap * n, added_usage)
+        ticket = Ticket(call, pricing, model, self._keys(call.principal.tenant), "", 0, prompt, cap * n, added_usage)
+        ticket.budget = budget_tail(self.store, call.principal)
+        return ticket
 
     def _keys(self, tenant: str) -> list[str]:
         """The tenant's credit keys (tenant, holds, hold_amounts, ledger, ledger_ids), built once."""
@@ -309,6 +322,8 @@ class MeteringUnit(Unit):
                     hold = pricing.cost(ticket.prompt, affordable * n)
                     ticket.output_limit = affordable * n
                     status, available = await self._reserve(ticket, hold_id, hold)
+            if status == -2:
+                raise key_budget_exceeded()
             if status != 1:
                 raise insufficient_credits(hold, available)
         except Exception:
@@ -356,19 +371,32 @@ class MeteringUnit(Unit):
             await _abandon(forward)
             raise
 
+    async def _written(self, settlement: Settlement, result: Any) -> None:
+        """A settle script that pushed webhook events marks its tenant for delivery."""
+        if settlement.script == HOLD_SETTLE.name and isinstance(result, list) and len(result) > 2 and result[2]:
+            try:
+                await mark_pending(self.store, settlement.tenant)
+            except StoreUnavailable:
+                pass  # the housekeeping sweep finds the tenant's events anyway
+
     async def _reserve(self, ticket: Ticket, hold_id: str, hold: int) -> tuple[int, int]:
         now = now_ms()
         room = self._tenant_room(ticket.call.principal.tenant) if self._speculative else None
         if room is not None:
             room.in_flight += hold  # (a Room dropped meanwhile is simply forgotten)
         try:
-            status, available = await self.store.run(HOLD_RESERVE, ticket.keys[:3], [hold_id, hold, now, now + self.hold_ms])
+            status, available = await self.store.run(
+                HOLD_RESERVE, ticket.keys[:3] + ticket.budget[0], [hold_id, hold, now, now + self.hold_ms, *ticket.budget[1]]
+            )
         except StoreUnavailable:
             self._room.clear()  # no speculation until the store answers again
             # The script may have run before the connection broke: drop the
             # hold (a no-op if it never got there; kept until the store answers), then 503.
             call = ticket.call
-            release = Settlement(HOLD_RELEASE.name, ticket.keys[:3], [hold_id], call.request_id, call.principal.tenant, 0)
+            release = Settlement(
+                HOLD_RELEASE.name, ticket.keys[:3] + ticket.budget[0], [hold_id, *ticket.budget[1]],
+                call.request_id, call.principal.tenant, 0,
+            )
             self.gateway.spawn(self.settlements.write(release), "metering.release")
             raise
         finally:
@@ -419,6 +447,8 @@ class MeteringUnit(Unit):
         metrics.child(metrics.tokens, "input", ticket.model).inc(input_tokens)
         metrics.child(metrics.tokens, "output", ticket.model).inc(output_tokens)
         metrics.child(metrics.credits, ticket.model, source).inc(cost)
+        created = int(time.time())
+        ticket.settle_tail = settle_tail(self.store, self.gateway.settings, call.principal, ticket.model, input_tokens, output_tokens, created)
         entry = orjson.dumps(
             {
                 "type": "charge",
@@ -430,7 +460,7 @@ class MeteringUnit(Unit):
                 "credits": -cost,
                 "usage_source": source,
                 "kind": call.ledger_kind,
-                "created_at": int(time.time()),
+                "created_at": created,
             }
         ).decode()
         args = [ticket.hold_id, cost, f"req:{call.request_id}", entry]
@@ -448,6 +478,10 @@ class MeteringUnit(Unit):
         write may wait a moment to share the next hold's (see script_client).
         """
         call = ticket.call
+        if script is HOLD_SETTLE:  # the usage buckets and events ride along (see budgets.settle_tail)
+            keys, args = keys + ticket.settle_tail[0], args + ticket.settle_tail[1]
+        else:  # a release gives the key's budget hold back too
+            keys, args = keys + ticket.budget[0], args + ticket.budget[1]
         settlement = Settlement(
             script.name, keys, args, call.request_id, call.principal.tenant, cost,
             now_at=SETTLE_NOW_ARG if script is HOLD_SETTLE else None,  # the settle script sweeps expired holds with it

@@ -17,13 +17,16 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
 
-from proxy.store.accounts import Accounts
-from proxy.core.errors import ApiError, invalid_request
+from proxy.admin.console import create_console_app
+from proxy.admin.console.session import ADMIN_COOKIE, Sessions
+from proxy.store.accounts import MAX_CREDITS, Accounts
+from proxy.web.usage import usage_response
+from proxy.core.errors import ApiError, invalid_request, not_found
 from proxy.core.gateway import GATEWAY, Gateway
 from proxy.web.middlewares import gateway_middleware, stamp_request_id
 from proxy.web.routes import read_json_body
@@ -41,6 +44,20 @@ class AdminBody(BaseModel):
 class TenantCreate(AdminBody):
     id: StrictStr
     credits: StrictInt = 0
+    low_balance_threshold: StrictInt | None = Field(None, ge=0, le=MAX_CREDITS)
+
+
+class TenantUpdate(AdminBody):
+    low_balance_threshold: StrictInt | None = Field(None, ge=0, le=MAX_CREDITS)
+
+
+class Budget(AdminBody):
+    credits: StrictInt = Field(ge=0, le=MAX_CREDITS)
+    period: Literal["day", "month", "total"] = "total"
+
+
+class LedgerFold(AdminBody):
+    before: StrictInt | StrictFloat | None = Field(None, description="Unix seconds; default: now minus ledger.retention_days.")
 
 
 class CreditTopUp(AdminBody):
@@ -55,6 +72,18 @@ class KeyCreate(AdminBody):
     rpm: StrictInt | None = Field(None, ge=1)
     max_concurrency: StrictInt | None = Field(None, ge=1)
     expires_at: StrictInt | StrictFloat | None = Field(None, description="Unix seconds.")
+    budget: Budget | None = None
+
+
+class KeyUpdate(AdminBody):
+    """PATCH: only the fields sent change; `null` clears a limit, the budget or the expiry."""
+
+    name: StrictStr | None = Field(None, max_length=200)
+    models: list[StrictStr] | None = None
+    rpm: StrictInt | None = Field(None, ge=1)
+    max_concurrency: StrictInt | None = Field(None, ge=1)
+    expires_at: StrictInt | StrictFloat | None = Field(None, description="Unix seconds.")
+    budget: Budget | None = None
 
 
 Body = TypeVar("Body", bound=AdminBody)
@@ -77,7 +106,7 @@ def parse_body(model: type[Body], data: Any) -> Body:
         raise invalid_request(f"Invalid `{param}`: {error['msg']}.", param=param or None) from None
 
 
-def check_key_request(request: KeyCreate, settings: Settings) -> None:
+def check_key_request(request: KeyCreate | KeyUpdate, settings: Settings) -> None:
     """What pydantic cannot know: the configured models and the clock."""
     for index, model in enumerate(request.models or []):
         if model not in settings.models:
@@ -96,7 +125,18 @@ async def create_key_from(accounts: Accounts, request: KeyCreate, settings: Sett
         rpm=request.rpm,
         max_concurrency=request.max_concurrency,
         expires_at=request.expires_at,
+        budget_credits=request.budget.credits if request.budget else None,
+        budget_period=request.budget.period if request.budget else None,
     )
+
+
+async def update_key_from(accounts: Accounts, key_id: str, request: KeyUpdate, settings: Settings) -> Any:
+    """Check a validated key update and apply the fields it sets: the record."""
+    check_key_request(request, settings)
+    changes = {name: getattr(request, name) for name in request.model_fields_set}
+    if "budget" in changes and request.budget is not None:
+        changes["budget"] = request.budget.model_dump()
+    return await accounts.update_key(key_id, changes)
 
 
 def new_idempotency_key() -> str:
@@ -111,8 +151,21 @@ async def _body(request: web.Request, model: type[Body]) -> Body:
 
 async def create_tenant(request: web.Request) -> web.Response:
     body = await _body(request, TenantCreate)
-    tenant = await request.app[ACCOUNTS].create_tenant(body.id, body.credits)
+    tenant = await request.app[ACCOUNTS].create_tenant(body.id, body.credits, body.low_balance_threshold)
     return web.json_response(tenant, status=201)
+
+
+async def list_tenants(request: web.Request) -> web.Response:
+    return web.json_response({"object": "list", "data": await request.app[ACCOUNTS].list_tenants()})
+
+
+async def update_tenant(request: web.Request) -> web.Response:
+    body = await _body(request, TenantUpdate)
+    accounts = request.app[ACCOUNTS]
+    tenant = request.match_info["tenant"]
+    if "low_balance_threshold" in body.model_fields_set:
+        return web.json_response(await accounts.update_tenant(tenant, body.low_balance_threshold))
+    return web.json_response(await accounts.tenant(tenant))
 
 
 async def show_tenant(request: web.Request) -> web.Response:
@@ -135,8 +188,30 @@ async def ledger(request: web.Request) -> web.Response:
         limit = 0
     if not 1 <= limit <= MAX_LEDGER_LIMIT:
         raise invalid_request(f"`limit` is an integer from 1 to {MAX_LEDGER_LIMIT}.", param="limit")
-    entries = await request.app[ACCOUNTS].ledger(request.match_info["tenant"], limit)
-    return web.json_response({"object": "list", "data": entries})
+    cursor = request.query.get("cursor") or None
+    entries, next_cursor = await request.app[ACCOUNTS].ledger_page(request.match_info["tenant"], limit, cursor)
+    return web.json_response({"object": "list", "data": entries, "has_more": next_cursor is not None, "next_cursor": next_cursor})
+
+
+async def fold_ledger(request: web.Request) -> web.Response:
+    """Fold old entries into one opening-balance entry now (the housekeeping task does it on a schedule)."""
+    body = await _body(request, LedgerFold) if request.can_read_body else LedgerFold(before=None)
+    days = request.app[GATEWAY].settings.ledger.retention_days
+    before = body.before
+    if before is None:
+        if days is None:
+            raise invalid_request("Send `before` (unix seconds), or set `ledger.retention_days`.", param="before")
+        before = time.time() - days * 86400
+    folded = await request.app[ACCOUNTS].fold_ledger(request.match_info["tenant"], float(before))
+    return web.json_response({"object": "ledger.fold", "tenant": request.match_info["tenant"], "folded_entries": folded})
+
+
+async def usage(request: web.Request) -> web.Response:
+    tenant = request.query.get("tenant")
+    if not tenant:
+        raise invalid_request("Missing required parameter `tenant`.", param="tenant", code="missing_required_parameter")
+    await request.app[ACCOUNTS].tenant(tenant)  # 404 for an unknown tenant
+    return await usage_response(request.app[GATEWAY].store, tenant, request.query)
 
 
 async def create_key(request: web.Request) -> web.Response:
@@ -149,8 +224,24 @@ async def list_keys(request: web.Request) -> web.Response:
     tenant = request.query.get("tenant")
     if not tenant:
         raise invalid_request("Missing required parameter `tenant`.", param="tenant", code="missing_required_parameter")
-    records = await request.app[ACCOUNTS].list_keys(tenant)
-    return web.json_response({"object": "list", "data": [r.public() for r in records]})
+    accounts = request.app[ACCOUNTS]
+    records = await accounts.list_keys(tenant)
+    return web.json_response({"object": "list", "data": [await accounts.public_key(r) for r in records]})
+
+
+async def show_key(request: web.Request) -> web.Response:
+    accounts = request.app[ACCOUNTS]
+    record = await accounts.get_key(request.match_info["key_id"])
+    if record is None:
+        raise not_found("key")
+    return web.json_response(await accounts.public_key(record))
+
+
+async def update_key(request: web.Request) -> web.Response:
+    body = await _body(request, KeyUpdate)
+    accounts = request.app[ACCOUNTS]
+    record = await update_key_from(accounts, request.match_info["key_id"], body, request.app[GATEWAY].settings)
+    return web.json_response(await accounts.public_key(record))
 
 
 async def revoke_key(request: web.Request) -> web.Response:
@@ -159,13 +250,18 @@ async def revoke_key(request: web.Request) -> web.Response:
 
 
 # -- the application -----------------------------------------------------------
-def _admin_token_middleware(token: str) -> Any:
+def _admin_token_middleware(token: str, sessions: Sessions) -> Any:
+    """Bearer admin token, or a console admin session (cookie) with its CSRF token on changes."""
     expected = token.encode()
 
     @web.middleware
     async def require_admin_token(request: web.Request, handler: Any) -> web.StreamResponse:
         header = request.headers.get("Authorization", "")
         presented = header[7:].strip() if header[:7].lower() == "bearer " else ""
+        if not presented and ADMIN_COOKIE in request.cookies:
+            session = await sessions.read(request, "admin")
+            if session is not None and await sessions.csrf_ok(request, session):
+                return await handler(request)
         if not presented or not hmac.compare_digest(presented.encode(), expected):
             raise ApiError(
                 401,
@@ -183,18 +279,25 @@ def create_admin_app(gateway: Gateway, *, standalone: bool = False) -> web.Appli
     token = gateway.settings.admin.token
     if token is None or not token.get_secret_value():
         raise ConfigError("invalid configuration:\n  admin.token: must not be empty (leave it unset to turn the admin API off)")
-    app = web.Application(middlewares=[_admin_token_middleware(token.get_secret_value())])
+    sessions = Sessions(gateway.store, token.get_secret_value())
+    app = web.Application(middlewares=[_admin_token_middleware(token.get_secret_value(), sessions)])
     app[GATEWAY] = gateway
-    app[ACCOUNTS] = Accounts(gateway.store)
+    app[ACCOUNTS] = Accounts(gateway.store, events=bool(gateway.settings.webhooks.url))
     app.add_routes(
         [
             web.post("/tenants", create_tenant),
+            web.get("/tenants", list_tenants),
             web.get("/tenants/{tenant}", show_tenant),
+            web.patch("/tenants/{tenant}", update_tenant),
             web.post("/tenants/{tenant}/credits", top_up),
             web.get("/tenants/{tenant}/ledger", ledger),
+            web.post("/tenants/{tenant}/ledger/fold", fold_ledger),
             web.post("/keys", create_key),
             web.get("/keys", list_keys),
+            web.get("/keys/{key_id}", show_key),
+            web.patch("/keys/{key_id}", update_key),
             web.delete("/keys/{key_id}", revoke_key),
+            web.get("/usage", usage),
         ]
     )
     if not standalone:
@@ -204,4 +307,5 @@ def create_admin_app(gateway: Gateway, *, standalone: bool = False) -> web.Appli
     root[GATEWAY] = gateway
     root.on_response_prepare.append(stamp_request_id)
     root.add_subapp("/admin", app)
+    root.add_subapp("/console", create_console_app(gateway, admin=True, tenant=False))
     return root

@@ -22,7 +22,17 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from proxy.store.accounts import Accounts
-from proxy.admin.api import CreditTopUp, KeyCreate, TenantCreate, create_key_from, new_idempotency_key, parse_body
+from proxy.admin.api import (
+    CreditTopUp,
+    KeyCreate,
+    KeyUpdate,
+    TenantCreate,
+    TenantUpdate,
+    create_key_from,
+    new_idempotency_key,
+    parse_body,
+    update_key_from,
+)
 from proxy.core.errors import ApiError, StoreUnavailable
 from proxy.core.settings import Settings
 from proxy.store.store import Store
@@ -76,18 +86,44 @@ def _tenant_text(t: dict[str, Any]) -> str:
     )
 
 
+def _budget(budget: dict[str, Any] | None) -> str:
+    if not budget:
+        return "-"
+    spent = f"{budget['spent']}/" if "spent" in budget else ""
+    return f"{spent}{budget['credits']} per {budget['period']}" if budget["period"] != "total" else f"{spent}{budget['credits']} total"
+
+
 def _key_row(k: dict[str, Any]) -> list[Any]:
     status = "revoked" if k["revoked_at"] else "active"
-    return [k["id"], k["name"], status, k["models"] or "all", k["rpm"], k["max_concurrency"], _when(k["created_at"]), _when(k["expires_at"])]
+    return [
+        k["id"], k["name"], status, k["models"] or "all", k["rpm"], k["max_concurrency"], _budget(k.get("budget")),
+        _when(k["created_at"]), _when(k["expires_at"]),
+    ]
 
 
-KEY_HEADER = ["ID", "NAME", "STATUS", "MODELS", "RPM", "CONCURRENCY", "CREATED", "EXPIRES"]
+KEY_HEADER = ["ID", "NAME", "STATUS", "MODELS", "RPM", "CONCURRENCY", "BUDGET", "CREATED", "EXPIRES"]
+
+
+def _budget_arg(args: argparse.Namespace) -> dict[str, Any] | None:
+    if args.budget is None:
+        return None
+    return {"credits": args.budget, "period": args.budget_period or "total"}
 
 
 # -- operations ------------------------------------------------------------------
 async def tenants_create(accounts: Accounts, settings: Settings, args: argparse.Namespace) -> tuple[Any, str]:
-    body = parse_body(TenantCreate, {"id": args.id, "credits": args.credits})
-    tenant = await accounts.create_tenant(body.id, body.credits)
+    data: dict[str, Any] = {"id": args.id, "credits": args.credits}
+    if args.low_balance_threshold is not None:
+        data["low_balance_threshold"] = args.low_balance_threshold
+    body = parse_body(TenantCreate, data)
+    tenant = await accounts.create_tenant(body.id, body.credits, body.low_balance_threshold)
+    return tenant, _tenant_text(tenant)
+
+
+async def tenants_update(accounts: Accounts, settings: Settings, args: argparse.Namespace) -> tuple[Any, str]:
+    threshold = None if args.clear_low_balance_threshold else args.low_balance_threshold
+    body = parse_body(TenantUpdate, {"low_balance_threshold": threshold})
+    tenant = await accounts.update_tenant(args.id, body.low_balance_threshold)
     return tenant, _tenant_text(tenant)
 
 
@@ -122,14 +158,34 @@ async def keys_create(accounts: Accounts, settings: Settings, args: argparse.Nam
     for field in ("rpm", "max_concurrency", "expires_at"):
         if getattr(args, field) is not None:
             data[field] = getattr(args, field)
+    if args.budget is not None:
+        data["budget"] = _budget_arg(args)
     plaintext, record = await create_key_from(accounts, parse_body(KeyCreate, data), settings)
     public = record.public()
     text = f"{plaintext}\n\nThis key is shown once; store it now.\n\n" + table(KEY_HEADER, [_key_row(public)])
     return {**public, "key": plaintext}, text
 
 
+async def keys_update(accounts: Accounts, settings: Settings, args: argparse.Namespace) -> tuple[Any, str]:
+    data: dict[str, Any] = {}
+    if args.name is not None:
+        data["name"] = args.name
+    if args.models is not None:
+        data["models"] = [m.strip() for m in args.models.split(",") if m.strip()]
+    for field in ("rpm", "max_concurrency", "expires_at"):
+        if getattr(args, field) is not None:
+            data[field] = getattr(args, field) or None  # 0 clears the limit
+    if args.budget is not None:
+        data["budget"] = _budget_arg(args)
+    if args.clear_budget:
+        data["budget"] = None
+    record = await update_key_from(accounts, args.key_id, parse_body(KeyUpdate, data), settings)
+    public = await accounts.public_key(record)
+    return public, table(KEY_HEADER, [_key_row(public)])
+
+
 async def keys_list(accounts: Accounts, settings: Settings, args: argparse.Namespace) -> tuple[Any, str]:
-    records = [r.public() for r in await accounts.list_keys(args.tenant)]
+    records = [await accounts.public_key(r) for r in await accounts.list_keys(args.tenant)]
     return {"object": "list", "data": records}, table(KEY_HEADER, [_key_row(r) for r in records])
 
 
@@ -153,7 +209,7 @@ async def _run(settings: Settings, op: Operation, args: argparse.Namespace) -> t
     store = Store(settings.store)
     try:
         await store.connect()
-        return await op(Accounts(store), settings, args)
+        return await op(Accounts(store, events=bool(settings.webhooks.url)), settings, args)
     finally:
         await store.close()
 
@@ -198,7 +254,14 @@ def add_management_commands(subparsers: Any, load: LoadSettings) -> None:
     p = t_sub.add_parser("create", help="create a tenant")
     p.add_argument("id")
     p.add_argument("--credits", type=int, default=0, help="opening balance (default 0)")
+    p.add_argument("--low-balance-threshold", type=int, help="send tenant.balance_low when the balance falls below this")
     p.set_defaults(func=_command(tenants_create, load))
+
+    p = t_sub.add_parser("update", help="change a tenant's low-balance threshold")
+    p.add_argument("id")
+    p.add_argument("--low-balance-threshold", type=int)
+    p.add_argument("--clear-low-balance-threshold", action="store_true", help="no more tenant.balance_low events")
+    p.set_defaults(func=_command(tenants_update, load))
 
     p = t_sub.add_parser("show", help="balance and reserved credits")
     p.add_argument("id")
@@ -225,7 +288,21 @@ def add_management_commands(subparsers: Any, load: LoadSettings) -> None:
     p.add_argument("--rpm", type=int, help="requests per minute")
     p.add_argument("--max-concurrency", type=int, help="requests in flight at once")
     p.add_argument("--expires-at", type=int, help="expiry as unix seconds")
+    p.add_argument("--budget", type=int, help="credits the key may spend per --budget-period")
+    p.add_argument("--budget-period", choices=["day", "month", "total"], help="default: total")
     p.set_defaults(func=_command(keys_create, load))
+
+    p = k_sub.add_parser("update", help="change a key's name, models, limits, budget or expiry (applies within auth.cache_seconds)")
+    p.add_argument("key_id")
+    p.add_argument("--name")
+    p.add_argument("--models", help="comma-separated public models (empty: all)")
+    p.add_argument("--rpm", type=int, help="requests per minute (0: no limit)")
+    p.add_argument("--max-concurrency", type=int, help="requests in flight at once (0: no limit)")
+    p.add_argument("--expires-at", type=int, help="expiry as unix seconds (0: never)")
+    p.add_argument("--budget", type=int, help="credits the key may spend per --budget-period")
+    p.add_argument("--budget-period", choices=["day", "month", "total"], help="default: total")
+    p.add_argument("--clear-budget", action="store_true", help="remove the key's budget")
+    p.set_defaults(func=_command(keys_update, load))
 
     p = k_sub.add_parser("list", help="a tenant's keys (never the plaintext)")
     p.add_argument("--tenant", required=True)

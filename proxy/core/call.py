@@ -31,6 +31,8 @@ class Principal:
     rpm: int | None = None
     max_concurrency: int | None = None
     expires_at: float | None = None
+    budget_credits: int | None = None  # the key's budget (metering enforces it)
+    budget_period: str | None = None  # "day", "month" or "total"
 
     def may_use(self, model: str) -> bool:
         return not self.models or model in self.models

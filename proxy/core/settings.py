@@ -123,6 +123,29 @@ class AdminSettings(Section):
     host: str = Field("127.0.0.1", description="Address of the separate admin listener (when `admin.port` is set).")
 
 
+class UsageSettings(Section):
+    retention_days: int = Field(90, ge=1, description="Days the hourly usage buckets are kept.")
+    daily_retention_days: int = Field(730, ge=1, description="Days the daily usage buckets are kept (queries beyond `retention_days` are answered by day).")
+
+
+class LedgerSettings(Section):
+    retention_days: float | None = Field(
+        None, gt=0, description="Fold ledger entries older than this many days into one opening-balance entry (unset: keep every entry)."
+    )
+    fold_interval_seconds: float = Field(3600.0, gt=0, description="How often one replica folds old ledger entries (when `retention_days` is set).")
+
+
+class WebhookSettings(Section):
+    url: str | None = Field(None, description="Where events (`tenant.balance_low`, `key.budget_exhausted`, `tenant.credits_added`) are POSTed; unset: no events are recorded.")
+    secret: SecretStr | None = Field(None, description="Key of the `Sovereign-Signature` HMAC-SHA256 over `<t>.<body>`.")
+    timeout_seconds: float = Field(10.0, gt=0, description="Seconds one delivery attempt may take.")
+    retry_seconds: float = Field(1.0, gt=0, description="First pause after a failed delivery; doubles per failure up to `max_retry_seconds`.")
+    max_retry_seconds: float = Field(300.0, gt=0, description="Longest pause between delivery attempts.")
+    max_age_seconds: float = Field(86400.0, gt=0, description="An event still undelivered after this long is dropped (logged as an error).")
+    poll_seconds: float = Field(1.0, gt=0, description="How often the delivering replica looks for new events.")
+    lease_seconds: float = Field(15.0, gt=0, description="Lease that makes one replica at a time the deliverer; another takes over when it lapses.")
+
+
 class MetricsSettings(Section):
     enabled: bool = Field(True, description="Serve Prometheus metrics at /metrics.")
     tenant_labels: bool = Field(False, description="Label request metrics by tenant (watch the cardinality).")
@@ -254,6 +277,9 @@ class Settings(Section):
     store: StoreSettings = Field(default_factory=StoreSettings)
     admin: AdminSettings = Field(default_factory=AdminSettings)
     metrics: MetricsSettings = Field(default_factory=MetricsSettings)
+    usage: UsageSettings = Field(default_factory=UsageSettings)
+    ledger: LedgerSettings = Field(default_factory=LedgerSettings)
+    webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     upstreams: dict[str, UpstreamSettings] = Field(
         default_factory=lambda: {"default": UpstreamSettings()}, description="Providers by name."

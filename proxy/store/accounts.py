@@ -25,11 +25,16 @@ import orjson
 
 from proxy.core.call import Principal
 from proxy.core.errors import ApiError, invalid_request, not_found
+from proxy.store.events import events_key, mark_pending, tenants_key
 from proxy.store.store import Script, TENANT_ID, Store
 
 TENANT_CREATE = Script.load("proxy.store.lua", "tenant_create")
 TENANT_VIEW = Script.load("proxy.store.lua", "tenant_view")
 TENANT_CREDIT = Script.load("proxy.store.lua", "tenant_credit")
+LEDGER_PAGE = Script.load("proxy.store.lua", "ledger_page")
+LEDGER_FOLD = Script.load("proxy.store.lua", "ledger_fold")
+BUDGET_PERIODS = ("day", "month", "total")
+MAX_TENANTS_LISTED = 1000
 
 KEY_PREFIX = "sk-sov-live-"
 KEY_RANDOM_CHARS = 40
@@ -78,6 +83,20 @@ def check_credits(value: Any, param: str, *, positive: bool) -> int:
     return value
 
 
+def budget_keys(store: Store, tenant: str, key_id: str) -> tuple[str, str]:
+    """A key's budget HASH and its open holds ZSET, in the tenant's slot (see metering's budget.lua)."""
+    return store.tenant_key(tenant, "budget", key_id), store.tenant_key(tenant, "budget_holds", key_id)
+
+
+def period_id(period: str | None, at: float) -> str:
+    """The id of the budget period holding `at`: ``d:YYYYMMDD``, ``m:YYYYMM`` (UTC) or ``t`` (total)."""
+    if period == "day":
+        return time.strftime("d:%Y%m%d", time.gmtime(at))
+    if period == "month":
+        return time.strftime("m:%Y%m", time.gmtime(at))
+    return "t"
+
+
 def _entry_prefix(fields: dict[str, Any]) -> str:
     # The Lua side appends `,"balance_after":N}`.
     return orjson.dumps(fields).decode()[:-1]
@@ -96,6 +115,8 @@ class KeyRecord:
     models: tuple[str, ...]
     rpm: int | None
     max_concurrency: int | None
+    budget_credits: int | None = None
+    budget_period: str | None = None
 
     @classmethod
     def from_hash(cls, data: dict[str, str]) -> KeyRecord:
@@ -109,6 +130,8 @@ class KeyRecord:
             models=tuple(orjson.loads(data.get("models") or "[]")),
             rpm=int(data["rpm"]) if data.get("rpm") else None,
             max_concurrency=int(data["max_concurrency"]) if data.get("max_concurrency") else None,
+            budget_credits=int(data["budget_credits"]) if data.get("budget_credits", "") != "" else None,
+            budget_period=data.get("budget_period") or None,
         )
 
     def usable(self, at: float) -> bool:
@@ -123,6 +146,8 @@ class KeyRecord:
             rpm=self.rpm,
             max_concurrency=self.max_concurrency,
             expires_at=self.expires_at,
+            budget_credits=self.budget_credits,
+            budget_period=self.budget_period,
         )
 
     def public(self) -> dict[str, Any]:
@@ -137,14 +162,16 @@ class KeyRecord:
             "models": list(self.models),
             "rpm": self.rpm,
             "max_concurrency": self.max_concurrency,
+            "budget": {"credits": self.budget_credits, "period": self.budget_period} if self.budget_credits is not None else None,
         }
 
 
 class Accounts:
     """Tenant and key operations on one store."""
 
-    def __init__(self, store: Store) -> None:
+    def __init__(self, store: Store, *, events: bool = False) -> None:
         self.store = store
+        self.events = events  # record webhook events (webhooks.url is set)
 
     # -- keys of the layout ---------------------------------------------
     def tenant_keys(self, tenant: str) -> tuple[str, str, str]:
@@ -156,9 +183,11 @@ class Accounts:
         return k(tenant, "tenant"), k(tenant, "holds"), k(tenant, "hold_amounts")
 
     # -- tenants -------------------------------------------------------------
-    async def create_tenant(self, tenant: str, credits: int = 0) -> dict[str, Any]:
+    async def create_tenant(self, tenant: str, credits: int = 0, low_balance_threshold: int | None = None) -> dict[str, Any]:
         check_tenant_id(tenant)
         check_credits(credits, "credits", positive=False)
+        if low_balance_threshold is not None:
+            check_credits(low_balance_threshold, "low_balance_threshold", positive=False)
         created = time.time()
         entry = _entry_prefix(
             {"id": f"grant:{tenant}", "type": "grant", "credits": credits, "created_at": int(created)}
@@ -166,7 +195,32 @@ class Accounts:
         done = await self.store.run(TENANT_CREATE, list(self.tenant_keys(tenant)), [tenant, credits, created, entry])
         if not done:
             raise ApiError(409, f"Tenant `{tenant}` already exists.", code="tenant_exists", param="id")
+        await self.store.redis.sadd(tenants_key(self.store), tenant)
+        if low_balance_threshold is not None:
+            return await self.update_tenant(tenant, low_balance_threshold)
         return await self.tenant(tenant)
+
+    async def update_tenant(self, tenant: str, low_balance_threshold: int | None) -> dict[str, Any]:
+        """Set (or clear, with None) the tenant's low-balance threshold."""
+        await self.tenant(tenant)
+        key = self.store.tenant_key(tenant, "tenant")
+        if low_balance_threshold is None:
+            await self.store.redis.hdel(key, "low_balance_threshold")
+        else:
+            check_credits(low_balance_threshold, "low_balance_threshold", positive=False)
+            await self.store.redis.hset(key, "low_balance_threshold", low_balance_threshold)
+        return await self.tenant(tenant)
+
+    async def list_tenants(self) -> list[dict[str, Any]]:
+        """Every tenant's view, by id (at most MAX_TENANTS_LISTED)."""
+        ids = sorted(await self.store.redis.smembers(tenants_key(self.store)))[:MAX_TENANTS_LISTED]
+        views = []
+        for tenant in ids:
+            try:
+                views.append(await self.tenant(tenant))
+            except ApiError:
+                continue  # listed but gone
+        return views
 
     async def tenant(self, tenant: str) -> dict[str, Any]:
         """The tenant's public view; 404 when it does not exist."""
@@ -175,7 +229,8 @@ class Accounts:
         view = await self.store.run(TENANT_VIEW, list(self.hold_keys(tenant)), [now_ms()])
         if not view:
             raise not_found("tenant")
-        balance, reserved, created = view
+        balance, reserved, created, *rest = view
+        threshold = rest[0] if rest else ""
         return {
             "id": tenant,
             "object": "tenant",
@@ -183,6 +238,7 @@ class Accounts:
             "reserved": int(reserved),
             "available": int(balance) - int(reserved),
             "created_at": int(float(created)),
+            "low_balance_threshold": int(threshold) if threshold != "" else None,
         }
 
     async def add_credits(self, tenant: str, amount: int, idempotency_key: str) -> tuple[bool, dict[str, Any]]:
@@ -192,16 +248,77 @@ class Accounts:
             raise invalid_request("`idempotency_key` is a string of 1-200 characters.", param="idempotency_key")
         entry_id = f"topup:{idempotency_key}"
         entry = _entry_prefix({"id": entry_id, "type": "topup", "credits": amount, "created_at": int(time.time())})
-        status, _ = await self.store.run(TENANT_CREDIT, list(self.tenant_keys(tenant)), [amount, entry_id, entry])
+        keys = [*self.tenant_keys(tenant), events_key(self.store, tenant)]
+        args = [amount, entry_id, entry, "1" if self.events else "", int(time.time())]
+        status, _, pushed = await self.store.run(TENANT_CREDIT, keys, args)
         if status == -1:
             raise not_found("tenant")
+        if pushed:
+            await mark_pending(self.store, tenant)
         return status == 1, await self.tenant(tenant)
 
     async def ledger(self, tenant: str, limit: int = 100) -> list[dict[str, Any]]:
+        entries, _ = await self.ledger_page(tenant, limit)
+        return entries
+
+    async def ledger_page(self, tenant: str, limit: int = 100, cursor: str | None = None) -> tuple[list[dict[str, Any]], str | None]:
+        """Entries newest first and the cursor of the next (older) page, None at the end.
+
+        Cursors are positions counted from the oldest entry, so new entries do
+        not shift them; a retention fold (`fold_ledger`) does.
+        """
         await self.tenant(tenant)  # 404 for an unknown tenant
+        if cursor is not None and not (cursor.isdigit() and len(cursor) < 16):
+            raise invalid_request("`cursor` is the `next_cursor` of a previous page.", param="cursor")
         _, ledger_key, _ = self.tenant_keys(tenant)
-        rows = await self.store.redis.lrange(ledger_key, 0, max(0, limit - 1))
-        return [orjson.loads(row) for row in rows]
+        length, first, rows = await self.store.run(LEDGER_PAGE, [ledger_key], [cursor or "", limit])
+        remaining = int(length) - int(first) - len(rows)
+        return [orjson.loads(row) for row in rows], str(remaining) if remaining > 0 and rows else None
+
+    async def fold_ledger(self, tenant: str, before: float, batch: int = 1000) -> int:
+        """Fold entries created before `before` (unix s) into one opening-balance entry; returns how many were folded.
+
+        The ledger's sum (and every entry's ``balance_after``) is unchanged:
+        the opening entry carries the folded entries' summed credits and the
+        balance after the newest of them. Reads run outside the script (old
+        entries never change; new ones only arrive at the newest end).
+        """
+        await self.tenant(tenant)
+        _, ledger_key, _ = self.tenant_keys(tenant)
+        redis = self.store.redis
+        count, credits, folded_before = 0, 0, 0
+        newest_raw: str | None = None
+        newest: dict[str, Any] = {}
+        length = await redis.llen(ledger_key)
+        while count < length:
+            rows = await redis.lrange(ledger_key, -(count + batch), -(count + 1))
+            done = False
+            for raw in reversed(rows):  # oldest first
+                entry = orjson.loads(raw)
+                if float(entry.get("created_at") or 0) >= before:
+                    done = True
+                    break
+                count += 1
+                credits += int(entry.get("credits") or 0)
+                folded_before += int(entry.get("folded_entries") or 1) if entry.get("type") == "opening_balance" else 1
+                newest_raw, newest = raw, entry
+            if done or len(rows) < batch:
+                break
+        if newest_raw is None or (count == 1 and newest.get("type") == "opening_balance"):
+            return 0
+        opening = orjson.dumps(
+            {
+                "id": f"opening:{int(newest.get('created_at') or 0)}",
+                "type": "opening_balance",
+                "credits": credits,
+                "folded_entries": folded_before,
+                "created_at": int(newest.get("created_at") or 0),
+                "balance_after": newest.get("balance_after"),
+            }
+        ).decode()
+        if not await self.store.run(LEDGER_FOLD, [ledger_key], [count, newest_raw, opening]):
+            return 0  # another replica folded meanwhile
+        return count
 
     # -- keys ----------------------------------------------------------------
     def _key_record_key(self, digest: str) -> str:
@@ -219,6 +336,8 @@ class Accounts:
         rpm: int | None = None,
         max_concurrency: int | None = None,
         expires_at: float | None = None,
+        budget_credits: int | None = None,
+        budget_period: str | None = None,
     ) -> tuple[str, KeyRecord]:
         """Create a key; returns the plaintext (shown once) and the record."""
         await self.tenant(tenant)  # the tenant must exist
@@ -236,6 +355,8 @@ class Accounts:
             "models": orjson.dumps(list(models or [])).decode(),
             "rpm": str(rpm) if rpm else "",
             "max_concurrency": str(max_concurrency) if max_concurrency else "",
+            "budget_credits": str(budget_credits) if budget_credits is not None else "",
+            "budget_period": (budget_period or "total") if budget_credits is not None else "",
         }
         redis = self.store.redis
         # Three single-key writes (they live in different cluster slots); the
@@ -260,6 +381,51 @@ class Accounts:
             return None
         data = await self.store.redis.hgetall(self._key_record_key(digest))
         return KeyRecord.from_hash(data) if data else None
+
+    async def update_key(self, key_id: str, changes: dict[str, Any]) -> KeyRecord:
+        """Change a key's name, models, rpm, max_concurrency, expires_at or budget (None clears one).
+
+        Gateways see the change within ``units.auth.cache_seconds`` (their key cache).
+        """
+        digest = await self.store.redis.get(self._key_id_key(key_id)) if isinstance(key_id, str) else None
+        if not digest:
+            raise not_found("key")
+        fields: dict[str, str] = {}
+        for name, value in changes.items():
+            if name == "models":
+                fields["models"] = orjson.dumps(list(value or [])).decode()
+            elif name == "expires_at":
+                fields["expires_at"] = repr(float(value)) if value else ""
+            elif name == "budget":
+                fields["budget_credits"] = str(value["credits"]) if value else ""
+                fields["budget_period"] = value.get("period") or "total" if value else ""
+            elif name == "name":
+                fields["name"] = value or ""
+            else:
+                fields[name] = str(value) if value else ""
+        record_key = self._key_record_key(digest)
+        if fields:
+            await self.store.redis.hset(record_key, mapping=fields)
+        record = await self.get_key(key_id)
+        if record is None:
+            raise not_found("key")
+        return record
+
+    async def key_spending(self, record: KeyRecord) -> dict[str, int]:
+        """What a key has spent in its budget's current period and holds open (0 without a budget)."""
+        if record.budget_credits is None:
+            return {"spent": 0, "held": 0}
+        budget_key, _ = budget_keys(self.store, record.tenant, record.id)
+        period, spent, held = await self.store.redis.hmget(budget_key, "period", "spent", "held")
+        current = period == period_id(record.budget_period, time.time())
+        return {"spent": int(spent or 0) if current else 0, "held": int(held or 0)}
+
+    async def public_key(self, record: KeyRecord) -> dict[str, Any]:
+        """The key's public view with its budget's spending filled in."""
+        public = record.public()
+        if public["budget"] is not None:
+            public["budget"].update(await self.key_spending(record))
+        return public
 
     async def list_keys(self, tenant: str) -> list[KeyRecord]:
         await self.tenant(tenant)

@@ -22,15 +22,26 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     app.add_routes(core_routes(gateway))
     for unit in gateway.units:
         app.add_routes(unit.routes())
-    if settings.admin.token is not None and settings.admin.port is None:
+    from proxy.admin.console import create_console_app
+
+    admin_here = settings.admin.token is not None and settings.admin.port is None
+    if admin_here:
         from proxy.admin.api import create_admin_app
 
         app.add_subapp("/admin", create_admin_app(gateway))
+    # The console: operator pages beside the admin API, the tenant view always on the client port.
+    app.add_subapp("/console", create_console_app(gateway, admin=admin_here, tenant=True))
+
+    from proxy.admin.housekeeping import Housekeeper
+
+    housekeeper = Housekeeper(gateway)  # webhook delivery and ledger retention, one replica at a time
 
     async def start(_: web.Application) -> None:
         await gateway.start()
+        await housekeeper.start()
 
     async def stop(_: web.Application) -> None:
+        await housekeeper.close()
         await gateway.close()
 
     app.on_startup.append(start)

@@ -156,12 +156,17 @@ SCHEMAS: dict[str, Any] = {
             "reserved": {"type": "integer"},
             "available": {"type": "integer"},
             "created_at": {"type": "integer"},
+            "low_balance_threshold": {"type": ["integer", "null"]},
         },
     },
     "TenantCreate": {
         "type": "object",
         "required": ["id"],
-        "properties": {"id": {"type": "string"}, "credits": {"type": "integer", "minimum": 0}},
+        "properties": {
+            "id": {"type": "string"},
+            "credits": {"type": "integer", "minimum": 0},
+            "low_balance_threshold": {"type": ["integer", "null"], "minimum": 0},
+        },
     },
     "CreditsAdd": {
         "type": "object",
@@ -190,6 +195,7 @@ SCHEMAS: dict[str, Any] = {
             "max_concurrency": {"type": ["integer", "null"]},
             "expires_at": {"type": ["integer", "null"]},
             "revoked_at": {"type": ["integer", "null"]},
+            "budget": {"type": ["object", "null"], "description": "{credits, period} and, when read back, spent and held in the current period."},
         },
     },
     "KeyCreated": {
@@ -205,10 +211,76 @@ SCHEMAS: dict[str, Any] = {
             "rpm": {"type": "integer", "minimum": 1},
             "max_concurrency": {"type": "integer", "minimum": 1},
             "expires_at": {"type": "number"},
+            "budget": {"$ref": "#/components/schemas/Budget"},
         },
     },
     "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
+    # Usage, budgets, alerts (DESIGN §9).
+    "UsageRow": {
+        "type": "object",
+        "required": ["start", "end", "tenant", "requests", "input_tokens", "output_tokens", "credits"],
+        "properties": {
+            "start": {"type": "integer", "description": "Unix seconds."},
+            "end": {"type": "integer"},
+            "tenant": {"type": "string"},
+            "key_id": {"type": "string"},
+            "model": {"type": "string"},
+            "requests": {"type": "integer"},
+            "input_tokens": {"type": "integer"},
+            "output_tokens": {"type": "integer"},
+            "credits": {"type": "integer"},
+        },
+    },
+    "Budget": {
+        "type": ["object", "null"],
+        "required": ["credits"],
+        "properties": {"credits": {"type": "integer", "minimum": 0}, "period": {"enum": ["day", "month", "total"]}},
+    },
+    "TenantUpdate": {"type": "object", "properties": {"low_balance_threshold": {"type": ["integer", "null"], "minimum": 0}}},
+    "KeyUpdate": {
+        "type": "object",
+        "description": "Only the fields sent change; null clears a limit, the budget or the expiry.",
+        "properties": {
+            "name": {"type": ["string", "null"]},
+            "models": {"type": ["array", "null"], "items": {"type": "string"}},
+            "rpm": {"type": ["integer", "null"], "minimum": 1},
+            "max_concurrency": {"type": ["integer", "null"], "minimum": 1},
+            "expires_at": {"type": ["number", "null"]},
+            "budget": {"$ref": "#/components/schemas/Budget"},
+        },
+    },
+    "LedgerFold": {"type": "object", "properties": {"before": {"type": ["number", "null"], "description": "Unix seconds."}}},
+    "LedgerPage": {
+        "type": "object",
+        "required": ["object", "data", "has_more", "next_cursor"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"$ref": "#/components/schemas/LedgerEntry"}},
+            "has_more": {"type": "boolean"},
+            "next_cursor": {"type": ["string", "null"]},
+        },
+    },
 }
+USAGE_QUERY = [
+    {"name": name, "in": "query", "required": False, "schema": {"type": "string"}, "description": text}
+    for name, text in (
+        ("start", "Unix seconds or ISO 8601 (default: 24 hours before `end`)."),
+        ("end", "Unix seconds or ISO 8601 (default: now)."),
+        ("group_by", "Comma-separated: hour or day, model, key."),
+        ("key", "Only this key id."),
+        ("model", "Only this model."),
+        ("format", "json (default) or csv."),
+    )
+]
+HTML = {"200": {"description": "An HTML page.", "content": {"text/html": {"schema": {"type": "string"}}}}}
+SEE_OTHER = {"303": {"description": "Redirect after the form."}, **HTML}
+# Console pages answer refusals with a page, not JSON.
+HTML_PAGE = {"content": {"text/html": {"schema": {"type": "string"}}, JSON: {"schema": _ref("Error")}}}
+for _code, _text in (
+    ("400", "Malformed form."), ("401", "Not logged in / wrong secret."), ("403", "Wrong origin or CSRF token."),
+    ("404", "No such page."), ("415", "Not a urlencoded form."),
+):
+    HTML[_code] = SEE_OTHER[_code] = {"description": _text, **HTML_PAGE}
 
 SSE = {"text/event-stream": {"schema": {"type": "string"}}}
 
@@ -245,20 +317,33 @@ PATHS: dict[str, dict[str, Any]] = {
         "delete": _op("Delete a session.", {"200": _json(_ref("Deleted"))}, params=[_path_param("session_id")]),
     },
     "/v1/credits": {"get": _op("The caller's tenant balance and key limits.", {"200": _json(_ref("Credits"))})},
+    "/v1/usage": {"get": _op("The caller's tenant usage over time.", {"200": _json(_list_of("UsageRow"))}, params=USAGE_QUERY)},
     "/healthz": {"get": _op("Liveness.", {"200": _json(_ref("Status"))}, security="none")},
     "/readyz": {"get": _op("Readiness: store reachable, not draining.", {"200": _json(_ref("Status")), "503": _json(_ref("Status"))}, security="none")},
     "/metrics": {"get": _op("Prometheus metrics.", {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}, security="none")},
     "/openapi.json": {"get": _op("This document.", {"200": _json({"type": "object"})}, security="none")},
-    "/admin/tenants": {"post": _op("Create a tenant.", {"201": _json(_ref("Tenant"))}, body=_ref("TenantCreate"), security="admin")},
-    "/admin/tenants/{tenant_id}": {"get": _op("A tenant.", {"200": _json(_ref("Tenant"))}, params=[_path_param("tenant_id")], security="admin")},
+    "/admin/tenants": {
+        "post": _op("Create a tenant.", {"201": _json(_ref("Tenant"))}, body=_ref("TenantCreate"), security="admin"),
+        "get": _op("Every tenant.", {"200": _json(_list_of("Tenant"))}, security="admin"),
+    },
+    "/admin/tenants/{tenant_id}": {
+        "get": _op("A tenant.", {"200": _json(_ref("Tenant"))}, params=[_path_param("tenant_id")], security="admin"),
+        "patch": _op("Set the low-balance threshold.", {"200": _json(_ref("Tenant"))}, body=_ref("TenantUpdate"), params=[_path_param("tenant_id")], security="admin"),
+    },
+    "/admin/tenants/{tenant_id}/ledger/fold": {
+        "post": _op("Fold old ledger entries into one opening-balance entry.", {"200": _json({"type": "object"})}, body=_ref("LedgerFold"), params=[_path_param("tenant_id")], security="admin")
+    },
+    "/admin/usage": {
+        "get": _op("A tenant's usage over time.", {"200": _json(_list_of("UsageRow"))}, params=[{"name": "tenant", "in": "query", "required": True, "schema": {"type": "string"}}, *USAGE_QUERY], security="admin")
+    },
     "/admin/tenants/{tenant_id}/credits": {
         "post": _op("Add credits (once per idempotency key).", {"200": _json(_ref("Tenant"))}, body=_ref("CreditsAdd"), params=[_path_param("tenant_id")], security="admin")
     },
     "/admin/tenants/{tenant_id}/ledger": {
         "get": _op(
             "The tenant's ledger, newest first.",
-            {"200": _json(_list_of("LedgerEntry"))},
-            params=[_path_param("tenant_id"), _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000})],
+            {"200": _json(_ref("LedgerPage"))},
+            params=[_path_param("tenant_id"), _query("limit", {"type": "integer", "minimum": 1, "maximum": 1000}), _query("cursor", {"type": "string"})],
             security="admin",
         )
     },
@@ -266,7 +351,21 @@ PATHS: dict[str, dict[str, Any]] = {
         "post": _op("Create an API key (the plaintext is returned only here).", {"201": _json(_ref("KeyCreated"))}, body=_ref("KeyCreate"), security="admin"),
         "get": _op("List a tenant's keys.", {"200": _json(_list_of("Key"))}, params=[{"name": "tenant", "in": "query", "required": True, "schema": {"type": "string"}}], security="admin"),
     },
-    "/admin/keys/{key_id}": {"delete": _op("Revoke a key.", {"200": _json(_ref("Key"))}, params=[_path_param("key_id")], security="admin")},
+    "/admin/keys/{key_id}": {
+        "get": _op("A key (its budget with what it spent).", {"200": _json(_ref("Key"))}, params=[_path_param("key_id")], security="admin"),
+        "patch": _op("Change a key's name, models, limits, budget or expiry.", {"200": _json(_ref("Key"))}, body=_ref("KeyUpdate"), params=[_path_param("key_id")], security="admin"),
+        "delete": _op("Revoke a key.", {"200": _json(_ref("Key"))}, params=[_path_param("key_id")], security="admin"),
+    },
+    # The console's pages (HTML; forms post with a session cookie, see proxy/admin/console).
+    "/console/": {"get": _op("The operator console (log-in form without a session).", HTML, security="none")},
+    "/console/login": {"post": _op("Operator log-in (form field `token`).", SEE_OTHER, security="none")},
+    "/console/logout": {"post": _op("Operator log-out.", SEE_OTHER, security="none")},
+    "/console/tenants/{tenant_id}": {"get": _op("One tenant's console page.", {**SEE_OTHER}, params=[_path_param("tenant_id")], security="none")},
+    "/console/static/{name}": {"get": _op("A console asset.", {"200": {"description": "CSS or JavaScript."}}, params=[_path_param("name")], security="none")},
+    "/console/tenant": {"get": _op("The tenant view (log-in form without a session).", HTML, security="none")},
+    "/console/tenant/login": {"post": _op("Tenant log-in (form field `key`).", SEE_OTHER, security="none")},
+    "/console/tenant/logout": {"post": _op("Tenant log-out.", SEE_OTHER, security="none")},
+    "/console/tenant/usage": {"get": _op("The tenant view's usage (session cookie).", {"200": _json(_list_of("UsageRow"))}, params=USAGE_QUERY, security="none")},
 }
 
 

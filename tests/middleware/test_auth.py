@@ -150,6 +150,7 @@ async def test_credits_shows_only_the_callers_tenant(mock, gateway_factory, stor
                     "rpm": 100,
                     "max_concurrency": 4,
                     "expires_at": expires,
+                    "budget": None,
                 },
             }
         async with session.get(running.v1 + "/credits", headers={"Authorization": f"Bearer {globex_key}"}) as resp:

@@ -98,3 +98,22 @@ def test_revoke_help_names_the_real_cache_setting():
     help_text = " ".join(shown.stdout.split())  # argparse wraps lines
     assert "within units.auth.cache_seconds" in help_text
     assert "`units.auth.cache_seconds`" in config_reference()  # the setting the help names exists under that path
+
+
+def test_budgets_and_thresholds_from_the_shell(sovereign):
+    tenant = json.loads(sovereign("tenants", "create", "acme", "--low-balance-threshold", "100", "--json").stdout)
+    assert tenant["low_balance_threshold"] == 100
+    cleared = json.loads(sovereign("tenants", "update", "acme", "--clear-low-balance-threshold", "--json").stdout)
+    assert cleared["low_balance_threshold"] is None
+
+    key = json.loads(sovereign("keys", "create", "--tenant", "acme", "--budget", "1000", "--budget-period", "day", "--json").stdout)
+    assert key["budget"] == {"credits": 1000, "period": "day"}
+    updated = json.loads(sovereign("keys", "update", key["id"], "--budget", "50", "--rpm", "10", "--name", "ci", "--json").stdout)
+    assert updated["budget"] == {"credits": 50, "period": "total", "spent": 0, "held": 0}
+    assert (updated["rpm"], updated["name"]) == (10, "ci")
+    rows = sovereign("keys", "list", "--tenant", "acme").stdout
+    assert "0/50 total" in rows
+    cleared_key = json.loads(sovereign("keys", "update", key["id"], "--clear-budget", "--rpm", "0", "--json").stdout)
+    assert cleared_key["budget"] is None and cleared_key["rpm"] is None
+    assert "budget.credits" in sovereign("keys", "update", key["id"], "--budget", "-5", ok=False).stderr
+    assert "No such key" in sovereign("keys", "update", "key_nope", "--name", "x", ok=False).stderr

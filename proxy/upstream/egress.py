@@ -7,9 +7,9 @@ Both are decided once, at start-up, per upstream:
   read them: ``HTTPS_PROXY`` for ``https://`` providers, ``HTTP_PROXY`` for
   ``http://`` ones (lowercase too), skipped when ``NO_PROXY`` matches the
   provider host;
-- `client_context`: an `ssl.SSLContext` from ``tls.*`` (a private CA, a
-  client certificate for mTLS, verification off only on request). The store
-  builds its ``rediss://`` context here too, so its two Redis clients agree.
+- `client_context` (from `proxy.core.tls`): an `ssl.SSLContext` from
+  ``tls.*`` (a private CA, a client certificate for mTLS, verification off
+  only on request); the store's ``rediss://`` script client uses it too.
 
 A `Proxy` keeps its credentials out of ``repr``, logs and error messages: only
 ``host:port`` (`Proxy.where`) is ever shown.
@@ -18,12 +18,12 @@ A `Proxy` keeps its credentials out of ``repr``, logs and error messages: only
 from __future__ import annotations
 
 import base64
-import ssl
 import urllib.request
 from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
-from proxy.core.settings import TLSSettings, UpstreamSettings
+from proxy.core.settings import UpstreamSettings
+from proxy.core.tls import client_context
 
 
 @dataclass(frozen=True)
@@ -63,17 +63,6 @@ def egress_proxy(settings: UpstreamSettings) -> Proxy | None:
     if not url or urllib.request.proxy_bypass(parts.hostname or ""):  # NO_PROXY
         return None
     return Proxy.from_url(url)
-
-
-def client_context(tls: TLSSettings) -> ssl.SSLContext:
-    """A client TLS context: the system's CAs or ``ca_file``, a client certificate when set."""
-    context = ssl.create_default_context(cafile=tls.ca_file)
-    if tls.cert_file:
-        context.load_cert_chain(tls.cert_file, tls.key_file)
-    if not tls.verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context
 
 
 __all__ = ["Proxy", "client_context", "egress_proxy"]

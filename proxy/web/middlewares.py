@@ -101,7 +101,12 @@ async def gateway_middleware(request: web.Request, handler: Any) -> web.StreamRe
     except ApiError as error:
         request[ERROR_CODE] = error.code
         _count_refusal(gateway, error)
-        return render(error, request_id)
+        response = render(error, request_id)
+        call = request.get(CALL)
+        if call is not None and call.response_headers:  # e.g. the rate-limit headers of a refused request
+            for name, value in call.response_headers.items():
+                response.headers.setdefault(name, value)
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise

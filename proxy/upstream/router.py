@@ -118,8 +118,10 @@ class _Retryable(Exception):
 class UpstreamRouter:
     """Sends chat requests to a model's ordered upstream targets."""
 
-    def __init__(self, upstreams: Mapping[str, UpstreamSettings], routing: RoutingSettings) -> None:
+    def __init__(self, upstreams: Mapping[str, UpstreamSettings], routing: RoutingSettings, tracing: Any = None) -> None:
+        """`tracing`: `proxy.core.telemetry.Tracing` when traces are on (each attempt is then a span)."""
         self.routing = routing
+        self.tracing = tracing
         self.upstreams = {name: Upstream(name, s, routing) for name, s in upstreams.items()}
 
     async def start(self) -> None:
@@ -154,7 +156,9 @@ class UpstreamRouter:
             if on_attempt is not None:
                 on_attempt(upstream.name)
             try:
-                return await self._post(upstream, body, headers, stream)
+                if self.tracing is None:
+                    return await self._post(upstream, body, headers, stream)
+                return await self.tracing.provider_call(self._post, upstream, body, headers, stream)
             except _Retryable as exc:
                 last = exc.error
                 upstream.breaker.failure(time.monotonic())

@@ -45,6 +45,7 @@ CALL = web.RequestKey("call", object)
 PUBLIC_MODEL = web.RequestKey("public_model", str)
 STREAM_OUTCOME = web.RequestKey("stream_outcome", str)
 ERROR_CODE = web.RequestKey("error_code", str)
+TRACE_ID = web.RequestKey("trace_id", str)  # set by proxy.core.telemetry when tracing is on
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _GATED_PREFIXES = ("/v1/", "/admin/")
 
@@ -166,6 +167,8 @@ class AccessLogger(AbstractAccessLogger):
         }
         if request.get(ERROR_CODE):
             fields["error_code"] = request[ERROR_CODE]
+        if request.get(TRACE_ID):
+            fields["trace_id"] = request[TRACE_ID]
         if call is not None:
             usage = call.usage or {}
             fields.update(

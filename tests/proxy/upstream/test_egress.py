@@ -15,9 +15,9 @@ import pytest
 from aiohttp import web
 from structlog.testing import capture_logs
 
+from proxy.core.settings import UpstreamSettings
 from proxy.devtools.mock_upstream import MockUpstream
 from proxy.upstream.egress import Proxy, egress_proxy
-from proxy.core.settings import UpstreamSettings
 from tests.support import free_port, make_settings
 from tests.support_proxy import ForwardProxy
 from tests.support_tls import PrivateCA

@@ -156,7 +156,7 @@ class MetricsSettings(Section):
 class TelemetrySettings(Section):
     otlp_endpoint: str | None = Field(
         None,
-        description="OTLP/HTTP traces endpoint (e.g. `http://collector:4318/v1/traces`); tracing is off when unset. Needs the `otel` extra.",
+        description="OTLP/HTTP collector (`http://collector:4318`; a bare address gets `/v1/traces`); tracing is off when unset. Needs the `otel` extra.",
     )
     service_name: str = Field("sovereign", min_length=1, description="`service.name` of the exported spans.")
 

@@ -160,6 +160,25 @@ class TelemetrySettings(Section):
     )
     service_name: str = Field("sovereign", min_length=1, description="`service.name` of the exported spans.")
 
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _installed(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        import importlib.util
+
+        # Checked only when tracing is asked for: off, nothing of OpenTelemetry is looked at.
+        for module in ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http"):
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ImportError:
+                found = False
+            if not found:
+                raise ValueError("tracing needs OpenTelemetry: pip install 'sovereign[otel]'")
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
+        return value
+
 
 class Timeouts(Section):
     connect: float = Field(5.0, gt=0, description="Seconds to open a connection to the provider.")

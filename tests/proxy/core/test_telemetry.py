@@ -244,3 +244,10 @@ def test_with_telemetry_off_no_tracing_module_is_imported_and_opentelemetry_is_o
     assert {"proxy.core.telemetry", "opentelemetry.sdk.trace"} <= set(on["modules"])
     # Off, the gateway serves with OpenTelemetry not importable at all (the extra not installed).
     assert blocked["status"] == 200 and blocked["modules"] == []
+
+
+def test_a_bad_endpoint_is_a_config_error_naming_the_field():
+    from proxy.core.settings import ConfigError, load_settings
+
+    with pytest.raises(ConfigError, match=r"telemetry\.otlp_endpoint: must be an http"):
+        load_settings(env={}, overrides={"telemetry": {"otlp_endpoint": "grpc://collector:4317"}})

@@ -240,6 +240,19 @@ async def test_verify_false_connects_to_an_untrusted_provider_with_a_startup_war
     assert any(entry["event"] == "upstream.tls_unverified" and entry["log_level"] == "warning" for entry in logs)
 
 
+async def test_keepalive_dns_cache_and_stagger_are_settings(mock, gateway_factory, monkeypatch):
+    with ForwardProxy() as proxy:  # one recorded entry per connection: it counts them
+        monkeypatch.setenv("HTTP_PROXY", proxy.url)
+        tuned = {"keepalive_seconds": 0, "dns_cache_seconds": 0, "connect_stagger_seconds": 0.1}
+        running = await gateway_factory(make_settings(mock.url, admin_token=None, upstreams={"default": tuned}))
+        for _ in range(2):
+            status, _ = await post(running.v1)
+            assert status == 200
+    assert len(proxy.requests) == 2  # keep-alive 0: the second request opened a new connection
+    connector = running.gateway.router.upstreams["default"].pool.connector
+    assert (connector.ttl, connector.stagger) == (0, 0.1)
+
+
 # -- resolution rules ------------------------------------------------------------------------
 
 

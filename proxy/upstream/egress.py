@@ -7,9 +7,9 @@ Both are decided once, at start-up, per upstream:
   read them: ``HTTPS_PROXY`` for ``https://`` providers, ``HTTP_PROXY`` for
   ``http://`` ones (lowercase too), skipped when ``NO_PROXY`` matches the
   provider host;
-- `client_context` (from `proxy.core.tls`): an `ssl.SSLContext` from
-  ``tls.*`` (a private CA, a client certificate for mTLS, verification off
-  only on request); the store's ``rediss://`` script client uses it too.
+- the TLS context, from ``tls.*`` by `proxy.core.tls.client_context` (a
+  private CA, a client certificate for mTLS, verification off only on
+  request); the store's ``rediss://`` script client uses it too.
 
 A `Proxy` keeps its credentials out of ``repr``, logs and error messages: only
 ``host:port`` (`Proxy.where`) is ever shown.
@@ -23,7 +23,6 @@ from dataclasses import dataclass, field
 from urllib.parse import unquote, urlsplit
 
 from proxy.core.settings import UpstreamSettings
-from proxy.core.tls import client_context
 
 
 @dataclass(frozen=True)
@@ -65,4 +64,4 @@ def egress_proxy(settings: UpstreamSettings) -> Proxy | None:
     return Proxy.from_url(url)
 
 
-__all__ = ["Proxy", "client_context", "egress_proxy"]
+__all__ = ["Proxy", "egress_proxy"]

@@ -27,7 +27,8 @@ from proxy.upstream.headers import request_headers_for_upstream, response_header
 from proxy.core.settings import RoutingSettings, UpstreamSettings
 from proxy.upstream.sse import split_events
 from proxy.upstream.client import ConnectionPool, UpstreamConnectionError, UpstreamResponse, UpstreamSetupError
-from proxy.upstream.egress import client_context, egress_proxy
+from proxy.core.tls import client_context
+from proxy.upstream.egress import egress_proxy
 
 log = structlog.get_logger("sovereign")
 

@@ -4,12 +4,12 @@ Imported only when ``telemetry.otlp_endpoint`` is set (see `Gateway`): with
 tracing off no OpenTelemetry module is loaded and the request path runs no
 tracing code at all. When on, three hooks install it:
 
-- `Tracing.middleware`, the outermost aiohttp middleware: continues an
-  incoming W3C ``traceparent`` (else starts a new trace), names the span
-  after the route, and on the way out sets the request's attributes: status,
-  public model, upstream, tokens, credits and, only when
-  ``metrics.tenant_labels`` is on (the same privacy and cardinality switch),
-  the tenant. It stores the trace id for the access log line;
+- `Tracing.server_span` / `end_request`, used by the outermost aiohttp
+  middleware (`proxy.web.tracing`): continues an incoming W3C
+  ``traceparent`` (else starts a new trace), the span named after the route;
+  on the way out the request's attributes: status, public model, upstream,
+  tokens, credits and, only when ``metrics.tenant_labels`` is on (the same
+  privacy and cardinality switch), the tenant;
 - `Tracing.provider_call`, around each provider attempt of the router: a
   client span whose context goes to the provider as ``traceparent``
   (replacing the caller's, which is this span's ancestor);
@@ -24,11 +24,10 @@ gateways in one process (tests) never share spans.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from aiohttp import web
 from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
 from opentelemetry.sdk.resources import Resource
 from opentelemetry.sdk.trace import TracerProvider
@@ -65,13 +64,6 @@ class Tracing:
         self.tracer = self.provider.get_tracer("sovereign")
         self.propagator = TraceContextTextMapPropagator()
         self.tenant_attribute = settings.metrics.tenant_labels
-        serve = self._serve
-
-        @web.middleware
-        async def middleware(request: web.Request, handler: Any) -> web.StreamResponse:
-            return await serve(request, handler)
-
-        self.middleware = middleware
 
     def add_exporter(self, exporter: SpanExporter) -> None:
         """Also send every span to `exporter`, synchronously (tests use the SDK's in-memory exporter)."""
@@ -81,32 +73,24 @@ class Tracing:
         # Flushing may wait on the collector: off the event loop.
         await asyncio.to_thread(self.provider.shutdown)
 
-    # -- the edge ---------------------------------------------------------------------
-    async def _serve(self, request: web.Request, handler: Any) -> web.StreamResponse:
-        """The request's server span, around everything else (`middleware`, the outermost aiohttp middleware)."""
-        from proxy.web.middlewares import CALL, PUBLIC_MODEL, REQUEST_ID, TRACE_ID
+    # -- the edge (installed by proxy.web.tracing) -------------------------------------------
+    def server_span(self, headers: Mapping[str, str], name: str) -> Any:
+        """The request's server span (a context manager): continues the caller's ``traceparent``, else a new trace."""
+        return self.tracer.start_as_current_span(name, context=self.propagator.extract(headers), kind=SpanKind.SERVER)
 
-        parent = self.propagator.extract(request.headers)
-        route = request.match_info.route.resource
-        name = f"{request.method} {route.canonical if route is not None else 'unmatched'}"
-        with self.tracer.start_as_current_span(name, context=parent, kind=SpanKind.SERVER) as span:
-            request[TRACE_ID] = format(span.get_span_context().trace_id, "032x")
-            span.set_attribute("http.request.method", request.method)
-            span.set_attribute("url.path", request.path)
-            response = await handler(request)
-            span.set_attribute("http.response.status_code", response.status)
-            if response.status >= 500:
-                span.set_status(Status(StatusCode.ERROR))
-            request_id = request.get(REQUEST_ID)
-            if request_id:
-                span.set_attribute("sovereign.request_id", request_id)
-            call: Any = request.get(CALL)
-            if call is not None:
-                # The settlement that fills usage and credits is spawned as the reply completes; one
-                # loop turn lets it reach that point (it sets them before its first store call).
-                await asyncio.sleep(0)
-                self._call_attributes(span, call, request.get(PUBLIC_MODEL))
-            return response
+    @staticmethod
+    def trace_id(span: Any) -> str:
+        return format(span.get_span_context().trace_id, "032x")
+
+    def end_request(self, span: Any, status: int, request_id: str | None, call: Any, model: str | None) -> None:
+        """The request's outcome as attributes of its server span."""
+        span.set_attribute("http.response.status_code", status)
+        if status >= 500:
+            span.set_status(Status(StatusCode.ERROR))
+        if request_id:
+            span.set_attribute("sovereign.request_id", request_id)
+        if call is not None:
+            self._call_attributes(span, call, model)
 
     def _call_attributes(self, span: Any, call: Any, model: str | None) -> None:
         if model:

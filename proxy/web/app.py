@@ -18,7 +18,9 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     # body without a Content-Length is refused before it is read whole.
     middlewares: list = [gateway_middleware]
     if gateway.tracing is not None:
-        middlewares.insert(0, gateway.tracing.middleware)  # outermost: the span covers error rendering too
+        from proxy.web.tracing import tracing_middleware
+
+        middlewares.insert(0, tracing_middleware(gateway.tracing))  # outermost: the span covers error rendering too
     app = web.Application(middlewares=middlewares, client_max_size=settings.server.max_body_bytes)
     app[GATEWAY] = gateway
     app.on_response_prepare.append(stamp_request_id)

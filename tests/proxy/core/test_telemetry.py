@@ -209,14 +209,14 @@ async def main():
             await resp.read()
     await runner.cleanup()
     await mock.close()
-    print(json.dumps({"status": status, "modules": sorted(m for m in sys.modules if m.startswith(("opentelemetry", "proxy.core.telemetry")))}))
+    print(json.dumps({"status": status, "modules": sorted(m for m in sys.modules if m.startswith(("opentelemetry", "proxy.core.telemetry", "proxy.web.tracing")))}))
 
 asyncio.run(main())
 """
 
 # Tracing's own modules: redis-py 8 imports the OpenTelemetry *metrics* API by itself whenever it is
 # installed (its own observability, off unless initialised), so "opentelemetry" alone proves nothing.
-TRACING_MODULES = ("proxy.core.telemetry", "opentelemetry.sdk.trace", "opentelemetry.exporter")
+TRACING_MODULES = ("proxy.core.telemetry", "proxy.web.tracing", "opentelemetry.sdk.trace", "opentelemetry.exporter")
 
 
 def serve_once(*runs: tuple[str, bool]) -> list[dict]:

@@ -403,6 +403,8 @@ class MeteringUnit(Unit):
             if room is not None:
                 room.in_flight -= hold
         status, available = int(status), int(available)
+        if status == 1:
+            ticket.call.response_headers["x-sovereign-credits-remaining"] = str(available)
         if room is not None:
             # What the script reported, for the next speculative-hold check; a
             # refusal reports less than one hold, so the next ones hold first.

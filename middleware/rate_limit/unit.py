@@ -14,6 +14,12 @@ gateway replicas on one Redis share a single limit:
 
 Exceeded: 429 ``rate_limit_exceeded`` with ``Retry-After`` (whole seconds,
 at least 1). Keys without limits cost no Redis round trip.
+
+Every reply (429s and other errors too) of a key with an ``rpm`` carries the
+headers OpenAI clients read: ``x-ratelimit-limit-requests``,
+``x-ratelimit-remaining-requests`` and ``x-ratelimit-reset-requests`` (the
+time until the oldest counted request leaves the window, in OpenAI's
+``1s`` / ``6m0s`` form), reported by the same script call.
 """
 
 from __future__ import annotations
@@ -75,7 +81,7 @@ class RateLimitUnit(Unit):
         lease_key = store.tenant_key(tenant, "rl", key_id, "inflight")
         member = f"{self._instance}:{self._seq():x}"
         try:
-            refused, retry_ms = await store.run(
+            refused, retry_ms, remaining, reset_ms = await store.run(
                 RATELIMIT, [rpm_key, lease_key], [rpm, concurrency, self._lease_ms, member]
             )
         except StoreUnavailable:
@@ -83,6 +89,11 @@ class RateLimitUnit(Unit):
             # not served, so take back what it may have recorded (a no-op otherwise).
             self.gateway.spawn(_forget(store, (rpm_key, lease_key), member), "rate_limit.forget")
             raise
+        if rpm:
+            headers = call.response_headers
+            headers["x-ratelimit-limit-requests"] = str(rpm)
+            headers["x-ratelimit-remaining-requests"] = str(remaining)
+            headers["x-ratelimit-reset-requests"] = duration(reset_ms)
         if refused:
             limit = rpm if refused == 1 else concurrency
             raise RateLimited(REFUSALS[refused].format(limit=limit), retry_after=max(1, math.ceil(retry_ms / 1000)))
@@ -100,6 +111,21 @@ class RateLimitUnit(Unit):
             reply.events = EventStream(reply.events, on_close=lambda _completed: release())
             reply.closers.append(release)
         return reply
+
+
+def duration(ms: int) -> str:
+    """Milliseconds the way OpenAI writes its reset headers (Go's duration format): ``20ms``, ``1.5s``, ``6m0s``."""
+    ms = max(int(ms), 0)
+    if ms < 1000:
+        return f"{ms}ms"
+    minutes, rest = divmod(ms, 60_000)
+    hours, minutes = divmod(minutes, 60)
+    seconds = f"{rest / 1000:.3f}".rstrip("0").rstrip(".")
+    if hours:
+        return f"{hours}h{minutes}m{seconds}s"
+    if minutes:
+        return f"{minutes}m{seconds}s"
+    return f"{seconds}s"
 
 
 async def _forget(store: Any, keys: tuple[str, str], member: str) -> None:

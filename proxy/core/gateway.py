@@ -32,11 +32,21 @@ from proxy.core.call import ANONYMOUS, Call, Next, Principal, Reply
 from proxy.upstream.forward import Forwarder
 from proxy.core.metrics import Metrics
 from proxy.core.pipeline import Authenticator, Unit, build_units, chain
-from proxy.core.settings import Settings
+from proxy.core.settings import ConfigError, Settings
 from proxy.store.store import Store
 from proxy.upstream.router import UpstreamRouter
 
 log = structlog.get_logger("sovereign")
+
+
+def _tracing(settings: Settings) -> Any:
+    try:
+        from proxy.core.telemetry import Tracing
+    except ImportError as exc:
+        raise ConfigError(
+            f"telemetry.otlp_endpoint needs OpenTelemetry: pip install 'sovereign[otel]' ({exc.name} is missing)"
+        ) from None
+    return Tracing(settings)
 
 
 class Gateway:
@@ -46,7 +56,12 @@ class Gateway:
         # 1. shared services
         self.settings = settings
         self.store = store or Store(settings.store)
-        self.router = UpstreamRouter(settings.upstreams, settings.routing)
+        # Tracing is imported only when configured: off, no OpenTelemetry module is loaded.
+        self.tracing: Any = None
+        if settings.telemetry.otlp_endpoint:
+            self.tracing = _tracing(settings)
+            self.tracing.instrument_store(self.store)
+        self.router = UpstreamRouter(settings.upstreams, settings.routing, self.tracing)
         self.metrics = Metrics(tenant_labels=settings.metrics.tenant_labels)
         self.draining = False
         self.started = False
@@ -86,6 +101,8 @@ class Gateway:
             await unit.shutdown()
         await self.router.close()
         await self.store.close()
+        if self.tracing is not None:
+            await self.tracing.shutdown()
 
     # -- background work -------------------------------------------------
     def spawn(self, coro: Coroutine[Any, Any, Any], what: str) -> asyncio.Task[Any]:

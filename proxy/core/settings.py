@@ -94,6 +94,31 @@ class LoggingSettings(Section):
         return value.lower() if isinstance(value, str) else value
 
 
+class TLSSettings(Section):
+    ca_file: str | None = Field(None, description="PEM bundle of the CAs that sign the server's certificate (a private CA); default: the system's trust store.")
+    cert_file: str | None = Field(None, description="PEM client certificate for mutual TLS (may hold the key too).")
+    key_file: str | None = Field(None, description="PEM private key of `cert_file` (when the certificate file does not hold it).")
+    verify: bool = Field(True, description="Verify the server's certificate and name; `false` logs a warning at start-up (testing only).")
+
+    @model_validator(mode="after")
+    def _key_needs_cert(self) -> TLSSettings:
+        if self.key_file and not self.cert_file:
+            raise ValueError("key_file needs cert_file")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        return bool(self.ca_file or self.cert_file or not self.verify)
+
+
+class UpstreamTLSSettings(TLSSettings):
+    server_name: str | None = Field(None, description="Name sent as SNI and verified in the provider's certificate (default: the URL's host).")
+
+    @property
+    def configured(self) -> bool:
+        return super().configured or bool(self.server_name)
+
+
 class StoreSettings(Section):
     url: str = Field(
         "memory://",
@@ -108,6 +133,7 @@ class StoreSettings(Section):
         None,
         description="Directory for settlements Redis could not take (at shutdown, or past the memory bound), replayed at start-up and when Redis answers again; mount a volume that outlives the process. Unset: none are spooled (a warning at start with a durable store).",
     )
+    tls: TLSSettings = Field(default_factory=TLSSettings, description="TLS of a `rediss://` store, used alike by both Redis clients.")
 
     @field_validator("url")
     @classmethod
@@ -151,6 +177,33 @@ class MetricsSettings(Section):
     tenant_labels: bool = Field(False, description="Label request metrics by tenant (watch the cardinality).")
 
 
+class TelemetrySettings(Section):
+    otlp_endpoint: str | None = Field(
+        None,
+        description="OTLP/HTTP collector (`http://collector:4318`; a bare address gets `/v1/traces`); tracing is off when unset. Needs the `otel` extra.",
+    )
+    service_name: str = Field("sovereign", min_length=1, description="`service.name` of the exported spans.")
+
+    @field_validator("otlp_endpoint")
+    @classmethod
+    def _installed(cls, value: str | None) -> str | None:
+        if not value:
+            return None
+        import importlib.util
+
+        # Checked only when tracing is asked for: off, nothing of OpenTelemetry is looked at.
+        for module in ("opentelemetry.sdk", "opentelemetry.exporter.otlp.proto.http"):
+            try:
+                found = importlib.util.find_spec(module) is not None
+            except ImportError:
+                found = False
+            if not found:
+                raise ValueError("tracing needs OpenTelemetry: pip install 'sovereign[otel]'")
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL (OTLP over HTTP)")
+        return value
+
+
 class Timeouts(Section):
     connect: float = Field(5.0, gt=0, description="Seconds to open a connection to the provider.")
     first_byte: float = Field(120.0, gt=0, description="Seconds until the provider's response headers arrive.")
@@ -164,6 +217,20 @@ class UpstreamSettings(Section):
     model: str | None = Field(None, description="Provider model used by public models that name none.")
     max_connections: int = Field(1024, ge=1, description="Pooled keep-alive connections to this provider.")
     timeouts: Timeouts = Field(default_factory=Timeouts)
+    proxy: SecretStr | None = Field(
+        None,
+        description="Egress proxy for this provider, `http://[user:pass@]host:port` (HTTPS providers go through a CONNECT tunnel); masked like a secret.",
+    )
+    trust_env: bool = Field(
+        True,
+        description="Without `proxy`: use `HTTPS_PROXY`/`HTTP_PROXY`/`NO_PROXY` (or lowercase) from the environment, read once at start-up.",
+    )
+    tls: UpstreamTLSSettings = Field(default_factory=UpstreamTLSSettings, description="TLS of an `https://` provider.")
+    keepalive_seconds: float = Field(15.0, ge=0, description="An idle pooled connection older than this is not reused (0: no reuse).")
+    dns_cache_seconds: float = Field(10.0, ge=0, description="How long the provider host's addresses are cached (0: looked up on every new connection).")
+    connect_stagger_seconds: float = Field(
+        0.25, gt=0, description="Happy Eyeballs delay: the next address is tried when the previous one has not connected within this."
+    )
 
     @field_validator("url")
     @classmethod
@@ -171,6 +238,23 @@ class UpstreamSettings(Section):
         if not value.startswith(("http://", "https://")):
             raise ValueError("must be an http:// or https:// URL")
         return value.rstrip("/")
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy_url(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is None or not value.get_secret_value():
+            return None
+        from urllib.parse import urlsplit
+
+        try:
+            parts = urlsplit(value.get_secret_value())
+            parts.port  # noqa: B018 - raises on a bad port
+        except ValueError:
+            raise ValueError("must be an http://host:port URL") from None
+        if parts.scheme != "http" or not parts.hostname:
+            # The message must not echo the value: it may carry credentials.
+            raise ValueError("must be an http://[user:pass@]host:port URL (HTTPS proxies are not supported)")
+        return value
 
 
 class RoutingSettings(Section):
@@ -280,6 +364,7 @@ class Settings(Section):
     usage: UsageSettings = Field(default_factory=UsageSettings)
     ledger: LedgerSettings = Field(default_factory=LedgerSettings)
     webhooks: WebhookSettings = Field(default_factory=WebhookSettings)
+    telemetry: TelemetrySettings = Field(default_factory=TelemetrySettings)
     routing: RoutingSettings = Field(default_factory=RoutingSettings)
     upstreams: dict[str, UpstreamSettings] = Field(
         default_factory=lambda: {"default": UpstreamSettings()}, description="Providers by name."

@@ -166,9 +166,11 @@ class _Connection(asyncio.Protocol):
 class ScriptClient:
     """EVALSHA / SCRIPT LOAD over one pipelined connection (see the module docstring)."""
 
-    def __init__(self, url: str, timeout: float) -> None:
+    def __init__(self, url: str, timeout: float, ssl_context: ssl.SSLContext | None = None) -> None:
+        """`ssl_context` for ``rediss://`` (default: the system's CAs), built from the same settings as redis-py's."""
         self.url = url
         self.timeout = timeout
+        self.ssl_context = ssl_context
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
         # The same client, sending deferred (see the module docstring).
@@ -211,7 +213,9 @@ class ScriptClient:
         started = time.monotonic()
         try:
             async with asyncio.timeout(self.timeout):
-                context = ssl.create_default_context() if split.scheme == "rediss" else None
+                context = None
+                if split.scheme == "rediss":
+                    context = self.ssl_context or ssl.create_default_context()
                 _, connection = await loop.create_connection(
                     lambda: _Connection(self.timeout), split.hostname or "127.0.0.1", split.port or 6379, ssl=context
                 )

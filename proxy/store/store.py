@@ -31,6 +31,7 @@ from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
+import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
@@ -39,8 +40,11 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.asyncio.retry import Retry
 
 from proxy.core.errors import StoreUnavailable
+from proxy.core.tls import client_context
 from proxy.store.script_client import ScriptClient
-from proxy.core.settings import StoreSettings
+from proxy.core.settings import StoreSettings, TLSSettings
+
+log = structlog.get_logger("sovereign")
 
 SHARED_LUA = "proxy.store.lua"
 TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
@@ -186,6 +190,17 @@ async def _guard(awaitable: Any) -> Any:
         raise StoreUnavailable() from exc
 
 
+def redis_tls_options(tls: TLSSettings) -> dict[str, Any]:
+    """redis-py's keywords for ``store.tls`` (its SSLConnection builds its own context from them)."""
+    return {
+        "ssl_ca_certs": tls.ca_file,
+        "ssl_certfile": tls.cert_file,
+        "ssl_keyfile": tls.key_file,
+        "ssl_cert_reqs": "required" if tls.verify else "none",
+        "ssl_check_hostname": tls.verify,
+    }
+
+
 class Store:
     """One connection pool and the loaded scripts, shared by the whole process."""
 
@@ -223,6 +238,13 @@ class Store:
             retry=Retry(NoBackoff(), 1),
             retry_on_error=[RedisConnectionError],
         )
+        context = None
+        if split.scheme == "rediss":
+            # Both clients get the same TLS settings: redis-py as keywords, the script client as a context.
+            common.update(redis_tls_options(self.settings.tls))
+            context = client_context(self.settings.tls)  # what redis_tls_options asks of redis-py
+            if not self.settings.tls.verify:
+                log.warning("store.tls_unverified", message="store.tls.verify is false: the Redis server's certificate is not checked")
         if cluster:
             client = RedisCluster.from_url(url, **common)
             await _guard(client.initialize())
@@ -231,7 +253,7 @@ class Store:
             pool = WaitingConnectionPool.from_url(url, max_connections=self.settings.max_connections, **common)
             self.redis = GuardedRedis(aioredis.Redis(connection_pool=pool))
             if ScriptClient.supports(url):
-                self.script_client = ScriptClient(url, self.settings.timeout)
+                self.script_client = ScriptClient(url, self.settings.timeout, ssl_context=context)
 
     async def close(self) -> None:
         if self.script_client is not None:

@@ -8,6 +8,10 @@ does the same hop for ~20 µs. It does only what the provider hop needs:
 - ``POST`` over pooled keep-alive connections, plain or TLS, at most
   ``limit`` connections per pool (further requests wait for one), opened by
   `proxy.upstream.connect.Connector` (cached lookups, Happy Eyeballs);
+- through an egress proxy when one is given: an ``https://`` provider in a
+  ``CONNECT`` tunnel (TLS inside it), an ``http://`` one with absolute-form
+  request targets and ``Proxy-Authorization``. All of it is decided when the
+  pool is made: a request through it costs what a direct one does;
 - responses parsed by llhttp (``httptools``), content-length, chunked or
   close-delimited, gzip/deflate decoded (the gateway asks for identity);
 - the body delivered as it arrives, with back-pressure (reading pauses while
@@ -40,7 +44,8 @@ from urllib.parse import urlsplit
 import httptools
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from proxy.upstream.connect import Connector
+from proxy.upstream.connect import Connector, ProxyError
+from proxy.upstream.egress import Proxy
 
 HIGH_WATER = 256 * 1024  # buffered body bytes at which reading pauses
 LOW_WATER = 64 * 1024  # ... and below which it resumes
@@ -50,6 +55,14 @@ MAX_HEAD_BYTES = 64 * 1024  # response bytes before the end of the headers (aioh
 
 class UpstreamConnectionError(Exception):
     """The provider could not be reached, broke the connection, or sent no valid HTTP."""
+
+
+class UpstreamSetupError(UpstreamConnectionError):
+    """The way to the provider failed, not the provider: the egress proxy, or the TLS handshake.
+
+    Its message is the operator's to act on (it names the proxy ``host:port``,
+    never its credentials), so the router passes it on in the error.
+    """
 
 
 class UpstreamResponse:
@@ -277,6 +290,9 @@ class UpstreamResponse:
         if self._until_eof and self.status and exc is None:
             self.on_message_complete()  # a close-delimited body ends with a clean close, not a reset
             return
+        if isinstance(exc, ssl.SSLError):  # e.g. TLS 1.3: a refused client certificate shows on the first read
+            self._fail(UpstreamSetupError(f"TLS with the provider failed ({exc.reason or exc})"))
+            return
         reason = f": {exc}" if exc else ""
         self._fail(UpstreamConnectionError(f"the provider closed the connection{reason}"))
 
@@ -396,7 +412,20 @@ class _Connection(asyncio.Protocol):
 class ConnectionPool:
     """Keep-alive connections to one provider origin (scheme, host and port of ``url``)."""
 
-    def __init__(self, url: str, limit: int, connect_timeout: float, keepalive: float = KEEPALIVE_SECONDS) -> None:
+    def __init__(
+        self,
+        url: str,
+        limit: int,
+        connect_timeout: float,
+        keepalive: float = KEEPALIVE_SECONDS,
+        *,
+        ssl_context: ssl.SSLContext | None = None,
+        server_name: str | None = None,
+        proxy: Proxy | None = None,
+        dns_ttl: float = 10.0,
+        stagger: float = 0.25,
+    ) -> None:
+        """`ssl_context` for an https URL (default: the system's); `proxy`: the egress proxy, if any."""
         parts = urlsplit(url)
         if parts.scheme not in ("http", "https") or not parts.hostname:
             raise ValueError(f"not an http(s) URL: {url}")
@@ -407,8 +436,32 @@ class ConnectionPool:
         host = f"[{self.host}]" if ":" in self.host else self.host
         self.host_header = host if default_port else f"{host}:{self.port}"
         self.base_path = parts.path.rstrip("/")
-        self.ssl: ssl.SSLContext | None = ssl.create_default_context() if parts.scheme == "https" else None
-        self.connector = Connector(self.host, self.port, ssl=self.ssl)
+        self.proxy = proxy
+        # Added to every request head (an http:// provider's proxy credentials); empty: nothing added.
+        self.extra_head = ""
+        self.ssl: ssl.SSLContext | None = None
+        if parts.scheme == "https":
+            self.ssl = ssl_context or ssl.create_default_context()
+        if proxy is None:
+            self.connector = Connector(
+                self.host, self.port, ssl=self.ssl, server_hostname=server_name, ttl=dns_ttl, stagger=stagger
+            )
+        elif self.ssl is not None:  # TLS end to end, inside a CONNECT tunnel
+            self.connector = Connector(
+                proxy.host,
+                proxy.port,
+                ssl=self.ssl,
+                server_hostname=server_name or self.host,
+                ttl=dns_ttl,
+                stagger=stagger,
+                tunnel=(self.host, self.port),
+                proxy_authorization=proxy.authorization,
+            )
+        else:  # plain HTTP through the proxy: absolute-form request targets (RFC 9112 §3.2.2)
+            self.connector = Connector(proxy.host, proxy.port, ttl=dns_ttl, stagger=stagger)
+            self.base_path = f"http://{self.host_header}{self.base_path}"
+            if proxy.authorization:
+                self.extra_head = f"Proxy-Authorization: {proxy.authorization}\r\n"
         self.limit = limit
         self.connect_timeout = connect_timeout
         self.keepalive = keepalive
@@ -432,7 +485,7 @@ class ConnectionPool:
         Raises `TimeoutError` (connect or headers too slow) or
         `UpstreamConnectionError` (refused, reset, malformed).
         """
-        head = encode_head(self.base_path + path, self.host_header, headers, len(body))
+        head = encode_head(self.base_path + path, self.host_header, headers, len(body), self.extra_head)
         conn = await self._acquire()
         response = conn.response = UpstreamResponse(conn, header_timeout, idle_timeout, total_timeout)
         if len(body) < 65536:
@@ -513,6 +566,11 @@ class ConnectionPool:
             self._open -= 1
             self._free_slot()
             # TimeoutError is an OSError too: it stays a timeout (504, not 502).
+            if isinstance(exc, ProxyError):
+                raise UpstreamSetupError(str(exc.strerror or exc)) from None
+            if isinstance(exc, ssl.SSLError):
+                reason = exc.verify_message if isinstance(exc, ssl.SSLCertVerificationError) else exc.reason
+                raise UpstreamSetupError(f"TLS with the provider failed ({reason or exc})") from None
             if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
                 raise UpstreamConnectionError(f"could not connect to the provider ({exc.strerror or exc})") from None
             raise
@@ -550,9 +608,9 @@ class ConnectionPool:
                 return
 
 
-def encode_head(target: str, host: str, headers: Iterable[tuple[str, str]], length: int) -> bytes:
-    """The request line and headers of a POST with a body of ``length`` bytes."""
-    lines = [f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {length}\r\nAccept-Encoding: identity\r\n"]
+def encode_head(target: str, host: str, headers: Iterable[tuple[str, str]], length: int, extra: str = "") -> bytes:
+    """The request line and headers of a POST with a body of ``length`` bytes (`extra`: pre-encoded header lines)."""
+    lines = [f"POST {target} HTTP/1.1\r\nHost: {host}\r\nContent-Length: {length}\r\nAccept-Encoding: identity\r\n{extra}"]
     for name, value in headers:
         # aiohttp's server already refuses CR/LF in client headers; this keeps
         # any other source from splitting the request.
@@ -563,4 +621,4 @@ def encode_head(target: str, host: str, headers: Iterable[tuple[str, str]], leng
     return "".join(lines).encode("utf-8", "surrogateescape")
 
 
-__all__ = ["MAX_HEAD_BYTES", "ConnectionPool", "UpstreamConnectionError", "UpstreamResponse", "encode_head"]
+__all__ = ["MAX_HEAD_BYTES", "ConnectionPool", "UpstreamConnectionError", "UpstreamResponse", "UpstreamSetupError", "encode_head"]

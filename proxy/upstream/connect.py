@@ -1,4 +1,4 @@
-"""Opening connections to a provider host: cached, shared lookups and Happy Eyeballs (RFC 8305).
+"""Opening connections to a provider host: cached, shared lookups, Happy Eyeballs, egress proxies.
 
 Why not ``loop.create_connection(host, port)``: it looks the host up on every
 call, so a burst of new connections is a burst of ``getaddrinfo`` calls in the
@@ -13,11 +13,17 @@ did for the provider hop:
   not cached, and a host none of whose addresses answered is looked up again
   on the next connect (the provider may have moved). An IP literal is never
   looked up;
-- addresses are tried in RFC 8305 order (families interleaved); the next
-  attempt starts when the previous ones have neither connected nor failed
-  within ``stagger`` seconds, or at once when one fails. The first TCP
-  connection wins; the other attempts are cancelled and their sockets closed;
-- TLS, when ``ssl`` is given, starts on the winning socket after the race.
+- the connect race is ``aiohappyeyeballs.start_connection`` (what aiohttp
+  uses): addresses in RFC 8305 order (families interleaved, duplicates
+  dropped here first); the next attempt starts when the previous ones have
+  neither connected nor failed within ``stagger`` seconds, or at once when
+  one fails; the first TCP connection wins, the others are closed;
+- with a ``tunnel`` (an HTTPS provider behind an egress proxy), the socket
+  is the proxy's and an HTTP ``CONNECT`` to the provider opens the tunnel;
+  a proxy that refuses raises `ProxyError`, naming the proxy, never its
+  credentials;
+- TLS, when ``ssl`` is given, starts on the winning socket (inside the
+  tunnel) after the race, with SNI and the verified name ``server_hostname``.
 
 The caller bounds the whole connect (``asyncio.timeout``); a cancelled connect
 cancels every attempt and closes every socket before it returns.
@@ -31,11 +37,17 @@ import itertools
 import os
 import socket
 import ssl
-from collections import deque
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+import aiohappyeyeballs
+
 AddrInfo = tuple[Any, ...]  # (family, type, proto, canonname, sockaddr), as getaddrinfo returns them
+MAX_PROXY_HEAD = 16 * 1024  # bytes of a CONNECT answer before its end
+
+
+class ProxyError(OSError):
+    """The egress proxy refused the tunnel or broke it; the message names the proxy (``host:port``) only."""
 
 
 def interleave(infos: Iterable[AddrInfo]) -> list[AddrInfo]:
@@ -59,13 +71,24 @@ class Connector:
         port: int,
         *,
         ssl: ssl.SSLContext | None = None,
+        server_hostname: str | None = None,
         ttl: float = 10.0,
         stagger: float = 0.25,
         resolve: Callable[..., Awaitable[list]] | None = None,
+        tunnel: tuple[str, int] | None = None,
+        proxy_authorization: str | None = None,
     ) -> None:
+        """`host`/`port` is what the socket connects to: the provider, or the proxy of a `tunnel` to the provider."""
         self.host = host
         self.port = port
         self.ssl = ssl
+        self.tunnel = tunnel
+        self._connect_request = b""
+        if tunnel is not None:
+            target = f"[{tunnel[0]}]:{tunnel[1]}" if ":" in tunnel[0] else f"{tunnel[0]}:{tunnel[1]}"
+            auth = f"Proxy-Authorization: {proxy_authorization}\r\n" if proxy_authorization else ""
+            self._connect_request = f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{auth}\r\n".encode()
+        self.server_hostname = server_hostname or (tunnel[0] if tunnel is not None else host)
         self.ttl = ttl
         self.stagger = stagger
         self._resolve = resolve  # None: the running loop's getaddrinfo
@@ -86,6 +109,12 @@ class Connector:
         loop = asyncio.get_running_loop()
         infos = self._literal if self._literal is not None else await self._addresses(loop)
         sock = await self._race(loop, infos)
+        if self.tunnel is not None:
+            try:
+                await self._open_tunnel(loop, sock)
+            except BaseException:
+                sock.close()
+                raise
         made = False
 
         def factory() -> asyncio.Protocol:
@@ -96,7 +125,7 @@ class Connector:
 
         try:
             return await loop.create_connection(
-                factory, sock=sock, ssl=self.ssl, server_hostname=self.host if self.ssl else None
+                factory, sock=sock, ssl=self.ssl, server_hostname=self.server_hostname if self.ssl else None
             )
         except BaseException:
             # Until the protocol exists no transport has the socket (both loops make it first). Once one
@@ -126,64 +155,48 @@ class Connector:
         return infos
 
     async def _race(self, loop: asyncio.AbstractEventLoop, infos: list[AddrInfo]) -> socket.socket:
-        """The first socket to connect; every other attempt is cancelled and its socket closed."""
-        todo = deque(infos)
-        running: set[asyncio.Task[socket.socket]] = set()
-        errors: list[OSError] = []
-        winner: socket.socket | None = None
+        """The first socket to connect (`aiohappyeyeballs`); every other attempt is cancelled and its socket closed."""
         try:
-            while todo or running:
-                if todo:
-                    running.add(loop.create_task(_attempt(loop, todo.popleft())))
-                # The next address waits `stagger` for the attempts under way; a failure starts it at once.
-                done, _ = await asyncio.wait(
-                    running, timeout=self.stagger if todo else None, return_when=asyncio.FIRST_COMPLETED
-                )
-                for task in done:
-                    running.discard(task)
-                    error = task.exception()
-                    if error is None:
-                        winner = task.result()
-                        return winner  # another attempt done meanwhile stays in `running`: closed below
-                    if not isinstance(error, OSError):
-                        raise error
-                    errors.append(error)
-        finally:
-            for task in running:
-                task.cancel()
-                task.add_done_callback(_close_loser)  # it may have connected just before the cancel
-            if running:
-                # Their sockets are closed before connect() returns or raises, not some time later.
-                try:
-                    await asyncio.wait(running)
-                except BaseException:
-                    if winner is not None:
-                        winner.close()  # cancelled while tidying up: the caller never gets it
-                    raise
-        self._cached = None  # no address answered: look the host up again next time
-        first = errors[0]
-        reason = os.strerror(first.errno) if first.errno else (first.strerror or str(first))
-        message = f"{reason} (connecting to {self.host}:{self.port})"
-        # With an errno, OSError() picks the subclass (ConnectionRefusedError, TimeoutError for ETIMEDOUT).
-        raise (OSError(first.errno, message) if first.errno else OSError(message)) from first
+            return await aiohappyeyeballs.start_connection(infos, happy_eyeballs_delay=self.stagger, interleave=1, loop=loop)
+        except OSError as error:
+            self._cached = None  # no address answered: look the host up again next time
+            where = f"the egress proxy {self.host}:{self.port}" if self.tunnel is not None else f"{self.host}:{self.port}"
+            cause = error.__cause__ if isinstance(error.__cause__, OSError) else error
+            reason = os.strerror(error.errno) if error.errno else (cause.strerror or str(cause))
+            message = f"{reason} (connecting to {where})"
+            # With an errno, OSError() picks the subclass (ConnectionRefusedError, TimeoutError for ETIMEDOUT).
+            raised = OSError(error.errno, message) if error.errno else OSError(message)
+            if self.tunnel is not None:
+                raised = ProxyError(error.errno, message) if error.errno else ProxyError(message)
+            raise raised from error
+
+    async def _open_tunnel(self, loop: asyncio.AbstractEventLoop, sock: socket.socket) -> None:
+        """``CONNECT`` through the proxy on `sock`; returns once the proxy answered 2xx."""
+        assert self.tunnel is not None
+        where = f"{self.host}:{self.port}"
+        try:
+            await loop.sock_sendall(sock, self._connect_request)
+            head = b""
+            while b"\r\n\r\n" not in head:
+                data = await loop.sock_recv(sock, 4096)
+                if not data:
+                    raise ProxyError(f"the egress proxy {where} closed the connection before answering CONNECT")
+                head += data
+                if len(head) > MAX_PROXY_HEAD:
+                    raise ProxyError(f"the egress proxy {where} sent an oversized answer to CONNECT")
+        except ProxyError:
+            raise
+        except OSError as exc:
+            raise ProxyError(exc.errno, f"{exc.strerror or exc} (talking to the egress proxy {where})") from None
+        status_line = head.partition(b"\r\n")[0]
+        parts = status_line.split(None, 2)
+        status = int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
+        if not 200 <= status < 300:
+            reason = f" {parts[2].decode('latin-1', 'replace')}" if len(parts) > 2 else ""
+            raise ProxyError(f"the egress proxy {where} refused the tunnel to {self.tunnel[0]}:{self.tunnel[1]} (HTTP {status}{reason})")
+        if head.index(b"\r\n\r\n") + 4 != len(head):
+            # The provider speaks first in no protocol used here: bytes after the answer mean broken framing.
+            raise ProxyError(f"the egress proxy {where} sent data after its CONNECT answer")
 
 
-async def _attempt(loop: asyncio.AbstractEventLoop, info: AddrInfo) -> socket.socket:
-    """One TCP connect; the socket is closed unless it connected."""
-    family, type_, proto, _, address = info
-    sock = socket.socket(family, type_, proto)
-    try:
-        sock.setblocking(False)
-        await loop.sock_connect(sock, address)
-    except BaseException:
-        sock.close()
-        raise
-    return sock
-
-
-def _close_loser(task: asyncio.Task[socket.socket]) -> None:
-    if not task.cancelled() and task.exception() is None:
-        task.result().close()
-
-
-__all__ = ["Connector", "interleave"]
+__all__ = ["Connector", "ProxyError", "interleave"]

@@ -18,6 +18,7 @@ from collections.abc import AsyncIterator, Mapping
 from typing import Any
 
 import orjson
+import structlog
 
 from proxy.core.call import Reply, SSEEvent
 from proxy.core.errors import ApiError, UpstreamError, UpstreamRateLimited
@@ -25,7 +26,11 @@ from proxy.core.streams import EventStream
 from proxy.upstream.headers import request_headers_for_upstream, response_headers_for_client
 from proxy.core.settings import RoutingSettings, UpstreamSettings
 from proxy.upstream.sse import split_events
-from proxy.upstream.client import ConnectionPool, UpstreamConnectionError, UpstreamResponse
+from proxy.upstream.client import ConnectionPool, UpstreamConnectionError, UpstreamResponse, UpstreamSetupError
+from proxy.core.tls import client_context
+from proxy.upstream.egress import egress_proxy
+
+log = structlog.get_logger("sovereign")
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
 REDACTED = b"[redacted]"
@@ -73,7 +78,26 @@ class Upstream:
         self.pool: ConnectionPool | None = None
 
     async def start(self) -> None:
-        self.pool = ConnectionPool(self.settings.url, self.settings.max_connections, self.settings.timeouts.connect)
+        s = self.settings
+        proxy = egress_proxy(s)  # the environment is read here, once
+        context = None
+        if s.url.startswith("https://") and s.tls.configured:
+            context = client_context(s.tls)
+            if not s.tls.verify:
+                log.warning("upstream.tls_unverified", upstream=self.name, message="tls.verify is false: the provider's certificate is not checked")
+        if proxy is not None:
+            log.info("upstream.proxy", upstream=self.name, proxy=proxy.where)
+        self.pool = ConnectionPool(
+            s.url,
+            s.max_connections,
+            s.timeouts.connect,
+            s.keepalive_seconds,
+            ssl_context=context,
+            server_name=s.tls.server_name,
+            proxy=proxy,
+            dns_ttl=s.dns_cache_seconds,
+            stagger=s.connect_stagger_seconds,
+        )
 
     async def close(self) -> None:
         if self.pool is not None:
@@ -95,8 +119,10 @@ class _Retryable(Exception):
 class UpstreamRouter:
     """Sends chat requests to a model's ordered upstream targets."""
 
-    def __init__(self, upstreams: Mapping[str, UpstreamSettings], routing: RoutingSettings) -> None:
+    def __init__(self, upstreams: Mapping[str, UpstreamSettings], routing: RoutingSettings, tracing: Any = None) -> None:
+        """`tracing`: `proxy.core.telemetry.Tracing` when traces are on (each attempt is then a span)."""
         self.routing = routing
+        self.tracing = tracing
         self.upstreams = {name: Upstream(name, s, routing) for name, s in upstreams.items()}
 
     async def start(self) -> None:
@@ -131,7 +157,9 @@ class UpstreamRouter:
             if on_attempt is not None:
                 on_attempt(upstream.name)
             try:
-                return await self._post(upstream, body, headers, stream)
+                if self.tracing is None:
+                    return await self._post(upstream, body, headers, stream)
+                return await self.tracing.provider_call(self._post, upstream, body, headers, stream)
             except _Retryable as exc:
                 last = exc.error
                 upstream.breaker.failure(time.monotonic())
@@ -165,6 +193,10 @@ class UpstreamRouter:
             response = await pool.post(upstream.chat_path, headers.items(), body, upstream.header_timeout, t.idle, t.total)
         except TimeoutError:
             raise _Retryable(UpstreamError("The upstream provider timed out.", timeout=True, upstream=upstream.name)) from None
+        except UpstreamSetupError as exc:
+            # The proxy or TLS failed: say which, so the operator can act (no credentials are in it).
+            message = f"Could not reach the upstream provider: {exc}."
+            raise _Retryable(UpstreamError(message, upstream=upstream.name)) from None
         except UpstreamConnectionError:
             raise _Retryable(UpstreamError("Could not reach the upstream provider.", upstream=upstream.name)) from None
 

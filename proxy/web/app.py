@@ -16,7 +16,12 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
     gateway = Gateway(settings, store)
     # client_max_size makes aiohttp stop reading at the limit, so an oversized
     # body without a Content-Length is refused before it is read whole.
-    app = web.Application(middlewares=[gateway_middleware], client_max_size=settings.server.max_body_bytes)
+    middlewares: list = [gateway_middleware]
+    if gateway.tracing is not None:
+        from proxy.web.tracing import tracing_middleware
+
+        middlewares.insert(0, tracing_middleware(gateway.tracing))  # outermost: the span covers error rendering too
+    app = web.Application(middlewares=middlewares, client_max_size=settings.server.max_body_bytes)
     app[GATEWAY] = gateway
     app.on_response_prepare.append(stamp_request_id)
     app.add_routes(core_routes(gateway))

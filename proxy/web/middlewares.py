@@ -45,6 +45,7 @@ CALL = web.RequestKey("call", object)
 PUBLIC_MODEL = web.RequestKey("public_model", str)
 STREAM_OUTCOME = web.RequestKey("stream_outcome", str)
 ERROR_CODE = web.RequestKey("error_code", str)
+TRACE_ID = web.RequestKey("trace_id", str)  # set by proxy.core.telemetry when tracing is on
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _GATED_PREFIXES = ("/v1/", "/admin/")
 
@@ -100,7 +101,12 @@ async def gateway_middleware(request: web.Request, handler: Any) -> web.StreamRe
     except ApiError as error:
         request[ERROR_CODE] = error.code
         _count_refusal(gateway, error)
-        return render(error, request_id)
+        response = render(error, request_id)
+        call = request.get(CALL)
+        if call is not None and call.response_headers:  # e.g. the rate-limit headers of a refused request
+            for name, value in call.response_headers.items():
+                response.headers.setdefault(name, value)
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -160,6 +166,8 @@ class AccessLogger(AbstractAccessLogger):
         }
         if request.get(ERROR_CODE):
             fields["error_code"] = request[ERROR_CODE]
+        if request.get(TRACE_ID):
+            fields["trace_id"] = request[TRACE_ID]
         if call is not None:
             usage = call.usage or {}
             fields.update(

@@ -33,14 +33,16 @@ import yaml
 
 from proxy.core.pipeline import registered_units
 
-from .streams import AGENT_SSE, CHAT_SSE, RESPONSES_SSE, SSEKind
+from .streams import AGENT_SSE, CHAT_SSE, MESSAGES_SSE, RESPONSES_SSE, SSEKind
 
 REPO = Path(__file__).resolve().parent.parent
 REDIS_URL = os.environ.get("SOVEREIGN_TEST_REDIS_URL", "redis://127.0.0.1:6379")
 TARGET_CORE, LOAD_CORE = 0, 1
 CHAT_PATH, RESPONSES_PATH = "/v1/chat/completions", "/v1/responses"
+MESSAGES_PATH, EMBEDDINGS_PATH = "/v1/messages", "/v1/embeddings"
 MODEL = "sovereign-alpha"
 AGENT_MODEL = "sovereign-agent"  # the `agent` profile's agent model over MODEL
+EMBEDDING_MODEL = "sovereign-embed"
 TENANT_CREDITS = 10**12
 _CLK_TCK = os.sysconf("SC_CLK_TCK")
 _PR_SET_PDEATHSIG = 1
@@ -180,6 +182,10 @@ def request_body(path: str, stream: bool, max_tokens: int, model: str = MODEL) -
     """The body every target gets for a workload (the gateway maps the public model)."""
     if path == RESPONSES_PATH:
         body: dict[str, Any] = {"model": model, "input": _PROMPT, "max_output_tokens": max_tokens}
+    elif path == EMBEDDINGS_PATH:
+        return orjson.dumps({"model": EMBEDDING_MODEL, "input": _PROMPT, "encoding_format": "float"})
+    elif path == MESSAGES_PATH:
+        body = {"model": model, "max_tokens": max_tokens, "messages": [{"role": "user", "content": _PROMPT}]}
     else:
         body = {"model": model, "messages": [{"role": "user", "content": _PROMPT}], "max_tokens": max_tokens}
     if stream:
@@ -254,6 +260,20 @@ PROFILES = [
         sse=AGENT_SSE,
         model=AGENT_MODEL,
     ),
+    Profile(
+        "messages",
+        "governed + messages unit, POST /v1/messages (Anthropic Messages API)",
+        pipeline=["auth", "validation", "messages", "metering"],
+        path=MESSAGES_PATH,
+        sse=MESSAGES_SSE,
+    ),
+    Profile(
+        "embeddings",
+        "governed, POST /v1/embeddings (JSON only)",
+        pipeline=["auth", "validation", "metering"],
+        path=EMBEDDINGS_PATH,
+        workloads=("latency_1c", "throughput_64c"),  # JSON only: embeddings have no streams
+    ),
 ]
 
 
@@ -267,7 +287,10 @@ def gateway_config(
         "store": {"url": store_url, "prefix": prefix},
         "upstreams": {"default": {"url": upstream_base + "/v1", "api_key": "sk-bench-upstream-key", "model": "mock-model"}},
         # 1 credit per input token, 2 per output token: every request visibly moves the balance.
-        "models": {MODEL: {"upstream": "default", "price": {"input_per_million": 1_000_000, "output_per_million": 2_000_000}}},
+        "models": {
+            MODEL: {"upstream": "default", "price": {"input_per_million": 1_000_000, "output_per_million": 2_000_000}},
+            EMBEDDING_MODEL: {"upstream": "default", "kind": "embeddings", "price": {"input_per_million": 1_000_000}},
+        },
         "pipeline": pipeline,
         "units": units or {},
     }

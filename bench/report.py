@@ -133,6 +133,9 @@ ISSUE_TARGETS = [
         "floor", zero="chunks_lost",
     ),
     Target("governed / floor RSS (1,000 open streams) <= 1.20", "open_streams_1000", "governed", "rss_mb", 1.20, "floor"),
+    # Issue 17: the Messages API costs no more than the Responses API, embeddings no more than governed chat.
+    Target("messages / responses throughput (64 conn) >= 0.90", "throughput_64c", "messages", "rps", 0.90, "responses", True),
+    Target("embeddings / governed throughput (64 conn) >= 0.90", "throughput_64c", "embeddings", "rps", 0.90, "governed", True),
 ]
 
 

@@ -49,6 +49,14 @@ RESPONSES_SSE = SSEKind(
 )
 
 
+MESSAGES_SSE = SSEKind(
+    chunk_marker=b"event: content_block_delta",
+    end_marker=b"event: message_stop",
+    skip_marker=None,
+    extra_chunks=0,
+)
+
+
 def session(connections: int) -> aiohttp.ClientSession:
     """A client session with at most ``connections`` keep-alive connections (0: unbounded)."""
     return aiohttp.ClientSession(

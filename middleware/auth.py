@@ -1,6 +1,7 @@
 """The auth unit: API-key authentication, per-key model access, `GET /v1/credits` and `GET /v1/usage`.
 
-Clients send ``Authorization: Bearer sk-sov-live-…``. The key is hashed
+Clients send ``Authorization: Bearer sk-sov-live-…`` (on the Anthropic
+Messages routes also ``x-api-key: sk-sov-live-…``). The key is hashed
 (SHA-256) and its record read from the store; a missing, malformed, unknown,
 revoked or expired key gets 401 ``invalid_api_key`` without the key ever being
 echoed. A small in-process cache (by hash, bounded) saves the Redis round trip
@@ -26,7 +27,7 @@ from multidict import CIMultiDictProxy
 from pydantic import Field
 
 from proxy.store.accounts import Accounts, KeyRecord, looks_like_key
-from proxy.core.call import Call, Next, Principal, Reply
+from proxy.core.call import MESSAGES, MESSAGES_COUNT_TOKENS, Call, Next, Principal, Reply
 from proxy.core.errors import AuthenticationFailed, model_not_found
 from proxy.core.pipeline import Authenticator, Unit, UnitSettings
 from proxy.web.usage import usage_response
@@ -35,6 +36,9 @@ if TYPE_CHECKING:
     from proxy.core.gateway import Gateway
 
 BEARER = "bearer "
+API_KEY_HEADER = "x-api-key"
+# Pipeline endpoints of protocols whose clients send the key as `x-api-key`.
+API_KEY_ENDPOINTS = frozenset({MESSAGES, MESSAGES_COUNT_TOKENS})
 
 
 def unauthorized(message: str) -> AuthenticationFailed:
@@ -73,7 +77,7 @@ class AuthUnit(Unit):
         return self.authenticate
 
     async def __call__(self, call: Call, next: Next) -> Reply:
-        principal = await self.authenticate(call.headers)
+        principal = await self.authenticate(call.headers, call.endpoint in API_KEY_ENDPOINTS)
         call.principal = principal
         model = call.body.get("model")
         if isinstance(model, str) and not principal.may_use(model):
@@ -81,14 +85,19 @@ class AuthUnit(Unit):
         return await next(call)
 
     # -- authentication ------------------------------------------------------
-    async def authenticate(self, headers: CIMultiDictProxy[str]) -> Principal:
-        """The principal of the presented key; raises 401 `invalid_api_key` otherwise."""
+    async def authenticate(self, headers: CIMultiDictProxy[str], api_key_header: bool = False) -> Principal:
+        """The principal of the presented key; raises 401 `invalid_api_key` otherwise.
+
+        With `api_key_header` (the Anthropic routes) the key may also come as
+        ``x-api-key``, as the Anthropic SDKs send it; a Bearer header wins.
+        """
         header = headers.get("Authorization")
-        if not header:
+        if not header and api_key_header and headers.get(API_KEY_HEADER):
+            token = headers[API_KEY_HEADER].strip()
+        elif not header or header[: len(BEARER)].lower() != BEARER:
             raise unauthorized(MISSING)
-        if header[: len(BEARER)].lower() != BEARER:
-            raise unauthorized(MISSING)
-        token = header[len(BEARER):].strip()
+        else:
+            token = header[len(BEARER):].strip()
         # surrogateescape: aiohttp keeps non-UTF-8 header bytes as surrogates;
         # such a token is malformed (401), not a crash.
         digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()

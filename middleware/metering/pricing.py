@@ -120,3 +120,11 @@ def output_cap(body: dict[str, Any]) -> int | None:
 def choices(body: dict[str, Any]) -> int:
     n = body.get("n")
     return n if type(n) is int and n >= 1 else 1
+
+
+def embeddings_usage(usage: Any) -> dict[str, int] | None:
+    """An embeddings reply's usage (prompt tokens only) in the chat shape settlement reads; None if unusable."""
+    prompt = positive_int(usage.get("prompt_tokens")) if isinstance(usage, dict) else None
+    if prompt is None:
+        return None
+    return {"prompt_tokens": prompt, "completion_tokens": 0, "total_tokens": prompt}

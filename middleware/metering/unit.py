@@ -56,6 +56,10 @@ Holds expire after ``hold_ttl_seconds`` (keep it above the upstreams'
 ``timeouts.total``, or a long stream's hold could expire before it settles):
 a gateway killed mid-request leaves nothing reserved after that.
 
+Embeddings (``/v1/embeddings``) are metered on input alone: the hold is the
+prompt estimate of the body, the charge the provider's ``usage.prompt_tokens``
+(an estimate flagged as such when vectors came back without usage).
+
 Free models (``free: true``): no hold and no charge; usage is still recorded
 (a ledger entry with 0 credits, the access log and the token metrics).
 """
@@ -73,7 +77,7 @@ import structlog
 from pydantic import Field
 
 from proxy.store.accounts import now_ms
-from proxy.core.call import Call, Next, Reply, SSEEvent
+from proxy.core.call import EMBEDDINGS, Call, Next, Reply, SSEEvent
 from proxy.core.ids import unique_id
 from proxy.core.errors import ApiError, CreditsExhausted, StoreUnavailable
 from proxy.core.pipeline import Unit, UnitSettings
@@ -81,7 +85,16 @@ from proxy.store.store import Script
 
 from middleware.metering.budgets import budget_tail, settle_tail
 from proxy.store.events import mark_pending
-from middleware.metering.pricing import CAP_FIELDS, Pricing, choices, output_cap, output_estimate, pricing_table, prompt_estimate
+from middleware.metering.pricing import (
+    CAP_FIELDS,
+    Pricing,
+    choices,
+    embeddings_usage,
+    output_cap,
+    output_estimate,
+    pricing_table,
+    prompt_estimate,
+)
 from middleware.metering.settlements import Settlement, SettlementQueue
 from middleware.metering.sweeper import HoldSweeper, checkpoint_keys
 
@@ -263,8 +276,13 @@ class MeteringUnit(Unit):
             await self._release(ticket)
             return reply
         body = reply.json()
-        chars = _output_chars(body.get("choices"), "message") if isinstance(body, dict) else 0
-        usage = body.get("usage") if isinstance(body, dict) else None
+        if call.endpoint == EMBEDDINGS:
+            # Input only: the provider's prompt tokens, else (vectors but no usage) the estimate.
+            usage = embeddings_usage(body.get("usage")) if isinstance(body, dict) else None
+            chars = 1 if isinstance(body, dict) and body.get("data") else 0
+        else:
+            chars = _output_chars(body.get("choices"), "message") if isinstance(body, dict) else 0
+            usage = body.get("usage") if isinstance(body, dict) else None
         # Off the critical path: the reply does not wait for the ledger write,
         # and shutdown waits for it (gateway.drain), so it is never lost.
         self.gateway.spawn(self._settle(ticket, usage, 0, chars, inline=False), "metering.settle")
@@ -274,6 +292,9 @@ class MeteringUnit(Unit):
         """Estimate the prompt, put the output cap on the request and ask for usage."""
         body = call.body
         size = len(call.body_bytes())  # the original bytes when no unit changed the body
+        if call.endpoint == EMBEDDINGS:  # no output: the hold covers the input alone
+            prompt = prompt_estimate(size, 0, self.settings.chars_per_token)
+            return Ticket(call, pricing, model, self._keys(call.principal.tenant), "", 0, prompt, 0, False)
         messages = body.get("messages")
         prompt = prompt_estimate(size, len(messages) if isinstance(messages, list) else 0, self.settings.chars_per_token)
         n = choices(body)

@@ -426,10 +426,149 @@ class ResponsesRequest(Strict):
     include: list[str] | None = None
 
 
+# ---------------------------------------------------------------- Anthropic Messages
+# The Messages API as the messages unit maps it onto chat completions. Unknown
+# fields (`cache_control` on any block, `container`, `context_management`, …)
+# are accepted and ignored like everywhere here; images and documents are
+# refused with the same codes as on the OpenAI routes.
+
+
+class CacheControl(Strict):
+    type: str
+
+
+class AnthropicText(Strict):
+    text: str
+    cache_control: CacheControl | None = None
+
+
+_ANTHROPIC_MEDIA = {"image": Image, "document": File}
+
+
+class AnthropicToolResult(Strict):
+    tool_use_id: str
+    content: str | list[tagged("type", {"text": AnthropicText, **_ANTHROPIC_MEDIA})] | None = None
+    is_error: bool | None = None
+
+
+class AnthropicToolUse(Strict):
+    id: str
+    name: str
+    input: JsonObject
+
+
+class AnthropicThinking(Strict):
+    thinking: str
+    signature: str | None = None
+
+
+class AnthropicRedactedThinking(Strict):
+    data: str
+
+
+class AnthropicUserTurn(Strict):
+    content: (
+        str | list[tagged("type", {"text": AnthropicText, "tool_result": AnthropicToolResult, **_ANTHROPIC_MEDIA})]
+    )
+
+
+class AnthropicAssistantTurn(Strict):
+    content: str | list[
+        tagged(
+            "type",
+            {
+                "text": AnthropicText,
+                "tool_use": AnthropicToolUse,
+                "thinking": AnthropicThinking,
+                "redacted_thinking": AnthropicRedactedThinking,
+                **_ANTHROPIC_MEDIA,
+            },
+        )
+    ]
+
+
+class AnthropicCustomTool(Strict):
+    name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,128}$")]
+    description: str | None = None
+    input_schema: JsonObject
+
+
+class AnthropicServerTool(Strict):
+    """Anthropic-hosted tools (web_search_…, bash_…): the messages unit answers 400 unsupported_tool."""
+
+    type: str
+
+
+class AnthropicToolChoiceTool(Strict):
+    name: str
+    disable_parallel_tool_use: bool | None = None
+
+
+class AnthropicToolChoiceAuto(Strict):
+    disable_parallel_tool_use: bool | None = None
+
+
+class AnthropicMetadata(Strict):
+    user_id: str | None = None
+
+
+class CountTokensRequest(Strict):
+    """`POST /v1/messages/count_tokens`: a Messages request without `max_tokens`."""
+
+    model: str
+    messages: Annotated[
+        list[tagged("role", {"user": AnthropicUserTurn, "assistant": AnthropicAssistantTurn})], Field(min_length=1)
+    ]
+    system: str | list[tagged("type", {"text": AnthropicText})] | None = None
+    tools: list[tagged("type", {"custom": AnthropicCustomTool}, default="custom", other=AnthropicServerTool)] | None = None
+    tool_choice: (
+        tagged(
+            "type",
+            {"auto": AnthropicToolChoiceAuto, "any": AnthropicToolChoiceAuto, "tool": AnthropicToolChoiceTool, "none": Empty},
+        )
+        | None
+    ) = None
+    thinking: JsonObject | None = None
+
+
+class MessagesRequest(CountTokensRequest):
+    """`POST /v1/messages`, Anthropic's ``MessageCreateParams`` as far as the gateway serves it."""
+
+    max_tokens: PositiveInt
+    stop_sequences: list[str] | None = None
+    temperature: Annotated[float, Field(ge=0, le=1)] | None = None
+    top_p: TopP | None = None
+    top_k: Annotated[int, Field(ge=0)] | None = None
+    stream: bool | None = None
+    metadata: AnthropicMetadata | None = None
+    service_tier: str | None = None
+
+
+# ---------------------------------------------------------------- embeddings
+
+
+class EmbeddingsRequest(Strict):
+    """OpenAI's ``CreateEmbeddingRequest``: text or token arrays, relayed as sent."""
+
+    model: str
+    input: Union[
+        str,
+        Annotated[list[str], Field(min_length=1, max_length=2048)],
+        Annotated[list[int], Field(min_length=1)],
+        Annotated[list[Annotated[list[int], Field(min_length=1)]], Field(min_length=1, max_length=2048)],
+    ]
+    encoding_format: Literal["float", "base64"] | None = None
+    dimensions: PositiveInt | None = None
+    user: str | None = None
+
+
 __all__ = [
     "BAD_TAG",
     "MISSING_FIELD",
     "UNSUPPORTED",
     "ChatCompletionRequest",
+    "CountTokensRequest",
+    "EmbeddingsRequest",
+    "MessagesRequest",
     "ResponsesRequest",
 ]

@@ -1,8 +1,10 @@
 """Input validation unit: reject malformed requests before anything else is spent.
 
 Checks the parsed body (`call.body`, parsed once by the route) against the
-models in `middleware.validation.schemas` — chat completions or Responses, by endpoint —
-and then that the model is configured and allowed for the caller's key.
+models in `middleware.validation.schemas` — chat completions, Responses,
+Anthropic Messages or embeddings, by endpoint — and then that the model is
+configured, allowed for the caller's key, and of the route's kind (an
+embedding model only on `/v1/embeddings`, a chat model everywhere else).
 Nothing is changed: the body and its raw bytes are forwarded as they came.
 
 A rejection is one OpenAI-shaped 400: ``param`` is the offending field's path
@@ -27,15 +29,31 @@ import orjson
 from pydantic import ValidationError
 from pydantic_core import ErrorDetails, SchemaValidator
 
-from proxy.core.call import RESPONSES, Call, Next, Reply
-from proxy.core.errors import ApiError, invalid_request, model_not_found
+from proxy.core.call import EMBEDDINGS, MESSAGES, MESSAGES_COUNT_TOKENS, RESPONSES, Call, Next, Reply
+from proxy.core.errors import ApiError, invalid_request, model_not_found, wrong_model_kind
 from proxy.core.pipeline import Unit
 
-from middleware.validation.schemas import BAD_TAG, MISSING_FIELD, UNSUPPORTED, ChatCompletionRequest, ResponsesRequest
+from middleware.validation.schemas import (
+    BAD_TAG,
+    MISSING_FIELD,
+    UNSUPPORTED,
+    ChatCompletionRequest,
+    CountTokensRequest,
+    EmbeddingsRequest,
+    MessagesRequest,
+    ResponsesRequest,
+)
 
 # Built once per process; calling the core validator skips model bookkeeping.
 CHAT_VALIDATOR: SchemaValidator = ChatCompletionRequest.__pydantic_validator__
 RESPONSES_VALIDATOR: SchemaValidator = ResponsesRequest.__pydantic_validator__
+# Every other endpoint's schema; chat completions is the default.
+VALIDATORS: dict[str, Any] = {
+    RESPONSES: RESPONSES_VALIDATOR,
+    MESSAGES: MessagesRequest.__pydantic_validator__,
+    MESSAGES_COUNT_TOKENS: CountTokensRequest.__pydantic_validator__,
+    EMBEDDINGS: EmbeddingsRequest.__pydantic_validator__,
+}
 
 _EXPECTED = {
     "string_type": "a string",
@@ -59,19 +77,23 @@ class ValidationUnit(Unit):
 
     def __init__(self, settings: Any, gateway: Any) -> None:
         super().__init__(settings, gateway)
-        self._models = frozenset(gateway.settings.models)
+        settings = gateway.settings
+        self._models = frozenset(settings.models)
+        self._embeddings = frozenset(name for name in settings.models if settings.model_kind(name) == "embeddings")
 
     async def __call__(self, call: Call, next: Next) -> Reply:
         validate_body(call.endpoint, call.body, call.raw)
         model = call.body["model"]
         if model not in self._models or not call.principal.may_use(model):
             raise model_not_found(model)
+        if (model in self._embeddings) != (call.endpoint == EMBEDDINGS):
+            raise wrong_model_kind(model, call.endpoint == EMBEDDINGS)
         return await next(call)
 
 
 def validate_body(endpoint: str, body: dict[str, Any], raw: bytes | None = None) -> None:
     """Raise the OpenAI-shaped 400 for the first problem in `body`, if any."""
-    validator = RESPONSES_VALIDATOR if endpoint == RESPONSES else CHAT_VALIDATOR
+    validator = VALIDATORS.get(endpoint, CHAT_VALIDATOR)
     try:
         validator.validate_python(body)
     except ValidationError as exc:

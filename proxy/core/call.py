@@ -18,6 +18,9 @@ from multidict import CIMultiDictProxy
 
 CHAT = "chat.completions"
 RESPONSES = "responses"
+MESSAGES = "messages"  # the Anthropic Messages API; the messages unit turns it into CHAT
+MESSAGES_COUNT_TOKENS = "messages.count_tokens"  # answered by the messages unit itself
+EMBEDDINGS = "embeddings"
 
 
 @dataclass(slots=True, frozen=True)
@@ -214,6 +217,10 @@ class Reply:
     # dropped before its first event was requested: closing an async generator
     # that never started skips its `finally`, so the chain would not reach them.
     closers: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
+    # How the relay writes an ApiError raised mid-stream (the complete SSE event);
+    # None: the chat shape, one `data: {"error": …}` event. Set by units whose
+    # protocol has its own error event (the Anthropic `event: error`).
+    stream_error: Callable[[Any], bytes] | None = None
     _json: Any = None
 
     @classmethod

@@ -187,6 +187,15 @@ def model_not_found(model: object) -> NotFound:
     )
 
 
+def wrong_model_kind(model: str, embeddings_route: bool) -> InvalidRequest:
+    """An embedding model on a chat route, or a chat model on /v1/embeddings (400 naming the model)."""
+    if embeddings_route:
+        message = f"The model `{model}` is a chat model; /v1/embeddings serves only models of kind `embeddings`."
+    else:
+        message = f"The model `{model}` is an embedding model; use it with /v1/embeddings."
+    return InvalidRequest(message, param="model")
+
+
 def not_found(what: str = "resource") -> NotFound:
     return NotFound(f"No such {what}.")
 

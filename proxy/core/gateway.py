@@ -31,7 +31,7 @@ from multidict import CIMultiDictProxy
 from proxy.core.call import ANONYMOUS, Call, Next, Principal, Reply
 from proxy.upstream.forward import Forwarder
 from proxy.core.metrics import Metrics
-from proxy.core.pipeline import Authenticator, Unit, build_units, chain
+from proxy.core.pipeline import Authenticator, ErrorRenderer, Unit, build_units, chain
 from proxy.core.settings import ConfigError, Settings
 from proxy.store.store import Store
 from proxy.upstream.router import UpstreamRouter
@@ -72,6 +72,10 @@ class Gateway:
         self.authenticator: Authenticator | None = next(
             (found for found in (unit.authenticator() for unit in self.units) if found is not None), None
         )
+        # Errors of the routes of another protocol (the messages unit: Anthropic's shape under /v1/messages).
+        self.error_renderers: dict[str, ErrorRenderer] = {
+            prefix: render for unit in self.units for prefix, render in unit.error_renderers().items()
+        }
         # 3. the pipeline: _entries[i] starts at unit i; the last one is the forwarder alone.
         self._entries: list[Next] = chain(self.units, Forwarder(self))
         self.handler: Next = self._entries[0]

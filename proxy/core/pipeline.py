@@ -29,6 +29,8 @@ if TYPE_CHECKING:
 ENTRY_POINT_GROUP = "sovereign.middleware"
 
 Authenticator = Callable[[CIMultiDictProxy[str]], Awaitable[Principal]]
+# (error, request id) -> (status, JSON body): how errors look on the routes of another protocol.
+ErrorRenderer = Callable[[Any, str], tuple[int, bytes]]
 
 _registry: dict[str, str] | None = None
 
@@ -71,6 +73,10 @@ class Unit:
     def authenticator(self) -> Authenticator | None:
         """The unit that authenticates keys provides it here; routes outside the pipeline use it."""
         return None
+
+    def error_renderers(self) -> dict[str, ErrorRenderer]:
+        """Path prefix -> renderer, for a unit that serves another protocol whose errors have their own shape."""
+        return {}
 
     async def startup(self) -> None:
         """Runs once the event loop and the store are up."""

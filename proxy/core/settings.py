@@ -327,6 +327,9 @@ class ModelSettings(Section):
     output_cap_param: Literal["max_completion_tokens", "max_tokens"] = Field(
         "max_completion_tokens", description="Request field that carries the output cap to this provider."
     )
+    kind: Literal["chat", "embeddings"] = Field(
+        "chat", description="`chat`: served on the chat, Responses and Messages routes; `embeddings`: on `/v1/embeddings` only."
+    )
     alias_of: str | None = Field(None, description="Serve this entry as an alias of another public model.")
     system_prompt: str | None = Field(None, description="System message prepended for this (alias) model.")
     defaults: dict[str, Any] = Field(default_factory=dict, description="Request fields applied when the client omits them.")
@@ -352,7 +355,9 @@ def _default_models() -> dict[str, ModelSettings]:
     }
 
 
-DEFAULT_PIPELINE = ["auth", "rate_limit", "validation", "responses", "sessions", "legacy_functions", "agent", "metering"]
+DEFAULT_PIPELINE = [
+    "auth", "rate_limit", "validation", "responses", "messages", "sessions", "legacy_functions", "agent", "metering"
+]
 
 
 class Settings(Section):
@@ -404,6 +409,11 @@ class Settings(Section):
         for index, label in enumerate(agent.tool_servers):
             if label not in self.tool_servers:
                 raise ValueError(f"models.{name}.agent.tool_servers[{index}]: no tool server labelled `{label}`")
+
+    def model_kind(self, public: str) -> str | None:
+        """`chat` or `embeddings` for a public name (an alias has its target's kind); None if unknown."""
+        resolved = self.resolve_model(public)
+        return resolved[1].kind if resolved is not None else None
 
     def resolve_model(self, public: str) -> tuple[str, ModelSettings] | None:
         """The configured model for a public name, following an alias to its target."""

@@ -1,4 +1,4 @@
-"""Simulated OpenAI chat-completions provider.
+"""Simulated OpenAI chat-completions (and embeddings) provider.
 
 Used by the gateway's tests, ``sovereign demo``, benchmarks and offline development.
 Replies are deterministic (same request -> same bytes except ``id``/``created``) and
@@ -18,9 +18,11 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import base64
 import dataclasses
 import hashlib
 import itertools
+import struct
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -231,6 +233,38 @@ def _prompt_tokens(messages: list[Any]) -> int:
     return max(1, total)
 
 
+EMBEDDING_DIMENSIONS = 8  # default vector length of the simulated embeddings
+
+
+def embedding(item: Any, dimensions: int) -> list[float]:
+    """A deterministic unit-free vector for one input (text or token array): floats in [-1, 1)."""
+    seed = orjson.dumps(item)
+    values: list[float] = []
+    counter = 0
+    while len(values) < dimensions:
+        digest = hashlib.sha256(seed + counter.to_bytes(4, "little")).digest()
+        values.extend(int.from_bytes(digest[i : i + 2], "little") / 32768 - 1 for i in range(0, len(digest), 2))
+        counter += 1
+    # Rounded through float32, so the base64 encoding decodes to exactly these floats.
+    return list(struct.unpack(f"<{dimensions}f", struct.pack(f"<{dimensions}f", *values[:dimensions])))
+
+
+def _embedding_inputs(value: Any) -> list[Any] | None:
+    """The inputs of an embeddings request as a list (text or token arrays), or None when malformed."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value:
+        if all(type(v) is int for v in value):
+            return [value]
+        if all(isinstance(v, str) for v in value) or all(isinstance(v, list) for v in value):
+            return value
+    return None
+
+
+def _embedding_tokens(item: Any) -> int:
+    return len(item) if isinstance(item, list) else max(1, len(item) // 4)
+
+
 class MockUpstream:
     """In-process fake provider that records requests and counts stream outcomes."""
 
@@ -252,6 +286,7 @@ class MockUpstream:
     def make_app(self) -> web.Application:
         app = web.Application(client_max_size=32 * 1024 * 1024)
         app.router.add_post("/v1/chat/completions", self._chat_completions)
+        app.router.add_post("/v1/embeddings", self._embeddings)
         app.router.add_get("/v1/models", self._models)
         app.router.add_get("/_mock/requests", self._recorded)
         app.router.add_get("/_mock/stats", self._stats)
@@ -387,6 +422,39 @@ class MockUpstream:
         if usage is not None:
             head["usage"] = usage
         return _json(head)
+
+    async def _embeddings(self, request: web.Request) -> web.Response:
+        """Deterministic vectors (`dimensions`, default 8) as floats or base64 float32; usage counts input tokens."""
+        body = await self._record(request)
+        try:
+            opts = self._request_options(request)
+        except ValueError as exc:
+            return _error(400, f"Bad x-mock header: {exc}", "invalid_request_error")
+        if denied := self._unauthorized(request):
+            return denied
+        if opts.fail_status:
+            kind = "invalid_request_error" if opts.fail_status < 500 else "server_error"
+            return _error(opts.fail_status, "mock failure", kind, None, "mock_failure")
+        if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            return _error(400, "Missing required parameter: 'model'.", "invalid_request_error", "model", "missing_required_parameter")
+        inputs = _embedding_inputs(body.get("input"))
+        if inputs is None:
+            return _error(400, "Invalid value for 'input'.", "invalid_request_error", "input", "invalid_value")
+        dimensions = body.get("dimensions") or EMBEDDING_DIMENSIONS
+        if type(dimensions) is not int or not 1 <= dimensions <= 4096:
+            return _error(400, "Invalid value for 'dimensions'.", "invalid_request_error", "dimensions", "invalid_value")
+        as_base64 = body.get("encoding_format") == "base64"
+        data = []
+        for index, item in enumerate(inputs):
+            vector: Any = embedding(item, dimensions)
+            if as_base64:
+                vector = base64.b64encode(struct.pack(f"<{dimensions}f", *vector)).decode()
+            data.append({"object": "embedding", "index": index, "embedding": vector})
+        reply: dict[str, Any] = {"object": "list", "data": data, "model": body["model"]}
+        if opts.report_usage:
+            tokens = sum(_embedding_tokens(item) for item in inputs)
+            reply["usage"] = {"prompt_tokens": tokens, "total_tokens": tokens}
+        return _json(reply)
 
     async def _stream(
         self,

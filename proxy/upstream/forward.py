@@ -1,6 +1,8 @@
 """The terminal unit: resolve the public model and forward to its upstream.
 
 It maps the public model name (or alias) to the provider's model name,
+posts embeddings calls to the provider's `/embeddings` and every other call to
+its `/chat/completions` (a model of the other kind is a 400 naming it),
 applies an alias' system prompt and defaults, and returns the provider's reply
 untouched: a JSON body or a stream of raw SSE events.
 """
@@ -10,8 +12,12 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from proxy.core.call import Call, Reply
-from proxy.core.errors import model_not_found
+from proxy.core.call import EMBEDDINGS, MESSAGES, MESSAGES_COUNT_TOKENS, Call, Reply
+from proxy.core.errors import ApiError, model_not_found, wrong_model_kind
+from proxy.upstream.router import EMBEDDINGS_PATH
+
+# Endpoints a unit must translate before the provider can serve them.
+UNTRANSLATED = frozenset({MESSAGES, MESSAGES_COUNT_TOKENS})
 
 if TYPE_CHECKING:
     from proxy.core.gateway import Gateway
@@ -31,11 +37,18 @@ class Forwarder:
             target_name, target = resolved
             default = self.settings.upstreams[target.targets[0]].model
             self._upstream_model[public] = target.upstream_model or default or target_name
+        self._embeddings = frozenset(name for name in self.settings.models if self.settings.model_kind(name) == "embeddings")
 
     async def __call__(self, call: Call) -> Reply:
+        if call.endpoint in UNTRANSLATED:
+            # No unit turned this call into a chat call: the route is not served here.
+            raise ApiError(404, "This route is not served: the `messages` unit is not in the pipeline.", code="not_found")
         public = call.model
         if not isinstance(public, str) or public not in self._upstream_model or not call.principal.may_use(public):
             raise model_not_found(public)
+        embeddings = call.endpoint == EMBEDDINGS
+        if (public in self._embeddings) != embeddings:
+            raise wrong_model_kind(public, embeddings)
         entry = self.settings.models[public]
         if entry.alias_of is not None:
             _apply_alias(call, entry.system_prompt, entry.defaults)
@@ -48,9 +61,14 @@ class Forwarder:
         def on_attempt(name: str) -> None:
             call.upstream = name
 
-        reply = await self.router.send(
-            target.targets, call.body_bytes(), call.headers, call.request_id, call.stream, on_attempt
-        )
+        if embeddings:
+            reply = await self.router.send(
+                target.targets, call.body_bytes(), call.headers, call.request_id, False, on_attempt, EMBEDDINGS_PATH
+            )
+        else:
+            reply = await self.router.send(
+                target.targets, call.body_bytes(), call.headers, call.request_id, call.stream, on_attempt
+            )
         call.upstream_latency = time.monotonic() - started
         return reply
 

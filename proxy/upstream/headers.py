@@ -39,6 +39,10 @@ _NOT_FORWARDED = HOP_BY_HOP | {
     "x-request-id",
     "openai-organization",
     "openai-project",
+    # The Anthropic protocol's own headers: the gateway terminates that protocol.
+    "anthropic-version",
+    "anthropic-beta",
+    "anthropic-dangerous-direct-browser-access",
 }
 
 # Response headers the gateway sets itself or that describe the operator's account.

@@ -2,7 +2,7 @@
 
 One keep-alive connection pool (`upstream_client.ConnectionPool`) per
 configured upstream, created at start-up and shared by every request.
-`UpstreamRouter.send` posts a chat request to a model's targets in order:
+`UpstreamRouter.send` posts a chat (or embeddings) request to a model's targets in order:
 connection errors, timeouts, 5xx and 429 move on to the next attempt
 (bounded, jittered, honouring a short `Retry-After`) as long as nothing has
 reached the client. A per-upstream breaker skips a target that keeps failing
@@ -12,6 +12,7 @@ until its cool-down has passed.
 from __future__ import annotations
 
 import asyncio
+import functools
 import random
 import time
 from collections.abc import AsyncIterator, Mapping
@@ -33,6 +34,9 @@ from proxy.upstream.egress import egress_proxy
 log = structlog.get_logger("sovereign")
 
 RETRYABLE_STATUS = frozenset({429, 500, 502, 503, 504})
+# Provider endpoints, below the upstream URL's own path (…/v1).
+CHAT_PATH = "/chat/completions"
+EMBEDDINGS_PATH = "/embeddings"
 REDACTED = b"[redacted]"
 
 
@@ -67,7 +71,6 @@ class Upstream:
     def __init__(self, name: str, settings: UpstreamSettings, routing: RoutingSettings) -> None:
         self.name = name
         self.settings = settings
-        self.chat_path = "/chat/completions"  # below the URL's own path (…/v1)
         key = settings.api_key.get_secret_value() if settings.api_key else ""
         self.authorization = f"Bearer {key}" if key else None
         self.secret = key.encode() if key else None
@@ -141,8 +144,9 @@ class UpstreamRouter:
         request_id: str,
         stream: bool,
         on_attempt: Any = None,
+        path: str = CHAT_PATH,
     ) -> Reply:
-        """Forward one chat request; returns the first answer that is not retryable."""
+        """Forward one request (to `path`: chat completions unless told); returns the first answer that is not retryable."""
         attempts = self.routing.attempts
         last: ApiError | None = None
         headers = request_headers_for_upstream(client_headers)
@@ -157,9 +161,10 @@ class UpstreamRouter:
             if on_attempt is not None:
                 on_attempt(upstream.name)
             try:
-                if self.tracing is None:
-                    return await self._post(upstream, body, headers, stream)
-                return await self.tracing.provider_call(self._post, upstream, body, headers, stream)
+                    if self.tracing is None:
+                        return await self._post(upstream, body, headers, stream, path)
+                    post = functools.partial(self._post, path=path)
+                    return await self.tracing.provider_call(post, upstream, body, headers, stream)
             except _Retryable as exc:
                 last = exc.error
                 upstream.breaker.failure(time.monotonic())
@@ -183,14 +188,16 @@ class UpstreamRouter:
         base = self.routing.backoff_ms / 1000.0 * (2**attempt)
         return random.uniform(0, base)
 
-    async def _post(self, upstream: Upstream, body: bytes, headers: dict[str, str], stream: bool) -> Reply:
+    async def _post(
+        self, upstream: Upstream, body: bytes, headers: dict[str, str], stream: bool, path: str = CHAT_PATH
+    ) -> Reply:
         pool = upstream.pool
         assert pool is not None, "upstream not started"
         if upstream.authorization:
             headers = {**headers, "Authorization": upstream.authorization}
         t = upstream.settings.timeouts
         try:
-            response = await pool.post(upstream.chat_path, headers.items(), body, upstream.header_timeout, t.idle, t.total)
+            response = await pool.post(path, headers.items(), body, upstream.header_timeout, t.idle, t.total)
         except TimeoutError:
             raise _Retryable(UpstreamError("The upstream provider timed out.", timeout=True, upstream=upstream.name)) from None
         except UpstreamSetupError as exc:

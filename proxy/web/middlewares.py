@@ -33,6 +33,7 @@ from proxy.core.errors import (
 )
 from proxy.web.body import read_body
 from proxy.core.gateway import GATEWAY
+from proxy.core.pipeline import ErrorRenderer
 
 log = structlog.get_logger("sovereign")
 
@@ -67,9 +68,18 @@ def _http_error(exc: web.HTTPException) -> ApiError:
     return ApiError(status, exc.reason or "HTTP error", code="http_error")
 
 
-def render(error: ApiError, request_id: str) -> web.Response:
+def render(error: ApiError, request_id: str, renderer: ErrorRenderer | None = None) -> web.Response:
     headers = {REQUEST_ID_HEADER: request_id, **error.headers}
-    return web.Response(status=error.status, body=error.to_json(), content_type="application/json", headers=headers)
+    status, body = renderer(error, request_id) if renderer is not None else (error.status, error.to_json())
+    return web.Response(status=status, body=body, content_type="application/json", headers=headers)
+
+
+def _renderer(gateway: Any, path: str) -> ErrorRenderer | None:
+    """The error shape of this route's protocol (a unit provides it by path prefix), else None: OpenAI's."""
+    for prefix, renderer in gateway.error_renderers.items():
+        if path.startswith(prefix):
+            return renderer
+    return None
 
 
 async def stamp_request_id(request: web.Request, response: web.StreamResponse) -> None:
@@ -101,7 +111,7 @@ async def gateway_middleware(request: web.Request, handler: Any) -> web.StreamRe
     except ApiError as error:
         request[ERROR_CODE] = error.code
         _count_refusal(gateway, error)
-        response = render(error, request_id)
+        response = render(error, request_id, _renderer(gateway, request.path))
         call = request.get(CALL)
         if call is not None and call.response_headers:  # e.g. the rate-limit headers of a refused request
             for name, value in call.response_headers.items():
@@ -112,11 +122,12 @@ async def gateway_middleware(request: web.Request, handler: Any) -> web.StreamRe
             raise
         error = _http_error(exc)
         request[ERROR_CODE] = error.code
-        return render(error, request_id)
+        return render(error, request_id, _renderer(gateway, request.path))
     except Exception:
         log.exception("request.crashed", request_id=request_id, path=request.path)
         request[ERROR_CODE] = "internal_error"
-        return render(ApiError(500, "The gateway failed to handle this request.", type=SERVER, code="internal_error"), request_id)
+        crashed = ApiError(500, "The gateway failed to handle this request.", type=SERVER, code="internal_error")
+        return render(crashed, request_id, _renderer(gateway, request.path))
     return response
 
 

@@ -26,11 +26,12 @@ def _json(schema: dict[str, Any], description: str = "OK") -> dict[str, Any]:
 
 
 ERRORS = {"default": _json(_ref("Error"), "An OpenAI-shaped error.")}
+ANTHROPIC_ERRORS = {"default": _json(_ref("AnthropicError"), "An Anthropic-shaped error (the /v1/messages routes).")}
 
 
 def _op(summary: str, responses: dict[str, Any], *, body: dict[str, Any] | None = None, params: list | None = None,
-        security: str = "client") -> dict[str, Any]:
-    op: dict[str, Any] = {"summary": summary, "responses": {**responses, **ERRORS}}
+        security: str = "client", errors: dict[str, Any] = ERRORS) -> dict[str, Any]:
+    op: dict[str, Any] = {"summary": summary, "responses": {**responses, **errors}}
     op["security"] = [{security: []}] if security != "none" else []
     if body is not None:
         op["requestBody"] = {"required": True, "content": {JSON: {"schema": body}}}
@@ -70,6 +71,71 @@ SCHEMAS: dict[str, Any] = {
                     "code": {"type": ["string", "null"]},
                 },
             }
+        },
+    },
+    "AnthropicError": {
+        "type": "object",
+        "required": ["type", "error"],
+        "properties": {
+            "type": {"const": "error"},
+            "error": {
+                "type": "object",
+                "required": ["type", "message"],
+                "properties": {"type": {"type": "string"}, "message": {"type": "string"}},
+            },
+            "request_id": {"type": "string"},
+        },
+    },
+    "MessagesRequest": {
+        "type": "object",
+        "required": ["model", "max_tokens", "messages"],
+        "description": "An Anthropic Messages request, served on top of chat completions (x-api-key or Bearer).",
+        "properties": {
+            "model": {"type": "string"},
+            "max_tokens": {"type": "integer", "minimum": 1},
+            "messages": {"type": "array", "items": {"type": "object"}},
+            "system": {},
+            "stream": {"type": "boolean"},
+        },
+    },
+    "CountTokensRequest": {
+        "type": "object",
+        "required": ["model", "messages"],
+        "properties": {"model": {"type": "string"}, "messages": {"type": "array", "items": {"type": "object"}}, "system": {}},
+    },
+    "Message": {
+        "type": "object",
+        "required": ["id", "type", "role", "content", "model", "stop_reason", "usage"],
+        "properties": {
+            "id": {"type": "string"},
+            "type": {"const": "message"},
+            "role": {"const": "assistant"},
+            "content": {"type": "array", "items": {"type": "object"}},
+            "model": {"type": "string"},
+            "stop_reason": {"type": ["string", "null"]},
+            "usage": {"type": "object"},
+        },
+    },
+    "TokenCount": {"type": "object", "required": ["input_tokens"], "properties": {"input_tokens": {"type": "integer"}}},
+    "EmbeddingsRequest": {
+        "type": "object",
+        "required": ["model", "input"],
+        "description": "An OpenAI embeddings request for a model of kind `embeddings`.",
+        "properties": {
+            "model": {"type": "string"},
+            "input": {},
+            "encoding_format": {"enum": ["float", "base64"]},
+            "dimensions": {"type": "integer", "minimum": 1},
+        },
+    },
+    "Embeddings": {
+        "type": "object",
+        "required": ["object", "data", "model"],
+        "properties": {
+            "object": {"const": "list"},
+            "data": {"type": "array", "items": {"type": "object"}},
+            "model": {"type": "string"},
+            "usage": {"type": "object"},
         },
     },
     "Model": {
@@ -303,6 +369,17 @@ PATHS: dict[str, dict[str, Any]] = {
     "/v1/responses/{response_id}/input_items": {
         "get": _op("List a stored response's input items.", {"200": _json({"type": "object", "required": ["object", "data"], "properties": {"object": {"const": "list"}, "data": {"type": "array"}}})}, params=[_path_param("response_id")]),
     },
+    "/v1/messages": {
+        "post": _op("Create a message (Anthropic Messages API on chat completions; JSON or SSE).",
+                    _stream_or_json(_ref("Message")), body=_ref("MessagesRequest"), errors=ANTHROPIC_ERRORS)
+    },
+    "/v1/messages/count_tokens": {
+        "post": _op("The gateway's estimate of a Messages request's input tokens (free).",
+                    {"200": _json(_ref("TokenCount"))}, body=_ref("CountTokensRequest"), errors=ANTHROPIC_ERRORS)
+    },
+    "/v1/embeddings": {
+        "post": _op("Create embeddings (models of kind `embeddings`).", {"200": _json(_ref("Embeddings"))}, body=_ref("EmbeddingsRequest"))
+    },
     "/v1/models": {"get": _op("Models this key may use.", {"200": _json(_list_of("Model"))})},
     "/v1/models/{model}": {"get": _op("One model.", {"200": _json(_ref("Model"))}, params=[_path_param("model")])},
     "/v1/sessions": {
@@ -383,7 +460,7 @@ def document(admin: bool = True) -> dict[str, Any]:
         "info": {
             "title": "Sovereign gateway",
             "version": __version__,
-            "description": "OpenAI-compatible gateway with multi-tenant keys and prepaid credits. Errors always have the OpenAI shape.",
+            "description": "OpenAI-compatible gateway with multi-tenant keys and prepaid credits. Errors have the OpenAI shape, except on the Anthropic /v1/messages routes (Anthropic's shape).",
         },
         "paths": paths,
         "components": {"schemas": SCHEMAS, "securitySchemes": security_schemes},

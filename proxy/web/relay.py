@@ -76,7 +76,8 @@ async def send_stream(
         # The provider failed after the stream started: tell the client in-band.
         request[STREAM_OUTCOME] = "upstream_error"
         with suppress(*CLIENT_GONE):
-            await response.write(b"data: " + error.to_json() + b"\n\n")
+            render = reply.stream_error
+            await response.write(render(error) if render is not None else b"data: " + error.to_json() + b"\n\n")
     except CLIENT_GONE:
         request[STREAM_OUTCOME] = "client_disconnected"
     except asyncio.CancelledError:

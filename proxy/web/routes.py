@@ -9,7 +9,7 @@ import orjson
 from aiohttp import web
 
 from proxy.web import relay
-from proxy.core.call import CHAT, RESPONSES, Call
+from proxy.core.call import CHAT, EMBEDDINGS, MESSAGES, MESSAGES_COUNT_TOKENS, RESPONSES, Call
 from proxy.core.errors import invalid_request, model_not_found
 from proxy.core.gateway import GATEWAY, Gateway
 from proxy.web.body import read_body
@@ -134,6 +134,9 @@ def core_routes(gateway: Gateway) -> list[web.RouteDef]:
     routes = [
         web.post("/v1/chat/completions", pipeline_endpoint(CHAT)),
         web.post("/v1/responses", pipeline_endpoint(RESPONSES)),
+        web.post("/v1/messages", pipeline_endpoint(MESSAGES)),
+        web.post("/v1/messages/count_tokens", pipeline_endpoint(MESSAGES_COUNT_TOKENS)),
+        web.post("/v1/embeddings", pipeline_endpoint(EMBEDDINGS)),
         web.get("/v1/models", list_models),
         web.get("/v1/models/{model}", get_model),
         web.get("/healthz", healthz),

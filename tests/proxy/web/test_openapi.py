@@ -16,6 +16,7 @@ import yaml
 from hypothesis import HealthCheck, settings
 from schemathesis import checks
 
+from proxy.core.settings import DEFAULT_PIPELINE
 from proxy.web.app import create_app
 from proxy.web.openapi import document
 from tests.support import ADMIN_TOKEN, REPO, free_port, make_settings, settings_data
@@ -43,9 +44,7 @@ def _normalised(paths: set[tuple[str, str]]) -> set[tuple[str, str]]:
 
 
 def test_every_route_is_documented_and_every_documented_route_exists():
-    app = create_app(make_settings("http://127.0.0.1:9/v1", pipeline=[
-        "auth", "rate_limit", "validation", "responses", "sessions", "legacy_functions", "metering"
-    ]))
+    app = create_app(make_settings("http://127.0.0.1:9/v1", pipeline=DEFAULT_PIPELINE))
     served = _normalised(_routes(app))
     documented = _normalised({(m, p) for p, ops in document()["paths"].items() for m in ops})
     assert served == documented
@@ -62,7 +61,9 @@ def live(tmp_path_factory):
     procs = [subprocess.Popen([sys.executable, "-m", "proxy", "mock-upstream", "--port", str(mock_port)], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
     data = settings_data(f"http://127.0.0.1:{mock_port}/v1")
-    data["pipeline"] = ["auth", "rate_limit", "validation", "responses", "sessions", "legacy_functions", "metering"]
+    data["pipeline"] = DEFAULT_PIPELINE
+    # An embedding model, so /v1/embeddings has something to serve.
+    data["models"]["sovereign-embed"] = {"upstream": "default", "kind": "embeddings", "price": {"input_per_million": 1}}
     data["server"] = {"host": "127.0.0.1", "port": port}
     config = tmp / "gw.yaml"
     config.write_text(yaml.safe_dump(data))
@@ -96,7 +97,7 @@ def test_the_running_gateway_honours_its_openapi_document(case, live):
     token = ADMIN_TOKEN if case.path.startswith("/admin") else key
     case.call_and_validate(
         base_url=base,
-        headers={"Authorization": f"Bearer {token}"},
+        headers={"Authorization": f"Bearer {token}", "anthropic-version": "2023-06-01"},
         checks=[checks.not_a_server_error, checks.response_schema_conformance, checks.content_type_conformance],
         timeout=10,
     )

@@ -478,11 +478,15 @@ class AnthropicText(Strict):
 
 
 _ANTHROPIC_MEDIA = {"image": Image, "document": File}
+if TYPE_CHECKING:  # tagged() builds these unions at run time; to a static checker they are Any
+    AnthropicResultPart = Any
+else:
+    AnthropicResultPart = tagged("type", {"text": AnthropicText, **_ANTHROPIC_MEDIA})
 
 
 class AnthropicToolResult(Strict):
     tool_use_id: str
-    content: str | list[tagged("type", {"text": AnthropicText, **_ANTHROPIC_MEDIA})] | None = None
+    content: str | list[AnthropicResultPart] | None = None
     is_error: bool | None = None
 
 
@@ -501,25 +505,29 @@ class AnthropicRedactedThinking(Strict):
     data: str
 
 
-class AnthropicUserTurn(Strict):
-    content: (
-        str | list[tagged("type", {"text": AnthropicText, "tool_result": AnthropicToolResult, **_ANTHROPIC_MEDIA})]
+if TYPE_CHECKING:  # tagged() builds these unions at run time; to a static checker they are Any
+    AnthropicUserPart = Any
+    AnthropicAssistantPart = Any
+else:
+    AnthropicUserPart = tagged("type", {"text": AnthropicText, "tool_result": AnthropicToolResult, **_ANTHROPIC_MEDIA})
+    AnthropicAssistantPart = tagged(
+        "type",
+        {
+            "text": AnthropicText,
+            "tool_use": AnthropicToolUse,
+            "thinking": AnthropicThinking,
+            "redacted_thinking": AnthropicRedactedThinking,
+            **_ANTHROPIC_MEDIA,
+        },
     )
 
 
+class AnthropicUserTurn(Strict):
+    content: str | list[AnthropicUserPart]
+
+
 class AnthropicAssistantTurn(Strict):
-    content: str | list[
-        tagged(
-            "type",
-            {
-                "text": AnthropicText,
-                "tool_use": AnthropicToolUse,
-                "thinking": AnthropicThinking,
-                "redacted_thinking": AnthropicRedactedThinking,
-                **_ANTHROPIC_MEDIA,
-            },
-        )
-    ]
+    content: str | list[AnthropicAssistantPart]
 
 
 class AnthropicCustomTool(Strict):
@@ -547,22 +555,29 @@ class AnthropicMetadata(Strict):
     user_id: str | None = None
 
 
+if TYPE_CHECKING:  # tagged() builds these unions at run time; to a static checker they are Any
+    AnthropicTurn = Any
+    AnthropicSystemPart = Any
+    AnthropicTool = Any
+    AnthropicToolChoice = Any
+else:
+    AnthropicTurn = tagged("role", {"user": AnthropicUserTurn, "assistant": AnthropicAssistantTurn})
+    AnthropicSystemPart = tagged("type", {"text": AnthropicText})
+    AnthropicTool = tagged("type", {"custom": AnthropicCustomTool}, default="custom", other=AnthropicServerTool)
+    AnthropicToolChoice = tagged(
+        "type",
+        {"auto": AnthropicToolChoiceAuto, "any": AnthropicToolChoiceAuto, "tool": AnthropicToolChoiceTool, "none": Empty},
+    )
+
+
 class CountTokensRequest(Strict):
     """`POST /v1/messages/count_tokens`: a Messages request without `max_tokens`."""
 
     model: str
-    messages: Annotated[
-        list[tagged("role", {"user": AnthropicUserTurn, "assistant": AnthropicAssistantTurn})], Field(min_length=1)
-    ]
-    system: str | list[tagged("type", {"text": AnthropicText})] | None = None
-    tools: list[tagged("type", {"custom": AnthropicCustomTool}, default="custom", other=AnthropicServerTool)] | None = None
-    tool_choice: (
-        tagged(
-            "type",
-            {"auto": AnthropicToolChoiceAuto, "any": AnthropicToolChoiceAuto, "tool": AnthropicToolChoiceTool, "none": Empty},
-        )
-        | None
-    ) = None
+    messages: Annotated[list[AnthropicTurn], Field(min_length=1)]
+    system: str | list[AnthropicSystemPart] | None = None
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
     thinking: JsonObject | None = None
 
 

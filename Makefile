@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 export SOVEREIGN_TEST_REDIS_URL ?= redis://127.0.0.1:6379
 
-.PHONY: run test bench clean
+.PHONY: run lint test bench clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -27,8 +27,13 @@ ARGS ?=
 run: $(VENV)/.installed
 	$(BIN)/sovereign demo --port $(PORT) --upstream-port $(UPSTREAM_PORT) $(ARGS)
 
-## make test: dev dependencies, a reachable Redis, Chromium for the console tests, the whole suite.
-test: $(VENV)/.installed-dev
+## make lint: ruff (pyflakes, pycodestyle, bugbear) and mypy (proxy, middleware); config in pyproject.toml.
+lint: $(VENV)/.installed-dev
+	$(BIN)/ruff check proxy middleware tests bench
+	$(BIN)/mypy
+
+## make test: lint first, then dev dependencies, a reachable Redis, Chromium for the console tests, the whole suite.
+test: lint
 	.ci/ensure-redis
 	.ci/ensure-node-deps
 	.ci/ensure-chromium

@@ -13,6 +13,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import functools
 import json
 import os
 import platform
@@ -285,7 +286,7 @@ class Bench:
                     work = getattr(self, workload)
                     charge = target.profile.governed and workload in self.CHARGED and self.tenant is not None
                     began = time.monotonic()
-                    result = await self.measured(target, lambda: work(target), charge)
+                    result = await self.measured(target, functools.partial(work, target), charge)
                     self.rounds.setdefault(workload, {}).setdefault(target.name, []).append(result)
                     state = "FAILED: " + result["failed"].splitlines()[0] if "failed" in result else "ok"
                     print(f"round {n + 1} {workload:18} {target.name:15} {time.monotonic() - began:5.1f}s {state}", flush=True)

@@ -134,7 +134,7 @@ def _legacy_choice(choice: Any, part: str) -> Any:
     """A choice with `part` ("message" or "delta") and finish_reason in legacy form."""
     if not isinstance(choice, dict):
         return choice
-    inner = choice.get(part)
+    inner: Any = choice.get(part)  # a dict whenever has_calls
     has_calls = isinstance(inner, dict) and "tool_calls" in inner
     if not has_calls and choice.get("finish_reason") != "tool_calls":
         return choice

@@ -694,7 +694,7 @@ async def _abandon(forward: asyncio.Future[Reply]) -> None:
         return
     reply = forward.result()
     if reply.events is not None:
-        await reply.events.aclose()
+        await reply.events.aclose()  # type: ignore[attr-defined]  # Reply.events is typed AsyncIterator; every stream is an async generator or has aclose
         await reply.run_closers()
 
 

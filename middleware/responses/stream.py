@@ -36,7 +36,7 @@ ReasoningMode = Literal["summary", "text", "both"]
 
 
 def skeleton(
-    body: dict[str, Any], response_id: str, model: str, tools: list[dict[str, Any]], store: bool
+    body: dict[str, Any], response_id: str, model: str | None, tools: list[dict[str, Any]], store: bool
 ) -> dict[str, Any]:
     """The Response object as `response.created` shows it, echoing the request."""
     reasoning = body.get("reasoning")

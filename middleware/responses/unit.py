@@ -26,7 +26,7 @@ LangChain and the Vercel AI SDK all read), `text` (reasoning_text content and
 from __future__ import annotations
 
 import contextlib
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
@@ -130,7 +130,7 @@ class ResponsesUnit(Unit):
         translator = StreamTranslator(response, self.settings.reasoning)
         # Everything, the opening events included, inside aclosing: a client that
         # leaves at any yield must close the chat stream (provider, metering) too.
-        async with contextlib.aclosing(events) as inner:
+        async with contextlib.aclosing(events) as inner:  # type: ignore[type-var]  # Reply.events is typed AsyncIterator; every stream is an async generator or has aclose
             for event in translator.start():
                 yield event
             try:
@@ -142,7 +142,7 @@ class ResponsesUnit(Unit):
                             yield event
                     elif chunk_event.is_done:
                         translator.saw_done = True
-                ending = translator.finish()
+                ending: Iterable[SSEEvent] = translator.finish()
             except ApiError as error:
                 ending = translator.fail(error)
         ending = list(ending)

@@ -163,7 +163,7 @@ class SessionsUnit(Unit):
         """
         builder = _StreamedMessage()
         saved = False
-        async with contextlib.aclosing(events) as inner:
+        async with contextlib.aclosing(events) as inner:  # type: ignore[type-var]  # Reply.events is typed AsyncIterator; every stream is an async generator or has aclose
             async for event in inner:
                 if event.is_done:
                     if builder.finished and not saved:

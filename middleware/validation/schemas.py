@@ -23,7 +23,7 @@ valid here; the legacy_functions unit converts them later in the pipeline.
 
 from __future__ import annotations
 
-from typing import Annotated, Any, Literal, Union
+from typing import TYPE_CHECKING, Annotated, Any, Literal, Union
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Discriminator, Field, Tag, model_validator
 from pydantic_core import PydanticCustomError
@@ -117,10 +117,14 @@ class RefusalPart(Strict):
 
 # Media are refused wherever a content array may hold them, whatever the role.
 _MEDIA = {"image_url": Image, "input_audio": Audio, "file": File}
-UserContent = Union[str, Annotated[list[tagged("type", {"text": TextPart, **_MEDIA})], Field(min_length=1)]]
-AssistantContent = Union[
-    str, Annotated[list[tagged("type", {"text": TextPart, "refusal": RefusalPart, **_MEDIA})], Field(min_length=1)]
-]
+if TYPE_CHECKING:  # tagged() builds these unions at run time; to a static checker they are Any
+    UserPart = Any
+    AssistantPart = Any
+else:
+    UserPart = tagged("type", {"text": TextPart, **_MEDIA})
+    AssistantPart = tagged("type", {"text": TextPart, "refusal": RefusalPart, **_MEDIA})
+UserContent = Union[str, Annotated[list[UserPart], Field(min_length=1)]]
+AssistantContent = Union[str, Annotated[list[AssistantPart], Field(min_length=1)]]
 
 
 class FunctionCall(Strict):
@@ -143,6 +147,12 @@ class CustomToolCall(Strict):
     custom: CustomCall
 
 
+if TYPE_CHECKING:  # tagged() builds these unions at run time; to a static checker they are Any
+    ChatToolCall = Any
+else:
+    ChatToolCall = tagged("type", {"function": FunctionToolCall, "custom": CustomToolCall})
+
+
 class SystemMessage(Strict):
     content: UserContent
     name: str | None = None
@@ -157,7 +167,7 @@ class AssistantMessage(Strict):
     content: AssistantContent | None = None
     name: str | None = None
     refusal: str | None = None
-    tool_calls: list[tagged("type", {"function": FunctionToolCall, "custom": CustomToolCall})] | None = None
+    tool_calls: list[ChatToolCall] | None = None
     function_call: FunctionCall | None = None  # legacy
 
     @model_validator(mode="after")
@@ -180,17 +190,20 @@ class FunctionMessage(Strict):
     content: str | None = None
 
 
-ChatMessage = tagged(
-    "role",
-    {
-        "system": SystemMessage,
-        "developer": SystemMessage,
-        "user": UserMessage,
-        "assistant": AssistantMessage,
-        "tool": ToolMessage,
-        "function": FunctionMessage,
-    },
-)
+if TYPE_CHECKING:  # tagged() builds these unions at run time; to a static checker they are Any
+    ChatMessage = Any
+else:
+    ChatMessage = tagged(
+        "role",
+        {
+            "system": SystemMessage,
+            "developer": SystemMessage,
+            "user": UserMessage,
+            "assistant": AssistantMessage,
+            "tool": ToolMessage,
+            "function": FunctionMessage,
+        },
+    )
 
 
 class FunctionDefinition(Strict):
@@ -235,10 +248,13 @@ class AllowedToolsChoice(Strict):
     allowed_tools: AllowedTools
 
 
-ChatToolChoice = Union[
-    Literal["none", "auto", "required"],
-    tagged("type", {"function": NamedFunctionChoice, "custom": NamedCustomChoice, "allowed_tools": AllowedToolsChoice}),
-]
+if TYPE_CHECKING:  # tagged() builds these unions at run time; to a static checker they are Any
+    NamedChatToolChoice = Any
+else:
+    NamedChatToolChoice = tagged(
+        "type", {"function": NamedFunctionChoice, "custom": NamedCustomChoice, "allowed_tools": AllowedToolsChoice}
+    )
+ChatToolChoice = Union[Literal["none", "auto", "required"], NamedChatToolChoice]
 
 
 class JsonSchemaFormat(Strict):
@@ -259,6 +275,14 @@ class Empty(Strict):
 class StreamOptions(Strict):
     include_usage: bool | None = None
     include_obfuscation: bool | None = None
+
+
+if TYPE_CHECKING:  # tagged() builds these unions at run time; to a static checker they are Any
+    ChatResponseFormat = Any
+    ChatTool = Any
+else:
+    ChatResponseFormat = tagged("type", {"text": Empty, "json_object": Empty, "json_schema": JsonSchemaResponseFormat})
+    ChatTool = tagged("type", {"function": FunctionTool, "custom": CustomTool})
 
 
 class ChatCompletionRequest(Strict):
@@ -285,10 +309,8 @@ class ChatCompletionRequest(Strict):
     reasoning_effort: str | None = None
     service_tier: str | None = None
     modalities: list[str] | None = None
-    response_format: (
-        tagged("type", {"text": Empty, "json_object": Empty, "json_schema": JsonSchemaResponseFormat}) | None
-    ) = None
-    tools: list[tagged("type", {"function": FunctionTool, "custom": CustomTool})] | None = None
+    response_format: ChatResponseFormat | None = None
+    tools: list[ChatTool] | None = None
     tool_choice: ChatToolChoice | None = None
     # Legacy function calling (converted by the legacy_functions unit).
     functions: Annotated[list[FunctionDefinition], Field(min_length=1, max_length=128)] | None = None
@@ -307,14 +329,15 @@ class OutputText(Strict):
 
 
 _RESPONSES_MEDIA = {"input_image": Image, "input_audio": Audio, "input_file": File}
-ResponsesContent = Union[
-    str,
-    list[
-        tagged(
-            "type", {"input_text": InputText, "output_text": OutputText, "refusal": RefusalPart, **_RESPONSES_MEDIA}
-        )
-    ],
-]
+if TYPE_CHECKING:  # tagged() builds these unions at run time; to a static checker they are Any
+    ResponsesPart = Any
+    ResponsesOutputPart = Any
+else:
+    ResponsesPart = tagged(
+        "type", {"input_text": InputText, "output_text": OutputText, "refusal": RefusalPart, **_RESPONSES_MEDIA}
+    )
+    ResponsesOutputPart = tagged("type", {"input_text": InputText, "output_text": OutputText, **_RESPONSES_MEDIA})
+ResponsesContent = Union[str, list[ResponsesPart]]
 
 
 class InputMessage(Strict):
@@ -331,7 +354,7 @@ class FunctionCallItem(Strict):
 
 class FunctionCallOutputItem(Strict):
     call_id: str
-    output: str | list[tagged("type", {"input_text": InputText, "output_text": OutputText, **_RESPONSES_MEDIA})]
+    output: str | list[ResponsesOutputPart]
 
 
 class SummaryText(Strict):
@@ -351,17 +374,20 @@ class ItemReference(Strict):
     id: str
 
 
-InputItem = tagged(
-    "type",
-    {
-        "message": InputMessage,
-        "function_call": FunctionCallItem,
-        "function_call_output": FunctionCallOutputItem,
-        "reasoning": ReasoningItem,
-        "item_reference": ItemReference,
-    },
-    default="message",  # `{"role": "user", "content": "hi"}` is an easy input message
-)
+if TYPE_CHECKING:  # tagged() builds these unions at run time; to a static checker they are Any
+    InputItem = Any
+else:
+    InputItem = tagged(
+        "type",
+        {
+            "message": InputMessage,
+            "function_call": FunctionCallItem,
+            "function_call_output": FunctionCallOutputItem,
+            "reasoning": ReasoningItem,
+            "item_reference": ItemReference,
+        },
+        default="message",  # `{"role": "user", "content": "hi"}` is an easy input message
+    )
 
 
 class ResponsesFunctionTool(Strict):
@@ -381,12 +407,15 @@ class ResponsesFunctionChoice(Strict):
     name: str
 
 
-ResponsesToolChoice = Union[
-    Literal["none", "auto", "required"],
-    tagged(
+if TYPE_CHECKING:  # tagged() builds these unions at run time; to a static checker they are Any
+    NamedResponsesToolChoice = Any
+    ResponsesTool = Any
+else:
+    NamedResponsesToolChoice = tagged(
         "type", {"function": ResponsesFunctionChoice, "allowed_tools": AllowedTools}, other=OtherTool
-    ),
-]
+    )
+    ResponsesTool = tagged("type", {"function": ResponsesFunctionTool}, other=OtherTool)
+ResponsesToolChoice = Union[Literal["none", "auto", "required"], NamedResponsesToolChoice]
 
 
 class JsonSchemaTextFormat(Strict):
@@ -396,8 +425,14 @@ class JsonSchemaTextFormat(Strict):
     strict: bool | None = None
 
 
+if TYPE_CHECKING:  # tagged() builds these unions at run time; to a static checker they are Any
+    TextFormat = Any
+else:
+    TextFormat = tagged("type", {"text": Empty, "json_object": Empty, "json_schema": JsonSchemaTextFormat})
+
+
 class TextConfig(Strict):
-    format: tagged("type", {"text": Empty, "json_object": Empty, "json_schema": JsonSchemaTextFormat}) | None = None
+    format: TextFormat | None = None
     verbosity: str | None = None
 
 
@@ -410,7 +445,7 @@ class ResponsesRequest(Strict):
     model: str
     input: str | list[InputItem] | None = None
     instructions: str | None = None
-    tools: list[tagged("type", {"function": ResponsesFunctionTool}, other=OtherTool)] | None = None
+    tools: list[ResponsesTool] | None = None
     tool_choice: ResponsesToolChoice | None = None
     text: TextConfig | None = None
     reasoning: Reasoning | None = None
@@ -443,11 +478,15 @@ class AnthropicText(Strict):
 
 
 _ANTHROPIC_MEDIA = {"image": Image, "document": File}
+if TYPE_CHECKING:  # tagged() builds these unions at run time; to a static checker they are Any
+    AnthropicResultPart = Any
+else:
+    AnthropicResultPart = tagged("type", {"text": AnthropicText, **_ANTHROPIC_MEDIA})
 
 
 class AnthropicToolResult(Strict):
     tool_use_id: str
-    content: str | list[tagged("type", {"text": AnthropicText, **_ANTHROPIC_MEDIA})] | None = None
+    content: str | list[AnthropicResultPart] | None = None
     is_error: bool | None = None
 
 
@@ -466,25 +505,29 @@ class AnthropicRedactedThinking(Strict):
     data: str
 
 
-class AnthropicUserTurn(Strict):
-    content: (
-        str | list[tagged("type", {"text": AnthropicText, "tool_result": AnthropicToolResult, **_ANTHROPIC_MEDIA})]
+if TYPE_CHECKING:  # tagged() builds these unions at run time; to a static checker they are Any
+    AnthropicUserPart = Any
+    AnthropicAssistantPart = Any
+else:
+    AnthropicUserPart = tagged("type", {"text": AnthropicText, "tool_result": AnthropicToolResult, **_ANTHROPIC_MEDIA})
+    AnthropicAssistantPart = tagged(
+        "type",
+        {
+            "text": AnthropicText,
+            "tool_use": AnthropicToolUse,
+            "thinking": AnthropicThinking,
+            "redacted_thinking": AnthropicRedactedThinking,
+            **_ANTHROPIC_MEDIA,
+        },
     )
 
 
+class AnthropicUserTurn(Strict):
+    content: str | list[AnthropicUserPart]
+
+
 class AnthropicAssistantTurn(Strict):
-    content: str | list[
-        tagged(
-            "type",
-            {
-                "text": AnthropicText,
-                "tool_use": AnthropicToolUse,
-                "thinking": AnthropicThinking,
-                "redacted_thinking": AnthropicRedactedThinking,
-                **_ANTHROPIC_MEDIA,
-            },
-        )
-    ]
+    content: str | list[AnthropicAssistantPart]
 
 
 class AnthropicCustomTool(Strict):
@@ -512,22 +555,29 @@ class AnthropicMetadata(Strict):
     user_id: str | None = None
 
 
+if TYPE_CHECKING:  # tagged() builds these unions at run time; to a static checker they are Any
+    AnthropicTurn = Any
+    AnthropicSystemPart = Any
+    AnthropicTool = Any
+    AnthropicToolChoice = Any
+else:
+    AnthropicTurn = tagged("role", {"user": AnthropicUserTurn, "assistant": AnthropicAssistantTurn})
+    AnthropicSystemPart = tagged("type", {"text": AnthropicText})
+    AnthropicTool = tagged("type", {"custom": AnthropicCustomTool}, default="custom", other=AnthropicServerTool)
+    AnthropicToolChoice = tagged(
+        "type",
+        {"auto": AnthropicToolChoiceAuto, "any": AnthropicToolChoiceAuto, "tool": AnthropicToolChoiceTool, "none": Empty},
+    )
+
+
 class CountTokensRequest(Strict):
     """`POST /v1/messages/count_tokens`: a Messages request without `max_tokens`."""
 
     model: str
-    messages: Annotated[
-        list[tagged("role", {"user": AnthropicUserTurn, "assistant": AnthropicAssistantTurn})], Field(min_length=1)
-    ]
-    system: str | list[tagged("type", {"text": AnthropicText})] | None = None
-    tools: list[tagged("type", {"custom": AnthropicCustomTool}, default="custom", other=AnthropicServerTool)] | None = None
-    tool_choice: (
-        tagged(
-            "type",
-            {"auto": AnthropicToolChoiceAuto, "any": AnthropicToolChoiceAuto, "tool": AnthropicToolChoiceTool, "none": Empty},
-        )
-        | None
-    ) = None
+    messages: Annotated[list[AnthropicTurn], Field(min_length=1)]
+    system: str | list[AnthropicSystemPart] | None = None
+    tools: list[AnthropicTool] | None = None
+    tool_choice: AnthropicToolChoice | None = None
     thinking: JsonObject | None = None
 
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import orjson
 from pydantic import ValidationError
-from pydantic_core import ErrorDetails, SchemaValidator
+from pydantic_core import ErrorDetails
 
 from proxy.core.call import EMBEDDINGS, MESSAGES, MESSAGES_COUNT_TOKENS, RESPONSES, Call, Next, Reply
 from proxy.core.errors import ApiError, invalid_request, model_not_found, wrong_model_kind
@@ -45,8 +45,8 @@ from middleware.validation.schemas import (
 )
 
 # Built once per process; calling the core validator skips model bookkeeping.
-CHAT_VALIDATOR: SchemaValidator = ChatCompletionRequest.__pydantic_validator__
-RESPONSES_VALIDATOR: SchemaValidator = ResponsesRequest.__pydantic_validator__
+CHAT_VALIDATOR = ChatCompletionRequest.__pydantic_validator__
+RESPONSES_VALIDATOR = ResponsesRequest.__pydantic_validator__
 # Every other endpoint's schema; chat completions is the default.
 VALIDATORS: dict[str, Any] = {
     RESPONSES: RESPONSES_VALIDATOR,

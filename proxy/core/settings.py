@@ -392,9 +392,9 @@ class Settings(Section):
             if model.agent is not None:
                 self._check_agent(name, model.agent)
                 continue
-            for target in model.targets:
-                if target not in self.upstreams:
-                    raise ValueError(f"models.{name}.upstream: no upstream named `{target}`")
+            for upstream in model.targets:
+                if upstream not in self.upstreams:
+                    raise ValueError(f"models.{name}.upstream: no upstream named `{upstream}`")
         if len(set(self.pipeline)) != len(self.pipeline):
             raise ValueError("pipeline: a unit is listed twice")
         for label in self.tool_servers:

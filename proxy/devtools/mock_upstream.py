@@ -44,7 +44,7 @@ _OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "x-mock-fail-status": ("fail_status", int),
     "x-mock-cut-after": ("cut_after", int),
 }
-_SCHEMA_SAMPLES: dict[str, Any] = {"string": "value", "integer": 1, "number": 1, "boolean": True}
+_SCHEMA_SAMPLES: dict[str | None, Any] = {"string": "value", "integer": 1, "number": 1, "boolean": True}
 _MAX_TOOL_CALLS = 3
 
 

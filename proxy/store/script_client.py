@@ -216,13 +216,13 @@ class ScriptClient:
                 context = None
                 if split.scheme == "rediss":
                     context = self.ssl_context or ssl.create_default_context()
-                _, connection = await loop.create_connection(
+                transport, connection = await loop.create_connection(
                     lambda: _Connection(self.timeout), split.hostname or "127.0.0.1", split.port or 6379, ssl=context
                 )
                 try:
                     await self._handshake(connection, split)
                 except BaseException:
-                    connection.transport.close()  # a refused AUTH must not leave the socket open
+                    transport.close()  # a refused AUTH must not leave the socket open
                     raise
         except TimeoutError:
             raise RedisTimeoutError(f"Redis did not accept a connection within {time.monotonic() - started:.1f}s") from None

@@ -45,7 +45,7 @@ STARTED = web.RequestKey("started", float)
 CALL = web.RequestKey("call", object)
 PUBLIC_MODEL = web.RequestKey("public_model", str)
 STREAM_OUTCOME = web.RequestKey("stream_outcome", str)
-ERROR_CODE = web.RequestKey("error_code", str)
+ERROR_CODE: web.RequestKey[str | None] = web.RequestKey("error_code", str)  # ApiError.code may be None
 TRACE_ID = web.RequestKey("trace_id", str)  # set by proxy.core.telemetry when tracing is on
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _GATED_PREFIXES = ("/v1/", "/admin/")
@@ -120,9 +120,9 @@ async def gateway_middleware(request: web.Request, handler: Any) -> web.StreamRe
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
-        error = _http_error(exc)
-        request[ERROR_CODE] = error.code
-        return render(error, request_id, _renderer(gateway, request.path))
+        http_error = _http_error(exc)
+        request[ERROR_CODE] = http_error.code
+        return render(http_error, request_id, _renderer(gateway, request.path))
     except Exception:
         log.exception("request.crashed", request_id=request_id, path=request.path)
         request[ERROR_CODE] = "internal_error"

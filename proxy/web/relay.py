@@ -86,8 +86,8 @@ async def send_stream(
         raise
     finally:
         if events is not reply.events:
-            await events.aclose()
-        await reply.events.aclose()
+            await events.aclose()  # type: ignore[attr-defined]  # Reply.events is typed AsyncIterator; every stream is an async generator or has aclose
+        await reply.events.aclose()  # type: ignore[attr-defined]  # Reply.events is typed AsyncIterator; every stream is an async generator or has aclose
         if not started:
             await reply.run_closers()
     if request[STREAM_OUTCOME] != "client_disconnected":

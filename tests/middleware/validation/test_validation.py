@@ -396,7 +396,7 @@ async def test_content_length_over_limit_is_413_unread(small_gw, mock):
         await writer.drain()
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 413")
-        length = int(next(l for l in head.split(b"\r\n") if l.lower().startswith(b"content-length")).split(b":")[1])
+        length = int(next(line for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")).split(b":")[1])
         body = orjson.loads(await reader.readexactly(length))
         assert body["error"]["code"] == "request_too_large"
     finally:

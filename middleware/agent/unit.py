@@ -45,6 +45,7 @@ from proxy.core.call import DONE_EVENT, RESPONSES, Call, Next, Reply, SSEEvent
 from proxy.core.errors import ApiError, UpstreamError, invalid_request
 from proxy.core.ids import unique_id
 from proxy.core.pipeline import Unit, UnitSettings
+from proxy.core.streams import EventStream
 from proxy.core.settings import AgentSettings, ConfigError
 from proxy.store.accounts import now_ms
 from proxy.store.store import STORE_DOWN_ERRORS, Script
@@ -388,8 +389,8 @@ class AgentLoop:
         if self.error_reply is not None:
             await events.aclose()
             return self.error_reply
-        reply = Reply(status=200, headers=self.headers, events=_prepend(first, events))
-        return reply
+        # The loop has started: closing the reply, even before its first event, must reach it.
+        return Reply(status=200, headers=self.headers, events=EventStream(events, transform=lambda rest: _prepend(first, rest)))
 
     async def _events(self) -> AsyncGenerator[SSEEvent, None]:
         for index in range(self.agent.max_iterations):
@@ -520,12 +521,12 @@ class AgentLoop:
         return new
 
 
-async def _prepend(first: SSEEvent | None, rest: AsyncGenerator[SSEEvent, None]) -> AsyncIterator[SSEEvent]:
-    async with contextlib.aclosing(rest) as events:
-        if first is not None:
-            yield first
-        async for event in events:
-            yield event
+async def _prepend(first: SSEEvent | None, rest: AsyncIterator[SSEEvent]) -> AsyncIterator[SSEEvent]:
+    """The loop's events with the first one, already read, in front (the EventStream around it closes `rest`)."""
+    if first is not None:
+        yield first
+    async for event in rest:
+        yield event
 
 
 def _error_of(reply: Reply) -> ApiError:

@@ -270,7 +270,6 @@ class MeteringUnit(Unit):
         if reply.events is not None:
             stream = MeteredStream(self, ticket, reply.events)
             reply.events = stream
-            reply.closers.append(stream.aclose)
             return reply
         if reply.status != 200:
             await self._release(ticket)
@@ -695,7 +694,6 @@ async def _abandon(forward: asyncio.Future[Reply]) -> None:
     reply = forward.result()
     if reply.events is not None:
         await reply.events.aclose()  # type: ignore[attr-defined]  # Reply.events is typed AsyncIterator; every stream is an async generator or has aclose
-        await reply.run_closers()
 
 
 def _cap_request(call: Call, field: str, cap: int) -> None:

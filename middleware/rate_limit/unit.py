@@ -109,7 +109,6 @@ class RateLimitUnit(Unit):
             await release()
         else:
             reply.events = EventStream(reply.events, on_close=lambda _completed: release())
-            reply.closers.append(release)
         return reply
 
 

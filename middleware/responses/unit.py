@@ -37,6 +37,7 @@ from pydantic import Field
 from proxy.core.call import RESPONSES, Call, Next, Reply, SSEEvent
 from proxy.core.errors import ApiError, StoreUnavailable, invalid_request, not_found
 from proxy.core.pipeline import Unit, UnitSettings
+from proxy.core.streams import EventStream
 
 from middleware.responses import mcp
 from middleware.responses.request import item_not_found, referenced_ids, to_chat
@@ -87,7 +88,9 @@ class ResponsesUnit(Unit):
         if reply.status >= 400:
             return reply  # the provider's OpenAI-shaped error, unchanged
         if reply.events is not None:
-            reply.events = self._translate(reply.events, response, tenant, conversation, input_items)
+            reply.events = EventStream(
+                reply.events, transform=lambda events: self._translate(events, response, tenant, conversation, input_items)
+            )
             return reply
         completion = reply.json()
         if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):

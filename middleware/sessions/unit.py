@@ -49,6 +49,7 @@ from proxy.core.call import CHAT, Call, Next, Reply, SSEEvent
 from proxy.core.errors import ApiError, StoreUnavailable, invalid_request, not_found
 from proxy.web.middlewares import new_request_id
 from proxy.core.pipeline import Unit, UnitSettings
+from proxy.core.streams import EventStream
 from proxy.core.settings import ConfigError
 
 from middleware.sessions.store import SessionStore
@@ -152,7 +153,7 @@ class SessionsUnit(Unit):
                     log.error("session.save_failed", session_id=context.session_id, error=repr(exc))
                     call.response_headers["X-Session-Saved"] = "false"
         else:
-            reply.events = self._relay(reply.events, context)
+            reply.events = EventStream(reply.events, transform=lambda events: self._relay(events, context))
         return reply
 
     async def _relay(self, events: AsyncIterator[SSEEvent], context: _TurnContext) -> AsyncIterator[SSEEvent]:

@@ -203,20 +203,16 @@ _MISSING = object()
 class Reply:
     """What comes back through the pipeline: a JSON body or an SSE event stream.
 
-    Stream wrappers must close the iterator they wrap (use
-    ``contextlib.aclosing``), so that closing the outermost one on a client
-    disconnect reaches the provider connection.
+    A unit that watches or changes a stream wraps ``events`` in a
+    `proxy.core.streams.EventStream`: closing the outermost layer then closes
+    every layer under it down to the provider connection, even when the client
+    left before the first event (a bare async generator would not).
     """
 
     status: int = 200
     headers: dict[str, str] = field(default_factory=dict)
     body: bytes | None = None
     events: AsyncIterator[SSEEvent] | None = None
-    # Cleanups of the layers under the outermost iterator (provider connection,
-    # credit hold, rate-limit slot). The relay runs them only when the stream is
-    # dropped before its first event was requested: closing an async generator
-    # that never started skips its `finally`, so the chain would not reach them.
-    closers: list[Callable[[], Awaitable[None] | None]] = field(default_factory=list)
     # How the relay writes an ApiError raised mid-stream (the complete SSE event);
     # None: the chat shape, one `data: {"error": …}` event. Set by units whose
     # protocol has its own error event (the Anthropic `event: error`).
@@ -230,13 +226,6 @@ class Reply:
     @property
     def is_stream(self) -> bool:
         return self.events is not None
-
-    async def run_closers(self) -> None:
-        """Run the closers, outermost layer first, for a stream dropped before its first event."""
-        for close in reversed(self.closers):
-            done = close()
-            if done is not None:
-                await done
 
     def json(self) -> Any:
         """The parsed body (cached); None when the body is not JSON."""

@@ -219,7 +219,7 @@ class UpstreamRouter:
                 self._events(upstream, response),
                 on_close=lambda completed: response.release() if completed else response.close(),
             )
-            return Reply(status=status, headers=passthrough, events=events, closers=[response.close])
+            return Reply(status=status, headers=passthrough, events=events)
         try:
             data = await response.read()
         except (UpstreamConnectionError, TimeoutError) as exc:

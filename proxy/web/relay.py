@@ -60,11 +60,9 @@ async def send_stream(
     headers.update(SSE_HEADERS)
     response = web.StreamResponse(status=reply.status, headers=headers)
     events = reply.events
-    started = False
     request[STREAM_OUTCOME] = "completed"
     try:
         await response.prepare(request)
-        started = True
         if keepalive:
             events = _with_keepalive(events, keepalive)
         async for event in events:
@@ -88,8 +86,6 @@ async def send_stream(
         if events is not reply.events:
             await events.aclose()  # type: ignore[attr-defined]  # Reply.events is typed AsyncIterator; every stream is an async generator or has aclose
         await reply.events.aclose()  # type: ignore[attr-defined]  # Reply.events is typed AsyncIterator; every stream is an async generator or has aclose
-        if not started:
-            await reply.run_closers()
     if request[STREAM_OUTCOME] != "client_disconnected":
         with suppress(*CLIENT_GONE):
             await response.write_eof()

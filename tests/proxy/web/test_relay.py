@@ -121,16 +121,23 @@ async def test_stream_dropped_before_its_first_event_closes_the_provider_respons
     from proxy.web.middlewares import STREAM_OUTCOME
     from proxy.web.relay import send_stream
 
+    from proxy.core.streams import EventStream
+
     closed = []
 
-    async def never_started():
+    async def provider_events():
         yield SSEEvent(b"data: {}\n\n")
 
+    async def translate(events):  # a unit's generator layer, never started
+        async for event in events:
+            yield event
+
     request = make_mocked_request("POST", "/v1/chat/completions", writer=_GoneWriter())
-    async def release_slot():
+    async def release_slot(_completed):
         closed.append("slot")
 
-    reply = Reply(events=never_started(), closers=[lambda: closed.append("provider"), release_slot])
+    provider = EventStream(provider_events(), on_close=lambda _completed: closed.append("provider"))
+    reply = Reply(events=EventStream(EventStream(provider, on_close=release_slot), transform=translate))
     call = Call("chat.completions", {}, b"{}", request.headers, "req_test")
     await send_stream(request, reply, call)
     assert sorted(closed) == ["provider", "slot"]  # every layer's cleanup ran, sync and async

@@ -3,6 +3,7 @@ and honoured by the running gateway (schemathesis)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -19,8 +20,8 @@ from openapi_spec_validator import validate
 from schemathesis import checks
 
 from proxy.admin.bodies import OPENAPI_BODIES
-from proxy.core.gateway import GATEWAY
-from proxy.core.settings import DEFAULT_PIPELINE
+from proxy.core.gateway import GATEWAY, Gateway
+from proxy.core.settings import DEFAULT_PIPELINE, Settings
 from proxy.web.app import create_app
 from proxy.web.openapi import BODIES, document
 from tests.support import ADMIN_TOKEN, REPO, free_port, make_settings, settings_data
@@ -122,10 +123,7 @@ def live(tmp_path_factory):
     env = {**os.environ}
     procs = [subprocess.Popen([sys.executable, "-m", "proxy", "mock-upstream", "--port", str(mock_port)], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    data = settings_data(f"http://127.0.0.1:{mock_port}/v1")
-    data["pipeline"] = DEFAULT_PIPELINE
-    # An embedding model, so /v1/embeddings has something to serve.
-    data["models"]["sovereign-embed"] = {"upstream": "default", "kind": "embeddings", "price": {"input_per_million": 1}}
+    data = _live_settings(f"http://127.0.0.1:{mock_port}/v1")
     data["server"] = {"host": "127.0.0.1", "port": port}
     config = tmp / "gw.yaml"
     config.write_text(yaml.safe_dump(data))
@@ -142,6 +140,7 @@ def live(tmp_path_factory):
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         requests.post(base + "/admin/tenants", json={"id": "fuzz", "credits": 10**12}, headers=admin, timeout=5).raise_for_status()
         key = requests.post(base + "/admin/keys", json={"tenant": "fuzz"}, headers=admin, timeout=5).json()["key"]
+        assert requests.get(base + "/openapi.json", timeout=5).json() == json.loads(json.dumps(LIVE_DOCUMENT))
         yield base, key
     finally:
         for proc in procs:
@@ -149,14 +148,18 @@ def live(tmp_path_factory):
             proc.wait(10)
 
 
-@pytest.fixture(scope="module")
-def served_schema(live):
-    """The document the running gateway serves: its request bodies generated from the real models."""
-    base, _ = live
-    return schemathesis.openapi.from_url(base + "/openapi.json")
+def _live_settings(mock_url: str) -> dict:
+    data = settings_data(mock_url)
+    data["pipeline"] = DEFAULT_PIPELINE
+    # An embedding model, so /v1/embeddings has something to serve.
+    data["models"]["sovereign-embed"] = {"upstream": "default", "kind": "embeddings", "price": {"input_per_million": 1}}
+    return data
 
 
-schema = schemathesis.pytest.from_fixture("served_schema")
+# The document of the full pipeline, request bodies generated from the real models; the `live` fixture
+# checks that the running gateway serves exactly this one.
+LIVE_DOCUMENT = document(Gateway(Settings.model_validate(_live_settings("http://127.0.0.1:9/v1"))).units)
+schema = schemathesis.openapi.from_dict(LIVE_DOCUMENT)
 
 
 @schema.parametrize()

@@ -79,7 +79,36 @@ def tagged(field: str, choices: dict[str, Any], *, default: str | None = None, o
     ]
     if other is not None:
         members.append(Annotated[other, Tag(_OTHER)])
-    return Annotated[Union[tuple(members)], Discriminator(pick)]
+    return Annotated[Union[tuple(members)], Discriminator(pick), _TaggedJsonSchema(field, choices, default, other is not None)]
+
+
+class _TaggedJsonSchema:
+    """The JSON schema of a `tagged()` union, for /openapi.json: one branch per accepted tag.
+
+    Each branch pins its tag (``"role": {"const": "user"}``) so the branches
+    exclude each other as `oneOf` requires; the members that only shape errors
+    (not an object, missing or unknown tag) and the refused media types are left
+    out, since no valid request uses them.
+    """
+
+    def __init__(self, field: str, choices: dict[str, Any], default: str | None, has_other: bool) -> None:
+        self.field, self.choices, self.default, self.has_other = field, choices, default, has_other
+
+    def __get_pydantic_json_schema__(self, core_schema: Any, handler: Any) -> dict[str, Any]:
+        branches = core_schema["choices"]
+        one_of = []
+        for tag, model in self.choices.items():
+            if not (isinstance(model, type) and issubclass(model, BaseModel)):
+                continue  # a refused media type
+            pinned = {"type": "object", "properties": {self.field: {"const": tag}}}
+            if tag != self.default:
+                pinned["required"] = [self.field]
+            one_of.append({"allOf": [handler(branches[f"{self.field}={tag}"]), pinned]})
+        if self.has_other:
+            others = {"type": "object", "required": [self.field],
+                      "properties": {self.field: {"type": "string", "not": {"enum": list(self.choices)}}}}
+            one_of.append({"allOf": [handler(branches[_OTHER]), others]})
+        return {"oneOf": one_of}
 
 
 def rejected(code: str, kind: str) -> Any:

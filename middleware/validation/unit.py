@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import orjson
-from pydantic import ValidationError
+from pydantic import BaseModel, ValidationError
 from pydantic_core import ErrorDetails
 
 from proxy.core.call import EMBEDDINGS, MESSAGES, MESSAGES_COUNT_TOKENS, RESPONSES, Call, Next, Reply
@@ -89,6 +89,13 @@ class ValidationUnit(Unit):
         if (model in self._embeddings) != (call.endpoint == EMBEDDINGS):
             raise wrong_model_kind(model, call.endpoint == EMBEDDINGS)
         return await next(call)
+
+    def openapi_schemas(self) -> dict[str, type[BaseModel]]:
+        # The request bodies this unit checks: /openapi.json describes them with the very models.
+        return {
+            model.__name__: model
+            for model in (ChatCompletionRequest, ResponsesRequest, MessagesRequest, CountTokensRequest, EmbeddingsRequest)
+        }
 
 
 def validate_body(endpoint: str, body: dict[str, Any], raw: bytes | None = None) -> None:

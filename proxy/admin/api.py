@@ -17,14 +17,15 @@ from __future__ import annotations
 import hmac
 import secrets
 import time
-from typing import Any, Literal, TypeVar
+from typing import Any, TypeVar
 
 from aiohttp import web
-from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError
+from pydantic import ValidationError
 
+from proxy.admin.bodies import AdminBody, CreditTopUp, KeyCreate, KeyUpdate, LedgerFold, TenantCreate, TenantUpdate
 from proxy.admin.console import create_console_app
 from proxy.admin.console.session import ADMIN_COOKIE, Sessions
-from proxy.store.accounts import MAX_CREDITS, Accounts
+from proxy.store.accounts import Accounts
 from proxy.web.usage import usage_response
 from proxy.core.errors import ApiError, invalid_request, not_found
 from proxy.core.gateway import GATEWAY, Gateway
@@ -34,56 +35,6 @@ from proxy.core.settings import ConfigError, Settings
 
 ACCOUNTS = web.AppKey("accounts", Accounts)
 MAX_LEDGER_LIMIT = 1000
-
-
-# -- request bodies -----------------------------------------------------------
-class AdminBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class TenantCreate(AdminBody):
-    id: StrictStr
-    credits: StrictInt = 0
-    low_balance_threshold: StrictInt | None = Field(None, ge=0, le=MAX_CREDITS)
-
-
-class TenantUpdate(AdminBody):
-    low_balance_threshold: StrictInt | None = Field(None, ge=0, le=MAX_CREDITS)
-
-
-class Budget(AdminBody):
-    credits: StrictInt = Field(ge=0, le=MAX_CREDITS)
-    period: Literal["day", "month", "total"] = "total"
-
-
-class LedgerFold(AdminBody):
-    before: StrictInt | StrictFloat | None = Field(None, description="Unix seconds; default: now minus ledger.retention_days.")
-
-
-class CreditTopUp(AdminBody):
-    amount: StrictInt
-    idempotency_key: StrictStr | None = None  # default: a fresh one, so the top-up applies
-
-
-class KeyCreate(AdminBody):
-    tenant: StrictStr
-    name: StrictStr = Field("", max_length=200)
-    models: list[StrictStr] | None = None  # None or empty: every model
-    rpm: StrictInt | None = Field(None, ge=1)
-    max_concurrency: StrictInt | None = Field(None, ge=1)
-    expires_at: StrictInt | StrictFloat | None = Field(None, description="Unix seconds.")
-    budget: Budget | None = None
-
-
-class KeyUpdate(AdminBody):
-    """PATCH: only the fields sent change; `null` clears a limit, the budget or the expiry."""
-
-    name: StrictStr | None = Field(None, max_length=200)
-    models: list[StrictStr] | None = None
-    rpm: StrictInt | None = Field(None, ge=1)
-    max_concurrency: StrictInt | None = Field(None, ge=1)
-    expires_at: StrictInt | StrictFloat | None = Field(None, description="Unix seconds.")
-    budget: Budget | None = None
 
 
 Body = TypeVar("Body", bound=AdminBody)

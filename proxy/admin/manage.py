@@ -22,12 +22,8 @@ from urllib.parse import urlsplit, urlunsplit
 import orjson
 
 from proxy.store.accounts import Accounts
+from proxy.admin.bodies import CreditTopUp, KeyCreate, KeyUpdate, TenantCreate, TenantUpdate
 from proxy.admin.api import (
-    CreditTopUp,
-    KeyCreate,
-    KeyUpdate,
-    TenantCreate,
-    TenantUpdate,
     create_key_from,
     new_idempotency_key,
     parse_body,

@@ -74,6 +74,10 @@ class Unit:
         """The unit that authenticates keys provides it here; routes outside the pipeline use it."""
         return None
 
+    def openapi_schemas(self) -> dict[str, type[BaseModel]]:
+        """Component name -> the pydantic model of a request body this unit checks; /openapi.json generates them."""
+        return {}
+
     def error_renderers(self) -> dict[str, ErrorRenderer]:
         """Path prefix -> renderer, for a unit that serves another protocol whose errors have their own shape."""
         return {}

@@ -1,18 +1,27 @@
 """The OpenAPI 3.1 description of Sovereign's own API, served at /openapi.json.
 
-Hand-written (the routes are few and the contract matters more than the
-generator), and kept in step with the router by tests/proxy/test_openapi.py,
-which fails when a route exists without a description or the reverse.
+The paths and the reply schemas are written here (the routes are few), kept in
+step with the router by tests/proxy/web/test_openapi.py, which fails when a
+route exists without a description or the reverse. The request bodies that
+have a pydantic model are generated from it (`model_json_schema()`), so the
+document cannot drift from what the gateway accepts: the admin bodies from
+`proxy.admin.bodies`, the others from the units that check them
+(`Unit.openapi_schemas()`; `proxy` never imports `middleware`). A body whose
+unit is not in the pipeline is described as a plain object.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Mapping
 from typing import Any
 
 from aiohttp import web
+from pydantic import BaseModel
 
 from proxy import __version__
+from proxy.admin.bodies import OPENAPI_BODIES
 from proxy.core.gateway import GATEWAY
+from proxy.core.pipeline import Unit
 
 JSON = "application/json"
 
@@ -29,12 +38,29 @@ ERRORS = {"default": _json(_ref("Error"), "An OpenAI-shaped error.")}
 ANTHROPIC_ERRORS = {"default": _json(_ref("AnthropicError"), "An Anthropic-shaped error (the /v1/messages routes).")}
 
 
-def _op(summary: str, responses: dict[str, Any], *, body: dict[str, Any] | None = None, params: list | None = None,
+# Request bodies by component name, with what the route says of them. The
+# schemas come from the models (`document`); these names are the models' names.
+BODIES: dict[str, str] = {
+    "ChatCompletionRequest": "An OpenAI chat-completions request; unknown fields are forwarded.",
+    "ResponsesRequest": "An OpenAI Responses request, served on top of chat completions.",
+    "MessagesRequest": "An Anthropic Messages request, served on top of chat completions (x-api-key or Bearer).",
+    "CountTokensRequest": "A Messages request without `max_tokens`.",
+    "EmbeddingsRequest": "An OpenAI embeddings request for a model of kind `embeddings`.",
+    "TenantCreate": "The new tenant.",
+    "TenantUpdate": "The low-balance threshold (null clears it).",
+    "CreditTopUp": "Credits to add; a repeated `idempotency_key` adds them once.",
+    "LedgerFold": "Fold entries older than `before`.",
+    "KeyCreate": "The new key's tenant, name, models, limits, budget and expiry.",
+    "KeyUpdate": "Only the fields sent change; null clears a limit, the budget or the expiry.",
+}
+
+
+def _op(summary: str, responses: dict[str, Any], *, body: str | None = None, params: list | None = None,
         security: str = "client", errors: dict[str, Any] = ERRORS) -> dict[str, Any]:
     op: dict[str, Any] = {"summary": summary, "responses": {**responses, **errors}}
     op["security"] = [{security: []}] if security != "none" else []
     if body is not None:
-        op["requestBody"] = {"required": True, "content": {JSON: {"schema": body}}}
+        op["requestBody"] = {"required": True, "description": BODIES[body], "content": {JSON: {"schema": _ref(body)}}}
     if params:
         op["parameters"] = params
     return op
@@ -86,23 +112,6 @@ SCHEMAS: dict[str, Any] = {
             "request_id": {"type": "string"},
         },
     },
-    "MessagesRequest": {
-        "type": "object",
-        "required": ["model", "max_tokens", "messages"],
-        "description": "An Anthropic Messages request, served on top of chat completions (x-api-key or Bearer).",
-        "properties": {
-            "model": {"type": "string"},
-            "max_tokens": {"type": "integer", "minimum": 1},
-            "messages": {"type": "array", "items": {"type": "object"}},
-            "system": {},
-            "stream": {"type": "boolean"},
-        },
-    },
-    "CountTokensRequest": {
-        "type": "object",
-        "required": ["model", "messages"],
-        "properties": {"model": {"type": "string"}, "messages": {"type": "array", "items": {"type": "object"}}, "system": {}},
-    },
     "Message": {
         "type": "object",
         "required": ["id", "type", "role", "content", "model", "stop_reason", "usage"],
@@ -117,17 +126,6 @@ SCHEMAS: dict[str, Any] = {
         },
     },
     "TokenCount": {"type": "object", "required": ["input_tokens"], "properties": {"input_tokens": {"type": "integer"}}},
-    "EmbeddingsRequest": {
-        "type": "object",
-        "required": ["model", "input"],
-        "description": "An OpenAI embeddings request for a model of kind `embeddings`.",
-        "properties": {
-            "model": {"type": "string"},
-            "input": {},
-            "encoding_format": {"enum": ["float", "base64"]},
-            "dimensions": {"type": "integer", "minimum": 1},
-        },
-    },
     "Embeddings": {
         "type": "object",
         "required": ["object", "data", "model"],
@@ -148,16 +146,6 @@ SCHEMAS: dict[str, Any] = {
             "owned_by": {"type": "string"},
         },
     },
-    "ChatRequest": {
-        "type": "object",
-        "required": ["model", "messages"],
-        "description": "An OpenAI chat-completions request; unknown fields are forwarded.",
-        "properties": {
-            "model": {"type": "string"},
-            "messages": {"type": "array", "items": {"type": "object"}},
-            "stream": {"type": "boolean"},
-        },
-    },
     "ChatCompletion": {
         "type": "object",
         "required": ["id", "object", "choices"],
@@ -167,12 +155,6 @@ SCHEMAS: dict[str, Any] = {
             "choices": {"type": "array", "items": {"type": "object"}},
             "usage": {"type": ["object", "null"]},
         },
-    },
-    "ResponsesRequest": {
-        "type": "object",
-        "required": ["model"],
-        "description": "An OpenAI Responses request, served on top of chat completions.",
-        "properties": {"model": {"type": "string"}, "input": {}, "stream": {"type": "boolean"}},
     },
     "Response": {
         "type": "object",
@@ -225,20 +207,6 @@ SCHEMAS: dict[str, Any] = {
             "low_balance_threshold": {"type": ["integer", "null"]},
         },
     },
-    "TenantCreate": {
-        "type": "object",
-        "required": ["id"],
-        "properties": {
-            "id": {"type": "string"},
-            "credits": {"type": "integer", "minimum": 0},
-            "low_balance_threshold": {"type": ["integer", "null"], "minimum": 0},
-        },
-    },
-    "CreditsAdd": {
-        "type": "object",
-        "required": ["amount", "idempotency_key"],
-        "properties": {"amount": {"type": "integer", "minimum": 1}, "idempotency_key": {"type": "string"}},
-    },
     "LedgerEntry": {
         "type": "object",
         "required": ["id", "type", "credits", "balance_after"],
@@ -267,19 +235,6 @@ SCHEMAS: dict[str, Any] = {
     "KeyCreated": {
         "allOf": [_ref("Key"), {"type": "object", "required": ["key"], "properties": {"key": {"type": "string"}}}]
     },
-    "KeyCreate": {
-        "type": "object",
-        "required": ["tenant"],
-        "properties": {
-            "tenant": {"type": "string"},
-            "name": {"type": "string"},
-            "models": {"type": "array", "items": {"type": "string"}},
-            "rpm": {"type": "integer", "minimum": 1},
-            "max_concurrency": {"type": "integer", "minimum": 1},
-            "expires_at": {"type": "number"},
-            "budget": {"$ref": "#/components/schemas/Budget"},
-        },
-    },
     "Status": {"type": "object", "required": ["status"], "properties": {"status": {"type": "string"}}},
     # Usage, budgets, alerts (DESIGN §9).
     "UsageRow": {
@@ -297,25 +252,6 @@ SCHEMAS: dict[str, Any] = {
             "credits": {"type": "integer"},
         },
     },
-    "Budget": {
-        "type": ["object", "null"],
-        "required": ["credits"],
-        "properties": {"credits": {"type": "integer", "minimum": 0}, "period": {"enum": ["day", "month", "total"]}},
-    },
-    "TenantUpdate": {"type": "object", "properties": {"low_balance_threshold": {"type": ["integer", "null"], "minimum": 0}}},
-    "KeyUpdate": {
-        "type": "object",
-        "description": "Only the fields sent change; null clears a limit, the budget or the expiry.",
-        "properties": {
-            "name": {"type": ["string", "null"]},
-            "models": {"type": ["array", "null"], "items": {"type": "string"}},
-            "rpm": {"type": ["integer", "null"], "minimum": 1},
-            "max_concurrency": {"type": ["integer", "null"], "minimum": 1},
-            "expires_at": {"type": ["number", "null"]},
-            "budget": {"$ref": "#/components/schemas/Budget"},
-        },
-    },
-    "LedgerFold": {"type": "object", "properties": {"before": {"type": ["number", "null"], "description": "Unix seconds."}}},
     "LedgerPage": {
         "type": "object",
         "required": ["object", "data", "has_more", "next_cursor"],
@@ -357,10 +293,10 @@ def _stream_or_json(schema: dict[str, Any]) -> dict[str, Any]:
 
 PATHS: dict[str, dict[str, Any]] = {
     "/v1/chat/completions": {
-        "post": _op("Create a chat completion (JSON or SSE).", _stream_or_json(_ref("ChatCompletion")), body=_ref("ChatRequest"))
+        "post": _op("Create a chat completion (JSON or SSE).", _stream_or_json(_ref("ChatCompletion")), body="ChatCompletionRequest")
     },
     "/v1/responses": {
-        "post": _op("Create a response (Responses API on chat completions).", _stream_or_json(_ref("Response")), body=_ref("ResponsesRequest"))
+        "post": _op("Create a response (Responses API on chat completions).", _stream_or_json(_ref("Response")), body="ResponsesRequest")
     },
     "/v1/responses/{response_id}": {
         "get": _op("Retrieve a stored response.", {"200": _json(_ref("Response"))}, params=[_path_param("response_id")]),
@@ -371,14 +307,14 @@ PATHS: dict[str, dict[str, Any]] = {
     },
     "/v1/messages": {
         "post": _op("Create a message (Anthropic Messages API on chat completions; JSON or SSE).",
-                    _stream_or_json(_ref("Message")), body=_ref("MessagesRequest"), errors=ANTHROPIC_ERRORS)
+                    _stream_or_json(_ref("Message")), body="MessagesRequest", errors=ANTHROPIC_ERRORS)
     },
     "/v1/messages/count_tokens": {
         "post": _op("The gateway's estimate of a Messages request's input tokens (free).",
-                    {"200": _json(_ref("TokenCount"))}, body=_ref("CountTokensRequest"), errors=ANTHROPIC_ERRORS)
+                    {"200": _json(_ref("TokenCount"))}, body="CountTokensRequest", errors=ANTHROPIC_ERRORS)
     },
     "/v1/embeddings": {
-        "post": _op("Create embeddings (models of kind `embeddings`).", {"200": _json(_ref("Embeddings"))}, body=_ref("EmbeddingsRequest"))
+        "post": _op("Create embeddings (models of kind `embeddings`).", {"200": _json(_ref("Embeddings"))}, body="EmbeddingsRequest")
     },
     "/v1/models": {"get": _op("Models this key may use.", {"200": _json(_list_of("Model"))})},
     "/v1/models/{model}": {"get": _op("One model.", {"200": _json(_ref("Model"))}, params=[_path_param("model")])},
@@ -400,21 +336,21 @@ PATHS: dict[str, dict[str, Any]] = {
     "/metrics": {"get": _op("Prometheus metrics.", {"200": {"description": "Prometheus text format", "content": {"text/plain": {"schema": {"type": "string"}}}}}, security="none")},
     "/openapi.json": {"get": _op("This document.", {"200": _json({"type": "object"})}, security="none")},
     "/admin/tenants": {
-        "post": _op("Create a tenant.", {"201": _json(_ref("Tenant"))}, body=_ref("TenantCreate"), security="admin"),
+        "post": _op("Create a tenant.", {"201": _json(_ref("Tenant"))}, body="TenantCreate", security="admin"),
         "get": _op("Every tenant.", {"200": _json(_list_of("Tenant"))}, security="admin"),
     },
     "/admin/tenants/{tenant_id}": {
         "get": _op("A tenant.", {"200": _json(_ref("Tenant"))}, params=[_path_param("tenant_id")], security="admin"),
-        "patch": _op("Set the low-balance threshold.", {"200": _json(_ref("Tenant"))}, body=_ref("TenantUpdate"), params=[_path_param("tenant_id")], security="admin"),
+        "patch": _op("Set the low-balance threshold.", {"200": _json(_ref("Tenant"))}, body="TenantUpdate", params=[_path_param("tenant_id")], security="admin"),
     },
     "/admin/tenants/{tenant_id}/ledger/fold": {
-        "post": _op("Fold old ledger entries into one opening-balance entry.", {"200": _json({"type": "object"})}, body=_ref("LedgerFold"), params=[_path_param("tenant_id")], security="admin")
+        "post": _op("Fold old ledger entries into one opening-balance entry.", {"200": _json({"type": "object"})}, body="LedgerFold", params=[_path_param("tenant_id")], security="admin")
     },
     "/admin/usage": {
         "get": _op("A tenant's usage over time.", {"200": _json(_list_of("UsageRow"))}, params=[{"name": "tenant", "in": "query", "required": True, "schema": {"type": "string"}}, *USAGE_QUERY], security="admin")
     },
     "/admin/tenants/{tenant_id}/credits": {
-        "post": _op("Add credits (once per idempotency key).", {"200": _json(_ref("Tenant"))}, body=_ref("CreditsAdd"), params=[_path_param("tenant_id")], security="admin")
+        "post": _op("Add credits (once per idempotency key).", {"200": _json(_ref("Tenant"))}, body="CreditTopUp", params=[_path_param("tenant_id")], security="admin")
     },
     "/admin/tenants/{tenant_id}/ledger": {
         "get": _op(
@@ -425,12 +361,12 @@ PATHS: dict[str, dict[str, Any]] = {
         )
     },
     "/admin/keys": {
-        "post": _op("Create an API key (the plaintext is returned only here).", {"201": _json(_ref("KeyCreated"))}, body=_ref("KeyCreate"), security="admin"),
+        "post": _op("Create an API key (the plaintext is returned only here).", {"201": _json(_ref("KeyCreated"))}, body="KeyCreate", security="admin"),
         "get": _op("List a tenant's keys.", {"200": _json(_list_of("Key"))}, params=[{"name": "tenant", "in": "query", "required": True, "schema": {"type": "string"}}], security="admin"),
     },
     "/admin/keys/{key_id}": {
         "get": _op("A key (its budget with what it spent).", {"200": _json(_ref("Key"))}, params=[_path_param("key_id")], security="admin"),
-        "patch": _op("Change a key's name, models, limits, budget or expiry.", {"200": _json(_ref("Key"))}, body=_ref("KeyUpdate"), params=[_path_param("key_id")], security="admin"),
+        "patch": _op("Change a key's name, models, limits, budget or expiry.", {"200": _json(_ref("Key"))}, body="KeyUpdate", params=[_path_param("key_id")], security="admin"),
         "delete": _op("Revoke a key.", {"200": _json(_ref("Key"))}, params=[_path_param("key_id")], security="admin"),
     },
     # The console's pages (HTML; forms post with a session cookie, see proxy/admin/console).
@@ -446,9 +382,49 @@ PATHS: dict[str, dict[str, Any]] = {
 }
 
 
-def document(admin: bool = True) -> dict[str, Any]:
-    """The document; `admin=False` leaves out the /admin routes (and their token scheme)."""
+def model_schemas(models: Mapping[str, type[BaseModel]]) -> dict[str, Any]:
+    """Component schemas generated from pydantic models, their nested models (`$defs`) hoisted alongside."""
+    components: dict[str, Any] = {}
+
+    def add(name: str, schema: dict[str, Any]) -> None:
+        if components.setdefault(name, schema) != schema:
+            # Two different models by one name would silently describe the wrong one.
+            raise ValueError(f"two request models define the OpenAPI component {name!r} differently")
+
+    for name, model in models.items():
+        schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+        for nested, nested_schema in schema.pop("$defs", {}).items():
+            add(nested, nested_schema)
+        add(name, schema)
+    return components
+
+
+def request_models(units: Iterable[Unit], admin: bool) -> dict[str, type[BaseModel]]:
+    """The request-body models: the admin API's (where it is listed) and those the pipeline's units check."""
+    models: dict[str, type[BaseModel]] = dict(OPENAPI_BODIES) if admin else {}
+    for unit in units:
+        models.update(unit.openapi_schemas())
+    return models
+
+
+def document(units: Iterable[Unit] = (), admin: bool = True) -> dict[str, Any]:
+    """The document for a gateway with these units; `admin=False` leaves out the /admin routes (and their token scheme).
+
+    Bodies with a model among `units` and the admin API are generated from it;
+    the others are described as an object (the route's description says what).
+    """
     paths = PATHS if admin else {path: ops for path, ops in PATHS.items() if not path.startswith("/admin/")}
+    generated = model_schemas(request_models(units, admin))
+    clash = sorted(set(generated) & set(SCHEMAS))
+    if clash:
+        raise ValueError(f"request models and hand-written reply schemas share the OpenAPI components {clash}")
+    schemas = {**SCHEMAS, **generated}
+    for ops in paths.values():
+        for op in ops.values():
+            body = op.get("requestBody")
+            if body is not None:
+                name = body["content"][JSON]["schema"]["$ref"].rpartition("/")[2]
+                schemas.setdefault(name, {"type": "object", "description": BODIES[name]})
     security_schemes = {
         "client": {"type": "http", "scheme": "bearer", "description": "A client key: sk-sov-live-…"},
         "admin": {"type": "http", "scheme": "bearer", "description": "The admin token (SOVEREIGN_ADMIN_TOKEN)."},
@@ -463,11 +439,12 @@ def document(admin: bool = True) -> dict[str, Any]:
             "description": "OpenAI-compatible gateway with multi-tenant keys and prepaid credits. Errors have the OpenAI shape, except on the Anthropic /v1/messages routes (Anthropic's shape).",
         },
         "paths": paths,
-        "components": {"schemas": SCHEMAS, "securitySchemes": security_schemes},
+        "components": {"schemas": schemas, "securitySchemes": security_schemes},
     }
 
 
 async def openapi_json(request: web.Request) -> web.Response:
-    admin = request.app[GATEWAY].settings.admin
+    gateway = request.app[GATEWAY]
+    admin = gateway.settings.admin
     # The admin routes are on this port only when the admin API is on and has no port of its own (proxy/web/app.py).
-    return web.json_response(document(admin=admin.token is not None and admin.port is None))
+    return web.json_response(document(gateway.units, admin=admin.token is not None and admin.port is None))

@@ -1,7 +1,9 @@
-"""/openapi.json: in step with the router, and honoured by the running gateway (schemathesis)."""
+"""/openapi.json: in step with the router, its request bodies generated from the models, valid OpenAPI 3.1,
+and honoured by the running gateway (schemathesis)."""
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import subprocess
@@ -14,11 +16,14 @@ import requests
 import schemathesis
 import yaml
 from hypothesis import HealthCheck, settings
+from openapi_spec_validator import validate
 from schemathesis import checks
 
-from proxy.core.settings import DEFAULT_PIPELINE
+from proxy.admin.bodies import OPENAPI_BODIES
+from proxy.core.gateway import GATEWAY, Gateway
+from proxy.core.settings import DEFAULT_PIPELINE, Settings
 from proxy.web.app import create_app
-from proxy.web.openapi import document
+from proxy.web.openapi import BODIES, document
 from tests.support import ADMIN_TOKEN, REPO, free_port, make_settings, settings_data
 
 
@@ -46,8 +51,66 @@ def _normalised(paths: set[tuple[str, str]]) -> set[tuple[str, str]]:
 def test_every_route_is_documented_and_every_documented_route_exists():
     app = create_app(make_settings("http://127.0.0.1:9/v1", pipeline=DEFAULT_PIPELINE))
     served = _normalised(_routes(app))
-    documented = _normalised({(m, p) for p, ops in document()["paths"].items() for m in ops})
+    documented = _normalised({(m, p) for p, ops in document(app[GATEWAY].units)["paths"].items() for m in ops})
     assert served == documented
+
+
+async def _served_document(gw) -> dict:
+    async with aiohttp.ClientSession() as session:
+        async with session.get(gw.base_url + "/openapi.json") as resp:
+            assert resp.status == 200
+            return await resp.json()
+
+
+def _model_components(model) -> dict:
+    """What pydantic says of `model`: its schema and its nested models', by component name."""
+    schema = model.model_json_schema(ref_template="#/components/schemas/{model}")
+    return {**schema.pop("$defs", {}), model.__name__: schema}
+
+
+async def test_request_bodies_are_the_models_own_schemas(mock, gateway_factory):
+    gw = await gateway_factory(make_settings(mock.url, pipeline=DEFAULT_PIPELINE))
+    served = await _served_document(gw)
+    validate(served)  # a valid OpenAPI 3.1 document, generated parts included
+    models = {**OPENAPI_BODIES}
+    for unit in gw.app[GATEWAY].units:
+        models.update(unit.openapi_schemas())
+    # Every documented body has a model here, the admin ones and those of chat, Responses, Messages, embeddings.
+    assert set(models) == set(BODIES)
+    components = served["components"]["schemas"]
+    for model in models.values():
+        for name, schema in _model_components(model).items():
+            assert components[name] == schema, name
+    for path, ops in served["paths"].items():
+        for method, op in ops.items():
+            if "requestBody" in op:
+                ref = op["requestBody"]["content"]["application/json"]["schema"]["$ref"]
+                assert ref.rpartition("/")[2] in models, (method, path)
+
+
+async def test_credit_top_up_needs_no_idempotency_key(mock, gateway_factory):
+    gw = await gateway_factory(make_settings(mock.url))
+    top_up = (await _served_document(gw))["components"]["schemas"]["CreditTopUp"]
+    assert top_up["required"] == ["amount"]
+    assert "idempotency_key" in top_up["properties"]
+    # What the document says is what the admin API does: a top-up without a key applies.
+    admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+    async with aiohttp.ClientSession(headers=admin) as session:
+        async with session.post(gw.base_url + "/admin/tenants", json={"id": "acme"}) as resp:
+            assert resp.status == 201
+        async with session.post(gw.base_url + "/admin/tenants/acme/credits", json={"amount": 7}) as resp:
+            assert resp.status == 200, await resp.text()
+            assert (await resp.json())["balance"] == 7
+
+
+async def test_a_body_whose_unit_is_not_in_the_pipeline_is_a_plain_object(mock, gateway_factory):
+    gw = await gateway_factory(make_settings(mock.url, pipeline=["auth"]))
+    served = await _served_document(gw)
+    validate(served)
+    components = served["components"]["schemas"]
+    for name in ("ChatCompletionRequest", "ResponsesRequest", "MessagesRequest", "EmbeddingsRequest"):
+        assert components[name] == {"type": "object", "description": BODIES[name]}
+    assert components["KeyCreate"] == _model_components(OPENAPI_BODIES["KeyCreate"])["KeyCreate"]
 
 
 # -- schemathesis against a real `sovereign serve` -------------------------
@@ -60,10 +123,7 @@ def live(tmp_path_factory):
     env = {**os.environ}
     procs = [subprocess.Popen([sys.executable, "-m", "proxy", "mock-upstream", "--port", str(mock_port)], cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)]
-    data = settings_data(f"http://127.0.0.1:{mock_port}/v1")
-    data["pipeline"] = DEFAULT_PIPELINE
-    # An embedding model, so /v1/embeddings has something to serve.
-    data["models"]["sovereign-embed"] = {"upstream": "default", "kind": "embeddings", "price": {"input_per_million": 1}}
+    data = _live_settings(f"http://127.0.0.1:{mock_port}/v1")
     data["server"] = {"host": "127.0.0.1", "port": port}
     config = tmp / "gw.yaml"
     config.write_text(yaml.safe_dump(data))
@@ -80,6 +140,7 @@ def live(tmp_path_factory):
         admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
         requests.post(base + "/admin/tenants", json={"id": "fuzz", "credits": 10**12}, headers=admin, timeout=5).raise_for_status()
         key = requests.post(base + "/admin/keys", json={"tenant": "fuzz"}, headers=admin, timeout=5).json()["key"]
+        assert requests.get(base + "/openapi.json", timeout=5).json() == json.loads(json.dumps(LIVE_DOCUMENT))
         yield base, key
     finally:
         for proc in procs:
@@ -87,7 +148,18 @@ def live(tmp_path_factory):
             proc.wait(10)
 
 
-schema = schemathesis.openapi.from_dict(document())
+def _live_settings(mock_url: str) -> dict:
+    data = settings_data(mock_url)
+    data["pipeline"] = DEFAULT_PIPELINE
+    # An embedding model, so /v1/embeddings has something to serve.
+    data["models"]["sovereign-embed"] = {"upstream": "default", "kind": "embeddings", "price": {"input_per_million": 1}}
+    return data
+
+
+# The document of the full pipeline, request bodies generated from the real models; the `live` fixture
+# checks that the running gateway serves exactly this one.
+LIVE_DOCUMENT = document(Gateway(Settings.model_validate(_live_settings("http://127.0.0.1:9/v1"))).units)
+schema = schemathesis.openapi.from_dict(LIVE_DOCUMENT)
 
 
 @schema.parametrize()

@@ -70,6 +70,7 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
@@ -81,6 +82,7 @@ from proxy.core.call import EMBEDDINGS, Call, Next, Reply, SSEEvent
 from proxy.core.ids import unique_id
 from proxy.core.errors import ApiError, CreditsExhausted, StoreUnavailable
 from proxy.core.pipeline import Unit, UnitSettings
+from proxy.core.streams import EventStream
 from proxy.store.store import Script
 
 from middleware.metering.budgets import budget_tail, settle_tail
@@ -268,8 +270,7 @@ class MeteringUnit(Unit):
             self.gateway.spawn(self._release(ticket), "metering.release")
             raise
         if reply.events is not None:
-            stream = MeteredStream(self, ticket, reply.events)
-            reply.events = stream
+            reply.events = StreamMeter(self, ticket).wrap(reply.events)
             return reply
         if reply.status != 200:
             await self._release(ticket)
@@ -550,91 +551,56 @@ class MeteringUnit(Unit):
                 log.error("metering.checkpoint_failed", request_id=call.request_id, error=repr(outcome))
 
 
-class MeteredStream:
-    """Wraps a chat chunk stream: observes usage and output, settles once at the end.
+class StreamMeter:
+    """What metering watches on a chat stream: output and usage per event, one settlement at the end.
 
-    A class rather than an async generator so that `aclose` settles even when
-    the relay closes the stream before iterating it. Under `on_disconnect:
-    drain` each provider read runs shielded in its own task: the handler's
-    cancellation (client gone) must not reach the provider connection, which
-    `_drain` then reads to its end.
+    The stream itself is an `EventStream` (`wrap`): every event passes `observe`;
+    however the stream ends (finished, failed, closed by the client, or dropped
+    before its first event) `closed` settles once. Under `on_disconnect: drain`
+    each provider read runs shielded (the handler's cancellation must not reach
+    the provider connection) and a client that leaves hands the rest of the
+    stream to `abandoned`, which reads it to its end for the exact usage.
     """
 
-    __slots__ = ("unit", "ticket", "inner", "drain", "pending", "usage", "chunks", "chars", "over", "next_checkpoint", "checkpointing")
+    __slots__ = ("unit", "ticket", "usage", "chunks", "chars", "next_checkpoint", "checkpointing")
 
-    def __init__(self, unit: MeteringUnit, ticket: Ticket, inner: Any) -> None:
+    def __init__(self, unit: MeteringUnit, ticket: Ticket) -> None:
         self.unit = unit
         self.ticket = ticket
-        self.inner = inner.__aiter__()
-        self.drain = unit.settings.on_disconnect == "drain"
-        self.pending: asyncio.Future[SSEEvent | None] | None = None
         self.usage: Any = None
         self.chunks = 0  # events that carried output
         self.chars = 0  # characters of output
-        self.over = False
         # No write at all for a stream shorter than one checkpoint interval.
         interval = unit.settings.checkpoint_seconds
         self.next_checkpoint = time.monotonic() + interval if ticket.hold else math.inf
         self.checkpointing: asyncio.Task[None] | None = None
 
-    def __aiter__(self) -> MeteredStream:
-        return self
+    def wrap(self, events: AsyncIterator[SSEEvent]) -> EventStream:
+        drain = self.unit.settings.on_disconnect == "drain"
+        return EventStream(
+            events,
+            observe=self._observe,
+            on_close=self.closed,
+            shield_reads=drain,
+            on_abandon=self.abandoned if drain else None,
+        )
 
-    async def __anext__(self) -> SSEEvent:
-        if self.over:
-            raise StopAsyncIteration
-        while True:
-            try:
-                event = await (self._shielded_next() if self.drain else self.inner.__anext__())
-            except (StopAsyncIteration, ApiError):
-                # Finished, or the provider failed mid-stream: the relay reports the error.
-                self.over = True
-                self.unit.gateway.spawn(self._settle(), "metering.settle")
-                raise
-            kept = self._observe(event)
-            if kept is not None:
-                return kept
+    def closed(self, completed: bool) -> None:
+        """Finished, failed mid-stream (the relay reports it) or cut by the client: settle what was produced."""
+        self.unit.gateway.spawn(self._settle(), "metering.settle")
 
-    async def _shielded_next(self) -> SSEEvent:
-        if self.pending is None:
-            self.pending = asyncio.ensure_future(self._next())
-        event = await asyncio.shield(self.pending)
-        self.pending = None
-        if event is None:
-            raise StopAsyncIteration
-        return event
+    def abandoned(self, rest: AsyncIterator[SSEEvent]) -> None:
+        self.unit.gateway.spawn(self._drain(rest), "metering.drain")
 
-    async def _next(self) -> SSEEvent | None:
-        try:
-            return await self.inner.__anext__()
-        except StopAsyncIteration:
-            return None
-
-    async def aclose(self) -> None:
-        if self.over:
-            await self.inner.aclose()
-            return
-        # Closed before the end: the client went away.
-        self.over = True
-        if self.drain:
-            self.unit.gateway.spawn(self._drain(), "metering.drain")
-            return
-        try:
-            await self.inner.aclose()  # closes the provider connection
-        finally:
-            self.unit.gateway.spawn(self._settle(), "metering.settle")
-
-    async def _drain(self) -> None:
+    async def _drain(self, rest: AsyncIterator[SSEEvent]) -> None:
         """Read the provider to its end (delivering nothing) for the exact usage."""
         try:
-            if self.pending is not None and await self.pending is None:
-                return
-            async for event in self.inner:
+            async for event in rest:
                 self._observe(event)
         except ApiError:
             pass  # cut off: the estimate from what was produced applies
         finally:
-            await self.inner.aclose()
+            await rest.aclose()  # type: ignore[attr-defined]  # an async generator (EventStream._resume)
             await self._settle()
 
     async def _settle(self) -> None:

@@ -217,11 +217,8 @@ class MeteringUnit(Unit):
             on_written=self._written,
         )
         self.sweeper = HoldSweeper(self.store, settings.sweep_seconds)
-        # Only as the last unit: a unit after metering would act on the request
-        # (store a session turn, say) before its hold is confirmed.
-        pipeline = gateway.settings.pipeline
-        last = bool(pipeline) and pipeline[-1] == self.name
-        self._speculative = settings.speculative_hold and settings.on_low_balance == "reject" and last
+        # Decided at start-up, once the gateway knows what follows this unit (see startup).
+        self._speculative = False
         longest = max((u.timeouts.total for u in gateway.settings.upstreams.values()), default=0.0)
         if settings.hold_ttl_seconds <= longest:
             log.warning(
@@ -232,6 +229,12 @@ class MeteringUnit(Unit):
             )
 
     async def startup(self) -> None:
+        # Only straight in front of the forwarder: a unit after metering would act
+        # on the request (store a session turn, say) before its hold is confirmed.
+        settings = self.settings
+        self._speculative = (
+            settings.speculative_hold and settings.on_low_balance == "reject" and self.gateway.forwards_directly(self)
+        )
         if self.store.durable and self.gateway.settings.store.spool_dir is None:
             log.warning(
                 "metering.no_spool",

@@ -145,6 +145,10 @@ class Gateway:
         """Serve a client's call through the whole pipeline."""
         return await self.handler(call)
 
+    def forwards_directly(self, unit: Unit) -> bool:
+        """True when `unit` hands its calls straight to the forwarder: no unit after it acts on them."""
+        return bool(self.units) and self.units[-1] is unit
+
     async def submit(self, call: Call, after: Unit) -> Reply:
         """Serve a call the gateway makes itself through the units after `after` and the forwarder.
 

@@ -36,6 +36,7 @@ from pydantic import Field
 
 from proxy.core.call import RESPONSES, Call, Next, Reply, SSEEvent
 from proxy.core.errors import ApiError, StoreUnavailable, invalid_request, not_found
+from proxy.core.params import query_limit
 from proxy.core.pipeline import Unit, UnitSettings
 from proxy.core.streams import EventStream
 
@@ -198,12 +199,7 @@ class ResponsesUnit(Unit):
         order = query.get("order", "desc")
         if order not in ("asc", "desc"):
             raise invalid_request("`order` is asc or desc.", param="order")
-        try:
-            limit = int(query.get("limit", "20"))
-        except ValueError:
-            limit = 0
-        if not 1 <= limit <= 100:
-            raise invalid_request("`limit` is an integer from 1 to 100.", param="limit")
+        limit = query_limit(query, 20, 100)
         items = orjson.loads(await self._field(request, "input_items"))
         if order == "desc":
             items.reverse()

@@ -48,6 +48,7 @@ from pydantic import Field
 from proxy.core.call import CHAT, Call, Next, Reply, SSEEvent
 from proxy.core.errors import ApiError, StoreUnavailable, invalid_request, not_found
 from proxy.web.middlewares import new_request_id
+from proxy.core.params import query_limit
 from proxy.core.pipeline import Unit, UnitSettings
 from proxy.core.streams import EventStream
 from proxy.core.settings import ConfigError
@@ -232,7 +233,7 @@ class SessionsUnit(Unit):
 
     async def _list(self, request: web.Request) -> web.Response:
         principal = await self.gateway.principal(request.headers)
-        limit = _limit(request.query.get("limit"))
+        limit = query_limit(request.query, 20, 100)
         after = request.query.get("after")
         page = await self.sessions.page(principal.tenant, limit, after)
         if page is None:
@@ -430,17 +431,6 @@ def _title_from_reply(reply: Reply) -> str | None:
     title = line.strip().strip("\"'“”‘’*#").strip().rstrip(".")
     return title[:TITLE_MAX_CHARS].rstrip() or None
 
-
-def _limit(raw: str | None) -> int:
-    if raw is None:
-        return 20
-    try:
-        value = int(raw)
-    except ValueError:
-        value = 0
-    if not 1 <= value <= 100:
-        raise invalid_request("`limit` must be an integer from 1 to 100.", param="limit")
-    return value
 
 
 def _json(data: Any) -> web.Response:

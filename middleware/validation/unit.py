@@ -31,6 +31,7 @@ from pydantic_core import ErrorDetails
 
 from proxy.core.call import EMBEDDINGS, MESSAGES, MESSAGES_COUNT_TOKENS, RESPONSES, Call, Next, Reply
 from proxy.core.errors import ApiError, invalid_request, model_not_found, wrong_model_kind
+from proxy.core.params import field_path
 from proxy.core.pipeline import Unit
 
 from middleware.validation.schemas import (
@@ -174,10 +175,7 @@ def _error_path(error: ErrorDetails, body: Any) -> list[int | str]:
 
 
 def _format(path: Sequence[int | str]) -> str:
-    out = ""
-    for part in path:
-        out += f"[{part}]" if isinstance(part, int) else (f".{part}" if out else part)
-    return out
+    return field_path(path)
 
 
 def _is_type_error(error: ErrorDetails) -> bool:

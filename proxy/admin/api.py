@@ -28,6 +28,7 @@ from proxy.admin.console.session import ADMIN_COOKIE, Sessions
 from proxy.store.accounts import Accounts
 from proxy.web.usage import usage_response
 from proxy.core.errors import ApiError, invalid_request, not_found
+from proxy.core.params import field_path, query_limit
 from proxy.core.gateway import GATEWAY, Gateway
 from proxy.web.middlewares import gateway_middleware, stamp_request_id
 from proxy.web.routes import read_json_body
@@ -46,9 +47,7 @@ def parse_body(model: type[Body], data: Any) -> Body:
         return model.model_validate(data)
     except ValidationError as exc:
         error = exc.errors()[0]
-        param = ""
-        for part in error["loc"]:
-            param += f"[{part}]" if isinstance(part, int) else (f".{part}" if param else str(part))
+        param = field_path(error["loc"])
         kind = error["type"]
         if kind == "missing":
             raise invalid_request(f"Missing required parameter `{param}`.", param=param, code="missing_required_parameter") from None
@@ -132,13 +131,7 @@ async def top_up(request: web.Request) -> web.Response:
 
 
 async def ledger(request: web.Request) -> web.Response:
-    raw = request.query.get("limit", "100")
-    try:
-        limit = int(raw)
-    except ValueError:
-        limit = 0
-    if not 1 <= limit <= MAX_LEDGER_LIMIT:
-        raise invalid_request(f"`limit` is an integer from 1 to {MAX_LEDGER_LIMIT}.", param="limit")
+    limit = query_limit(request.query, 100, MAX_LEDGER_LIMIT)
     cursor = request.query.get("cursor") or None
     entries, next_cursor = await request.app[ACCOUNTS].ledger_page(request.match_info["tenant"], limit, cursor)
     return web.json_response({"object": "list", "data": entries, "has_more": next_cursor is not None, "next_cursor": next_cursor})

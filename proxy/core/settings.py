@@ -21,6 +21,8 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
+from proxy.core.params import field_path
+
 SHIPPED_CONFIG = Path(__file__).resolve().parents[2] / "config" / "sovereign.yaml"
 ENV_PREFIX = "SOVEREIGN_"
 
@@ -444,9 +446,7 @@ def _mask(value: Any) -> Any:
 def format_validation_error(error: ValidationError) -> str:
     lines = []
     for item in error.errors():
-        path = ""
-        for part in item["loc"]:
-            path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
+        path = field_path(item["loc"])
         msg = item["msg"].removeprefix("Value error, ")
         lines.append(f"{path or '(top level)'}: {msg}")
     return "invalid configuration:\n  " + "\n  ".join(lines)

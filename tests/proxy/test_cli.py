@@ -153,9 +153,12 @@ def test_a_busy_port_is_one_line_naming_the_port_and_the_flag(command, flag):
 
 
 def test_make_run_passes_ports_and_flags_to_the_demo():
+    # Run as a newcomer would: not as a sub-make of `make test` (whose MAKEFLAGS and
+    # MAKELEVEL would make this make print "Entering/Leaving directory" lines).
+    env = {k: v for k, v in os.environ.items() if k not in ("MAKEFLAGS", "MFLAGS", "MAKELEVEL")}
     result = subprocess.run(
-        ["make", "-n", "run", "PORT=8181", "UPSTREAM_PORT=9191", "ARGS=--host 0.0.0.0"],
-        cwd=REPO, capture_output=True, text=True, timeout=60,
+        ["make", "--no-print-directory", "-n", "run", "PORT=8181", "UPSTREAM_PORT=9191", "ARGS=--host 0.0.0.0"],
+        cwd=REPO, capture_output=True, text=True, timeout=60, env=env,
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == ".venv/bin/sovereign demo --port 8181 --upstream-port 9191 --host 0.0.0.0"

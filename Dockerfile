@@ -8,7 +8,9 @@ RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev &
 COPY setup.cfg pyproject.toml README.md ./
 COPY proxy ./proxy
 COPY middleware ./middleware
-RUN pip wheel --no-cache-dir --wheel-dir /wheels .
+# With the optional extras an operator may switch on by configuration alone: agent mode's MCP
+# client (tool_servers) and OpenTelemetry export (telemetry.otlp_endpoint).
+RUN pip wheel --no-cache-dir --wheel-dir /wheels '.[agent,otel]'
 
 FROM python:3.11.11-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \

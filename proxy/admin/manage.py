@@ -288,7 +288,7 @@ def add_management_commands(subparsers: Any, load: LoadSettings) -> None:
     p.add_argument("--budget-period", choices=["day", "month", "total"], help="default: total")
     p.set_defaults(func=_command(keys_create, load))
 
-    p = k_sub.add_parser("update", help="change a key's name, models, limits, budget or expiry (applies within auth.cache_seconds)")
+    p = k_sub.add_parser("update", help="change a key's name, models, limits, budget or expiry (applies within units.auth.cache_seconds)")
     p.add_argument("key_id")
     p.add_argument("--name")
     p.add_argument("--models", help="comma-separated public models (empty: all)")

@@ -98,6 +98,11 @@ def test_revoke_help_names_the_real_cache_setting():
     help_text = " ".join(shown.stdout.split())  # argparse wraps lines
     assert "within units.auth.cache_seconds" in help_text
     assert "`units.auth.cache_seconds`" in config_reference()  # the setting the help names exists under that path
+    # `keys update` (listed by `keys --help`) says the same of the changes it makes.
+    listed = subprocess.run([sys.executable, "-m", "proxy", "keys", "--help"], cwd=REPO, capture_output=True,
+                            text=True, timeout=30)
+    listed_text = " ".join(listed.stdout.split())
+    assert "applies within units.auth.cache_seconds" in listed_text and " auth.cache_seconds" not in listed_text
 
 
 def test_budgets_and_thresholds_from_the_shell(sovereign):

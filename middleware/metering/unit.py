@@ -97,6 +97,7 @@ from middleware.metering.pricing import (
     pricing_table,
     prompt_estimate,
 )
+from middleware.metering.leases import LEASE_FLUSH, Charge, Lease, LeaseBook
 from middleware.metering.settlements import Settlement, SettlementQueue
 from middleware.metering.sweeper import HoldSweeper, checkpoint_keys
 
@@ -156,6 +157,7 @@ class Ticket:
     # budget for reserve/release, usage aggregates and events for settle.
     budget: tuple[list[str], list[Any]] = ([], [])
     settle_tail: tuple[list[str], list[Any]] = ([], [])
+    lease: Lease | None = None  # the hold was taken from this credit lease (leases.py), not reserved alone
 
 
 class MeteringUnit(Unit):
@@ -196,6 +198,27 @@ class MeteringUnit(Unit):
         pending_settlements_limit: int = Field(
             10_000, ge=1, description="Pending settlements kept in memory; beyond it they go to the spool (`store.spool_dir`)."
         )
+        leases: bool = Field(
+            True,
+            description="Serve a busy, well-funded tenant's JSON requests from a credit lease (one hold reserved per slice, charges written in batches; see middleware/metering/leases.py). Needs a Redis store.",
+        )
+        lease_min_rate: float = Field(
+            20.0, gt=0, description="JSON requests per second of a tenant on this replica before it takes a lease for it."
+        )
+        lease_holds: int = Field(64, ge=2, description="A lease's size, in holds of the request that started it.")
+        lease_margin: int = Field(
+            4, ge=1, description="A lease is taken (or topped up) only when the tenant has this many times its size (the increase) available."
+        )
+        lease_flush_seconds: float = Field(
+            0.02,
+            gt=0,
+            le=1,
+            description="How often leased charges are written (one script per tenant); a replica killed outright loses at most this much of its leased charges.",
+        )
+        lease_ttl_seconds: float = Field(
+            30.0, gt=0, description="Expiry of a lease in the store, renewed by every flush: a dead replica's lease is free again after it."
+        )
+        lease_idle_seconds: float = Field(2.0, gt=0, description="A lease unused this long is given back.")
 
     settings: Settings
 
@@ -209,7 +232,7 @@ class MeteringUnit(Unit):
         self._tenant_keys: dict[str, list[str]] = {}
         self.settlements = SettlementQueue(
             self.store,
-            [HOLD_SETTLE, HOLD_RELEASE],
+            [HOLD_SETTLE, HOLD_RELEASE, LEASE_FLUSH],
             on_count=lambda count: gateway.metrics.settlements_pending.set(count),
             spool_dir=gateway.settings.store.spool_dir,
             memory_limit=settings.pending_settlements_limit,
@@ -217,6 +240,17 @@ class MeteringUnit(Unit):
             on_written=self._written,
         )
         self.sweeper = HoldSweeper(self.store, settings.sweep_seconds)
+        # The embedded store has no round trip to save (and one process): no leases there.
+        usage = gateway.settings.usage
+        self.leases = (
+            LeaseBook(
+                self.store, settings, self.settlements, self._lease_keys,
+                (usage.retention_days, usage.daily_retention_days), bool(gateway.settings.webhooks.url), self._written,
+                self._count_charges, gateway.metrics.credit_leases.set,
+            )
+            if settings.leases and self.store.durable
+            else None
+        )
         # Decided at start-up, once the gateway knows what follows this unit (see startup).
         self._speculative = False
         longest = max((u.timeouts.total for u in gateway.settings.upstreams.values()), default=0.0)
@@ -242,10 +276,18 @@ class MeteringUnit(Unit):
             )
         self.settlements.start()
         self.sweeper.start()
+        if self.leases is not None:
+            self.leases.start()
 
     async def shutdown(self) -> None:
         await self.sweeper.close()
+        if self.leases is not None:
+            await self.leases.close()  # its last batches may still need the settlement queue
         await self.settlements.close()
+
+    async def drain(self) -> None:
+        if self.leases is not None:
+            await self.leases.give_back_all()
 
     def readiness(self) -> list[str]:
         return ["settlements_pending"] if self.settlements.count else []
@@ -258,6 +300,10 @@ class MeteringUnit(Unit):
             return await next(call)  # the forwarder answers unknown models
         ticket = self._size(call, model, pricing)
         hold = 0 if pricing.free else pricing.cost(ticket.prompt, ticket.output_limit)
+        if hold and self.leases is not None and not call.stream and not ticket.budget[0]:
+            lease = self.leases.take(call.principal.tenant, hold)
+            if lease is not None:
+                return await self._leased(call, next, ticket, lease, hold)
         try:
             if hold and self._speculate(call.principal.tenant, hold):
                 reply = await self._forward_speculatively(call, next, ticket, hold)
@@ -278,17 +324,30 @@ class MeteringUnit(Unit):
         if reply.status != 200:
             await self._release(ticket)
             return reply
-        body = reply.json()
-        if call.endpoint == EMBEDDINGS:
-            # Input only: the provider's prompt tokens, else (vectors but no usage) the estimate.
-            usage = embeddings_usage(body.get("usage")) if isinstance(body, dict) else None
-            chars = 1 if isinstance(body, dict) and body.get("data") else 0
-        else:
-            chars = _output_chars(body.get("choices"), "message") if isinstance(body, dict) else 0
-            usage = body.get("usage") if isinstance(body, dict) else None
+        usage, chars = _reply_usage(call, reply)
         # Off the critical path: the reply does not wait for the ledger write,
         # and shutdown waits for it (gateway.drain), so it is never lost.
         self.gateway.spawn(self._settle(ticket, usage, 0, chars, inline=False), "metering.settle")
+        return reply
+
+    async def _leased(self, call: Call, next: Next, ticket: Ticket, lease: Lease, hold: int) -> Reply:
+        """A JSON request whose hold comes from the tenant's lease: no store round trip before or after."""
+        ticket.lease, ticket.hold = lease, hold
+        # The marker that makes its charge idempotent (and tells apart reused request ids).
+        ticket.hold_id = unique_id(f"{call.request_id}:", 32)
+        call.response_headers["x-sovereign-credits-remaining"] = str(self.leases.remaining(lease))  # type: ignore[union-attr]
+        try:
+            reply = await next(call)
+        except BaseException:
+            self.leases.give_back(lease, hold)  # type: ignore[union-attr]
+            ticket.done = True
+            raise
+        if reply.status != 200 or reply.events is not None:
+            self.leases.give_back(lease, hold)  # type: ignore[union-attr]  # (a stream here: not metered as one; never happens for a JSON call)
+            ticket.done = True
+            return reply
+        usage, chars = _reply_usage(call, reply)
+        await self._settle(ticket, usage, 0, chars, inline=False)  # no I/O: the charge joins the lease's next batch
         return reply
 
     def _size(self, call: Call, model: str, pricing: Pricing) -> Ticket:
@@ -315,6 +374,10 @@ class MeteringUnit(Unit):
         ticket = Ticket(call, pricing, model, self._keys(call.principal.tenant), "", 0, prompt, cap * n, added_usage)
         ticket.budget = budget_tail(self.store, call.principal)
         return ticket
+
+    def _lease_keys(self, tenant: str) -> list[str]:
+        """lease_flush's first keys: the credit keys and the tenant's events."""
+        return [*self._keys(tenant), self.store.tenant_key(tenant, "events")]
 
     def _keys(self, tenant: str) -> list[str]:
         """The tenant's credit keys (tenant, holds, hold_amounts, ledger, ledger_ids), built once."""
@@ -355,6 +418,8 @@ class MeteringUnit(Unit):
             raise
         ticket.hold = hold
         self.gateway.metrics.holds_open.inc()
+        if self.leases is not None and not call.stream and not ticket.budget[0]:
+            self.leases.note(call.principal.tenant, hold, available)
 
     # -- speculative holds -------------------------------------------------------
     def _speculate(self, tenant: str, hold: int) -> bool:
@@ -469,12 +534,10 @@ class MeteringUnit(Unit):
             return
         cost = pricing.cost(input_tokens, output_tokens, cached)
         call.credits, call.usage_source = cost, source
-        metrics = self.gateway.metrics
-        metrics.child(metrics.tokens, "input", ticket.model).inc(input_tokens)
-        metrics.child(metrics.tokens, "output", ticket.model).inc(output_tokens)
-        metrics.child(metrics.credits, ticket.model, source).inc(cost)
         created = int(time.time())
-        ticket.settle_tail = settle_tail(self.store, self.gateway.settings, call.principal, ticket.model, input_tokens, output_tokens, created)
+        if ticket.lease is None:  # leased charges are counted by the batch (_count_charges)
+            self._count(ticket.model, source, input_tokens, output_tokens, cost)
+            ticket.settle_tail = settle_tail(self.store, self.gateway.settings, call.principal, ticket.model, input_tokens, output_tokens, created)
         entry = orjson.dumps(
             {
                 "type": "charge",
@@ -489,11 +552,40 @@ class MeteringUnit(Unit):
                 "created_at": created,
             }
         ).decode()
+        if ticket.lease is not None:
+            principal = call.principal
+            charge = Charge(ticket.hold_id, f"req:{call.request_id}", cost, entry, f"{principal.key_id}|{ticket.model}|",
+                            input_tokens, output_tokens, created, ticket.model, source)
+            self.leases.charge(ticket.lease, ticket.hold, charge)  # type: ignore[union-attr]
+            return
         args = [ticket.hold_id, cost, f"req:{call.request_id}", entry]
         await self._write(ticket, HOLD_SETTLE, ticket.keys, args, cost, inline)
 
+    def _count(self, model: str, source: str, input_tokens: int, output_tokens: int, cost: int) -> None:
+        metrics = self.gateway.metrics
+        metrics.child(metrics.tokens, "input", model).inc(input_tokens)
+        metrics.child(metrics.tokens, "output", model).inc(output_tokens)
+        metrics.child(metrics.credits, model, source).inc(cost)
+
+    def _count_charges(self, charges: list[Charge]) -> None:
+        """A lease batch's token and credit metrics, summed per model and usage source (a few metric calls per batch)."""
+        self.gateway.metrics.leased_charges.inc(len(charges))
+        sums: dict[tuple[str, str], list[int]] = {}
+        for charge in charges:
+            totals = sums.get((charge.model, charge.source))
+            if totals is None:
+                totals = sums[(charge.model, charge.source)] = [0, 0, 0]
+            totals[0] += charge.input_tokens
+            totals[1] += charge.output_tokens
+            totals[2] += charge.credits
+        for (model, source), (input_tokens, output_tokens, cost) in sums.items():
+            self._count(model, source, input_tokens, output_tokens, cost)
+
     async def _release(self, ticket: Ticket, inline: bool = True) -> None:
         ticket.done = True
+        if ticket.lease is not None:
+            self.leases.give_back(ticket.lease, ticket.hold)  # type: ignore[union-attr]
+            return
         if ticket.hold_id:
             await self._write(ticket, HOLD_RELEASE, ticket.keys[:3], [ticket.hold_id], 0, inline)
 
@@ -663,6 +755,17 @@ async def _abandon(forward: asyncio.Future[Reply]) -> None:
     reply = forward.result()
     if reply.events is not None:
         await reply.events.aclose()  # type: ignore[attr-defined]  # Reply.events is typed AsyncIterator; every stream is an async generator or has aclose
+
+
+def _reply_usage(call: Call, reply: Reply) -> tuple[Any, int]:
+    """A JSON reply's usage and how much output it carries (characters; embeddings: 1 when vectors came back)."""
+    body = reply.json()
+    if not isinstance(body, dict):
+        return None, 0
+    if call.endpoint == EMBEDDINGS:
+        # Input only: the provider's prompt tokens, else (vectors but no usage) the estimate.
+        return embeddings_usage(body.get("usage")), 1 if body.get("data") else 0
+    return body.get("usage"), _output_chars(body.get("choices"), "message")
 
 
 def _cap_request(call: Call, field: str, cap: int) -> None:

@@ -126,8 +126,10 @@ class Gateway:
         return len(self._background)
 
     async def drain(self, timeout: float | None = None) -> None:
-        """Wait for background work (settlements, titles) to finish."""
+        """Write what units batch, then wait for background work (settlements, titles) to finish."""
         deadline = None if timeout is None else time.monotonic() + timeout
+        for unit in self.units:
+            await unit.drain()
         while self._background:
             remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
             await asyncio.wait(set(self._background), timeout=remaining)

@@ -55,6 +55,12 @@ class Metrics:
         self.holds_open = Gauge(
             "sovereign_credit_holds_open", "Credit holds this process has open now.", registry=r, multiprocess_mode="livesum"
         )
+        self.credit_leases = Gauge(
+            "sovereign_credit_leases", "Credit leases this process holds now (busy tenants' slices).", registry=r, multiprocess_mode="livesum"
+        )
+        self.leased_charges = Counter(
+            "sovereign_leased_charges", "Charges of requests served from a credit lease, written in batches.", registry=r
+        )
         self.settlements_pending = Gauge(
             "sovereign_settlements_pending",
             "Settlements not yet written to the store (kept in memory or in this process' spool).",

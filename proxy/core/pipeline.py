@@ -88,6 +88,9 @@ class Unit:
     async def shutdown(self) -> None:
         """Runs at exit, after open requests have drained."""
 
+    async def drain(self) -> None:
+        """Write what the unit batches in memory now (`Gateway.drain` calls it before waiting for background work)."""
+
     def readiness(self) -> list[str]:
         """Conditions `/readyz` lists as reasons without failing readiness (pending settlements, an unreachable tool server)."""
         return []

@@ -32,7 +32,6 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncGenerator, AsyncIterator
-from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -42,6 +41,7 @@ from middleware.agent import translate
 from middleware.agent.trace import AgentTrace, ToolRun
 from middleware.responses.mcp import MARKER
 from proxy.core.call import DONE_EVENT, RESPONSES, Call, Next, Reply, SSEEvent
+from proxy.core.chat_deltas import ChoiceDelta, ToolCall, ToolCalls
 from proxy.core.errors import ApiError, UpstreamError, invalid_request
 from proxy.core.ids import unique_id
 from proxy.core.pipeline import Unit, UnitSettings
@@ -254,15 +254,20 @@ def _allowed_names(allowed_tools: Any) -> set[str] | None:
     return None
 
 
-@dataclass(slots=True)
-class _Slot:
-    """One tool call being streamed by the provider, by its index."""
+class _TurnCalls(ToolCalls):
+    """One provider call's streamed tool calls, each a server call or a client call (and its index for the client)."""
 
-    server: bool
-    client_index: int  # its index in the client's stream (client tools only)
-    id: str | None = None
-    name: list[str] = field(default_factory=list)
-    arguments: list[str] = field(default_factory=list)
+    __slots__ = ("client_index",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.client_index: dict[Any, int | None] = {}  # provider index → index in the client's stream; None: a server call
+
+    def server_calls(self) -> list[ToolCall]:
+        return [self.calls[index] for index, shown in self.client_index.items() if shown is None]
+
+    def clients(self) -> int:
+        return sum(1 for shown in self.client_index.values() if shown is not None)
 
 
 class AgentLoop:
@@ -403,7 +408,7 @@ class AgentLoop:
                 raise _error_of(reply)
             if index == 0:
                 self.headers = reply.headers
-            slots: dict[int, _Slot] = {}
+            slots = _TurnCalls()
             self.content = None
             async with contextlib.aclosing(reply.events) as events:  # type: ignore[type-var]
                 async for event in events:
@@ -411,7 +416,7 @@ class AgentLoop:
                     if out is not None:
                         self.sent = True
                         yield out
-            server = [s for s in slots.values() if s.server]
+            server = slots.server_calls()
             if not server or len(server) < len(slots) or last:
                 break
             calls = [(s.id or unique_id("call_"), "".join(s.name), "".join(s.arguments)) for s in server]
@@ -438,7 +443,7 @@ class AgentLoop:
         return self.template or {"id": unique_id("chatcmpl-"), "object": "chat.completion.chunk",
                                  "created": int(time.time()), "model": self.call.model}
 
-    def _relay(self, event: SSEEvent, slots: dict[int, _Slot], last: bool) -> SSEEvent | None:
+    def _relay(self, event: SSEEvent, slots: _TurnCalls, last: bool) -> SSEEvent | None:
         """One provider event as the client's stream shows it; None to drop it."""
         if event.is_done:
             return None  # one [DONE], at the very end
@@ -475,45 +480,38 @@ class AgentLoop:
             return None
         return SSEEvent.from_json({**chunk, "choices": kept})
 
-    def _choice(self, choice: dict[str, Any], slots: dict[int, _Slot], last: bool) -> dict[str, Any] | None:
+    def _choice(self, choice: dict[str, Any], slots: _TurnCalls, last: bool) -> dict[str, Any] | None:
+        part = ChoiceDelta(choice)
         delta = choice.get("delta")
         fragments = delta.get("tool_calls") if isinstance(delta, dict) else None
-        finish = choice.get("finish_reason")
+        finish = part.finish_reason
         if not fragments and finish != "tool_calls":
-            content = delta.get("content") if isinstance(delta, dict) else None
-            if isinstance(content, str):
-                self.content = (self.content or "") + content
+            if part.content is not None:
+                self.content = (self.content or "") + part.content
             return choice
         new = dict(choice)
         if fragments:
             forwarded = []
-            for fragment in fragments:
-                if not isinstance(fragment, dict):
-                    continue
+            for fragment in part.tool_calls:
                 index = fragment.get("index", 0)
-                slot = slots.get(index)
-                function: dict[str, Any] = fragment["function"] if isinstance(fragment.get("function"), dict) else {}
-                if slot is None:
-                    server = function.get("name") in self.catalog
-                    client_index = self.shown + sum(1 for s in slots.values() if not s.server)
-                    slot = slots[index] = _Slot(server, client_index)
-                if isinstance(fragment.get("id"), str):
-                    slot.id = fragment["id"]
-                if isinstance(function.get("name"), str):
-                    slot.name.append(function["name"])
-                if isinstance(function.get("arguments"), str):
-                    slot.arguments.append(function["arguments"])
-                if not slot.server:
-                    forwarded.append({**fragment, "index": slot.client_index})
+                if index not in slots:
+                    # A call's first fragment names its tool: a server call runs here, a
+                    # client call goes on to the client under the next index of its stream.
+                    function = fragment.get("function")
+                    name = function.get("name") if isinstance(function, dict) else None
+                    slots.client_index[index] = None if name in self.catalog else self.shown + slots.clients()
+                slots.add(fragment)
+                client_index = slots.client_index[index]
+                if client_index is not None:
+                    forwarded.append({**fragment, "index": client_index})
             assert isinstance(delta, dict)
             new_delta = {k: v for k, v in delta.items() if k != "tool_calls"}
             if forwarded:
                 new_delta["tool_calls"] = forwarded
             new["delta"] = new_delta
-            content = new_delta.get("content")
-            if isinstance(content, str):
-                self.content = (self.content or "") + content
-        if finish == "tool_calls" and not any(not s.server for s in slots.values()):
+            if part.content is not None:
+                self.content = (self.content or "") + part.content
+        if finish == "tool_calls" and not slots.clients():
             # Only server calls: the loop goes on (or, on the last call, the answer ends here).
             new["finish_reason"] = "stop" if last else None
         if new.get("finish_reason") is None and not new.get("delta") and not new.get("logprobs"):

@@ -14,18 +14,14 @@ from typing import Any
 
 import orjson
 
+from proxy.core.chat_deltas import reasoning_of
+
 # finish_reason → stop_reason; "stop" is end_turn unless a stop sequence matched.
 _STOP_REASONS = {"length": "max_tokens", "tool_calls": "tool_use", "function_call": "tool_use", "content_filter": "refusal"}
 
 
 def new_message_id() -> str:
     return "msg_" + os.urandom(12).hex()
-
-
-def reasoning_of(part: dict[str, Any]) -> Any:
-    # DeepSeek/vLLM call it reasoning_content; OpenRouter and newer vLLM call it reasoning.
-    value = part.get("reasoning_content")
-    return value if value is not None else part.get("reasoning")
 
 
 def stop_reason(finish_reason: Any, matched: Any, stop_sequences: Any) -> tuple[str, str | None]:

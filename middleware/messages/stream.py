@@ -20,9 +20,10 @@ from collections.abc import Iterator
 from typing import Any
 
 from proxy.core.call import SSEEvent
+from proxy.core.chat_deltas import ChoiceDelta, ChunkTranslator
 from proxy.core.errors import UpstreamError
 
-from middleware.messages.reply import message_skeleton, reasoning_of, stop_reason, usage_of
+from middleware.messages.reply import message_skeleton, stop_reason, usage_of
 
 PING = SSEEvent.from_json({"type": "ping"}, event="ping")
 
@@ -39,7 +40,7 @@ class _Block:
         self.kind = kind  # "thinking", "text" or "tool_use"
 
 
-class StreamTranslator:
+class StreamTranslator(ChunkTranslator):
     """Chat chunks in, Anthropic events out."""
 
     def __init__(self, message_id: str, model: Any, stop_sequences: Any, input_estimate: int) -> None:
@@ -67,31 +68,16 @@ class StreamTranslator:
                  "cache_creation_input_tokens": 0, "cache_read_input_tokens": 0}
         yield _event({"type": "message_start", "message": message_skeleton(self.message_id, self.model, usage)})
 
-    def chunk(self, chunk: dict[str, Any]) -> Iterator[SSEEvent]:
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        choices = chunk.get("choices")
-        if not choices:
-            if isinstance(chunk.get("error"), dict):  # a provider's in-band error event
-                raise UpstreamError(str(chunk["error"].get("message") or "The upstream provider failed."))
-            return
-        choice = choices[0]
-        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-            return  # a Message has one output; extra choices (n > 1) are dropped
-        delta: dict[str, Any] = choice["delta"] if isinstance(choice.get("delta"), dict) else {}
-        reasoning = reasoning_of(delta)
-        if isinstance(reasoning, str) and reasoning:
-            yield from self._text("thinking", reasoning)
-        content = delta.get("content")
-        if isinstance(content, str) and content:
-            yield from self._text("text", content)
-        calls = delta.get("tool_calls")
-        for call in calls if isinstance(calls, list) else ():
-            if isinstance(call, dict):
-                yield from self._tool_call(call)
-        if choice.get("finish_reason"):
-            self.finish_reason = choice["finish_reason"]
-            self.matched = choice.get("stop_reason")
+    # The parts of each chunk (`ChunkTranslator.chunk`).
+    def on_reasoning(self, text: str) -> Iterator[SSEEvent]:
+        return self._text("thinking", text)
+
+    def on_content(self, text: str) -> Iterator[SSEEvent]:
+        return self._text("text", text)
+
+    def on_finish(self, part: ChoiceDelta) -> None:
+        self.finish_reason = part.finish_reason
+        self.matched = part.choice.get("stop_reason")
 
     def _start_block(self, kind: str, content_block: dict[str, Any]) -> Iterator[SSEEvent]:
         yield from self._stop_open()
@@ -114,7 +100,7 @@ class StreamTranslator:
         delta = {"type": "thinking_delta", "thinking": text} if kind == "thinking" else {"type": "text_delta", "text": text}
         yield _event({"type": "content_block_delta", "index": self.open.index, "delta": delta})
 
-    def _tool_call(self, call: dict[str, Any]) -> Iterator[SSEEvent]:
+    def on_tool_call(self, call: dict[str, Any]) -> Iterator[SSEEvent]:
         function: dict[str, Any] = call["function"] if isinstance(call.get("function"), dict) else {}
         index = call.get("index", 0)
         block = self.calls.get(index)

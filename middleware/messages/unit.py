@@ -20,9 +20,7 @@ without calling the provider.
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator
 from typing import TYPE_CHECKING, Any
 
 import orjson
@@ -30,7 +28,7 @@ from pydantic import Field
 
 from proxy.core.call import CHAT, MESSAGES, MESSAGES_COUNT_TOKENS, Call, Next, Reply, SSEEvent
 from proxy.core.pipeline import ErrorRenderer, Unit, UnitSettings
-from proxy.core.streams import EventStream
+from proxy.core.streams import EventStream, keepalive
 
 from middleware.messages import errors
 from middleware.messages.reply import new_message_id, to_message
@@ -99,7 +97,8 @@ class MessagesUnit(Unit):
         """The Anthropic events for the chat chunks (an `EventStream` transform: it closes `chunks`)."""
         for event in translator.start():
             yield event
-        async for chunk_event in _pinging(chunks, self.settings.ping_seconds, lambda: translator.talking):
+        # Pings until the model has opened its first block (a ping after it would say nothing).
+        async for chunk_event in keepalive(chunks, self.settings.ping_seconds, PING, until=lambda: translator.talking):
             if chunk_event is PING:
                 yield PING
                 continue
@@ -111,34 +110,3 @@ class MessagesUnit(Unit):
                 translator.saw_done = True
         for event in translator.finish():
             yield event
-
-
-async def _pinging(
-    events: AsyncIterator[SSEEvent], interval: float, talking: Callable[[], bool]
-) -> AsyncIterator[SSEEvent]:
-    """The events, with `PING` after every `interval` seconds without one, until the model talks.
-
-    Once `talking()` is true the events are relayed without any timer. The
-    caller closes `events` (this generator only ever reads it).
-    """
-    iterator = events.__aiter__()
-    while not talking():
-        pending = asyncio.ensure_future(iterator.__anext__())
-        try:
-            while True:
-                done, _ = await asyncio.wait({pending}, timeout=interval)
-                if done:
-                    break
-                yield PING
-        finally:
-            if not pending.done():
-                pending.cancel()
-                # Let the cancellation land before anyone closes the iterator it is running.
-                with contextlib.suppress(BaseException):
-                    await pending
-        try:
-            yield pending.result()
-        except StopAsyncIteration:
-            return
-    async for event in iterator:
-        yield event

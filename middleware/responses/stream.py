@@ -24,6 +24,7 @@ from collections.abc import Iterator
 from typing import Any, Literal
 
 from proxy.core.call import SSEEvent
+from proxy.core.chat_deltas import ChoiceDelta, ChunkTranslator, reasoning_of
 from proxy.core.errors import ApiError, UpstreamError
 
 from proxy.core.ids import new_id
@@ -93,12 +94,6 @@ def _finish(response: dict[str, Any], finish_reason: Any, usage: Any) -> None:
     response["completed_at"] = int(time.time())
 
 
-def _reasoning_of(message: dict[str, Any]) -> Any:
-    # DeepSeek/vLLM call it reasoning_content; OpenRouter and newer vLLM call it reasoning.
-    value = message.get("reasoning_content")
-    return value if value is not None else message.get("reasoning")
-
-
 def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
     content = [{"type": "output_text", "text": text, "annotations": []}]
     return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
@@ -126,7 +121,7 @@ def complete(response: dict[str, Any], completion: dict[str, Any], reasoning_mod
     finish_reason = choice.get("finish_reason")
     status = "incomplete" if finish_reason in _INCOMPLETE else "completed"
     output: list[dict[str, Any]] = []
-    reasoning = _reasoning_of(message)
+    reasoning = reasoning_of(message)
     if isinstance(reasoning, str) and reasoning:
         output.append(_reasoning_item(new_id("rs_"), reasoning, status, reasoning_mode))
     content = message.get("content")
@@ -188,7 +183,7 @@ class _Item:
         return item
 
 
-class StreamTranslator:
+class StreamTranslator(ChunkTranslator):
     """Chat chunks in, Responses events out; one per streamed request."""
 
     def __init__(self, response: dict[str, Any], reasoning_mode: ReasoningMode = "summary") -> None:
@@ -211,29 +206,15 @@ class StreamTranslator:
         yield self._event({"type": "response.created", "response": self.response})
         yield self._event({"type": "response.in_progress", "response": self.response})
 
-    def chunk(self, chunk: dict[str, Any]) -> Iterator[SSEEvent]:
-        """The events for one chat chunk (usage and finish_reason are only remembered)."""
-        if chunk.get("usage"):
-            self.usage = chunk["usage"]
-        choices = chunk.get("choices")
-        if not choices:
-            if isinstance(chunk.get("error"), dict):  # a provider's in-band error event
-                raise UpstreamError(str(chunk["error"].get("message") or "The upstream provider failed."))
-            return
-        choice = choices[0]
-        if not isinstance(choice, dict) or choice.get("index", 0) != 0:
-            return  # Responses has one output; extra choices (n > 1) are dropped
-        delta = choice.get("delta") or {}
-        reasoning = _reasoning_of(delta)
-        if isinstance(reasoning, str) and reasoning:
-            yield from self._text("reasoning", reasoning)
-        content = delta.get("content")
-        if isinstance(content, str) and content:
-            yield from self._text("message", content)
-        for call in delta.get("tool_calls") or ():
-            yield from self._tool_call(call)
-        if choice.get("finish_reason"):
-            self.finish_reason = choice["finish_reason"]
+    # The parts of each chunk (`ChunkTranslator.chunk`); usage and finish_reason are only remembered.
+    def on_reasoning(self, text: str) -> Iterator[SSEEvent]:
+        return self._text("reasoning", text)
+
+    def on_content(self, text: str) -> Iterator[SSEEvent]:
+        return self._text("message", text)
+
+    def on_finish(self, part: ChoiceDelta) -> None:
+        self.finish_reason = part.finish_reason
 
     def _text(self, kind: str, delta: str) -> Iterator[SSEEvent]:
         item = self.text
@@ -270,7 +251,7 @@ class StreamTranslator:
     def _reasoning_text(self, item: _Item) -> bool:
         return item.kind == "reasoning" and self.reasoning_mode != "summary"
 
-    def _tool_call(self, call: dict[str, Any]) -> Iterator[SSEEvent]:
+    def on_tool_call(self, call: dict[str, Any]) -> Iterator[SSEEvent]:
         function = call.get("function") or {}
         index = call.get("index", 0)
         item = self.calls.get(index)

@@ -46,6 +46,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from pydantic import Field
 
 from proxy.core.call import CHAT, Call, Next, Reply, SSEEvent
+from proxy.core.chat_deltas import ChoiceDelta, ToolCall, ToolCalls
 from proxy.core.errors import ApiError, StoreUnavailable, invalid_request, not_found
 from proxy.web.middlewares import new_request_id
 from proxy.core.params import query_limit
@@ -307,9 +308,9 @@ class _StreamedMessage:
 
     def __init__(self) -> None:
         self.content: list[str] = []
-        self.tool_calls: dict[int, dict[str, Any]] = {}
+        self.tool_calls = ToolCalls()
         # Legacy `function_call` deltas (the legacy_functions unit turns tool calls back into them).
-        self.function_call: dict[str, list[str]] | None = None
+        self.function_call: ToolCall | None = None
         self.finished = False
 
     def feed(self, chunk: Any) -> None:
@@ -321,62 +322,25 @@ class _StreamedMessage:
         for choice in choices:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta")
-            if isinstance(delta, dict):
-                text = delta.get("content")
-                if isinstance(text, str):
-                    self.content.append(text)
-                fragments = delta.get("tool_calls")
-                if isinstance(fragments, list):
-                    for fragment in fragments:
-                        if isinstance(fragment, dict):
-                            self._tool_fragment(fragment)
-                function = delta.get("function_call")
-                if isinstance(function, dict):
-                    if self.function_call is None:
-                        self.function_call = {"name": [], "arguments": []}
-                    _append_function(self.function_call, function)
-            if choice.get("finish_reason"):
+            part = ChoiceDelta(choice)
+            if part.content is not None:
+                self.content.append(part.content)
+            for fragment in part.tool_calls:
+                self.tool_calls.add(fragment)
+            if part.function_call is not None:
+                if self.function_call is None:
+                    self.function_call = ToolCall()
+                self.function_call.add_function(part.function_call)
+            if part.finish_reason:
                 self.finished = True
-
-    def _tool_fragment(self, fragment: dict[str, Any]) -> None:
-        index = fragment.get("index", 0)
-        slot = self.tool_calls.get(index)
-        if slot is None:
-            slot = self.tool_calls[index] = {"id": None, "type": "function", "name": [], "arguments": []}
-        if isinstance(fragment.get("id"), str):
-            slot["id"] = fragment["id"]
-        if isinstance(fragment.get("type"), str):
-            slot["type"] = fragment["type"]
-        function = fragment.get("function")
-        if isinstance(function, dict):
-            _append_function(slot, function)
 
     def message(self) -> dict[str, Any]:
         message: dict[str, Any] = {"role": "assistant", "content": "".join(self.content) if self.content else None}
         if self.tool_calls:
-            message["tool_calls"] = [
-                {
-                    "id": slot["id"],
-                    "type": slot["type"],
-                    "function": {"name": "".join(slot["name"]), "arguments": "".join(slot["arguments"])},
-                }
-                for _, slot in sorted(self.tool_calls.items(), key=lambda item: item[0])
-            ]
+            message["tool_calls"] = self.tool_calls.message_calls()
         if self.function_call is not None:
-            message["function_call"] = {
-                "name": "".join(self.function_call["name"]),
-                "arguments": "".join(self.function_call["arguments"]),
-            }
+            message["function_call"] = self.function_call.function()
         return _replayable(message)
-
-
-def _append_function(slot: dict[str, Any], function: dict[str, Any]) -> None:
-    """Add one streamed fragment of a function's name and arguments."""
-    if isinstance(function.get("name"), str):
-        slot["name"].append(function["name"])
-    if isinstance(function.get("arguments"), str):
-        slot["arguments"].append(function["arguments"])
 
 
 def _is_system(message: Any) -> bool:

@@ -1,1 +1,1 @@
-"""The server core: Call/Reply, errors, the unit pipeline, the gateway's shared services, settings, logs, metrics."""
+"""The server core: Call/Reply, errors, the unit pipeline, the gateway's shared services, streams, settings, logs, metrics."""

@@ -22,13 +22,19 @@ to its end after the client left, for its exact usage): ``shield_reads`` runs
 each read of the source in its own task, so the handler's cancellation does
 not reach the provider connection, and ``on_abandon(source)`` receives the
 source instead of closing it when the stream is closed early.
+
+`keepalive(events, interval, ping)` is the other stream helper: it adds a
+ping (an SSE comment, an Anthropic ``ping`` event) after every ``interval``
+seconds without an event, until the first event or until ``until()`` says
+the stream is under way; from then on it relays without any timer.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from typing import Any, TypeVar
 
 from proxy.core.call import SSEEvent
 
@@ -36,6 +42,8 @@ Observer = Callable[[SSEEvent], SSEEvent | None]
 Transform = Callable[[AsyncIterator[SSEEvent]], AsyncIterator[SSEEvent]]
 OnClose = Callable[[bool], Awaitable[None] | None]
 OnAbandon = Callable[[AsyncIterator[SSEEvent]], None]
+T = TypeVar("T")
+P = TypeVar("P")
 
 
 class EventStream:
@@ -140,3 +148,38 @@ async def _aclose(events: AsyncIterator[SSEEvent]) -> None:
     aclose = getattr(events, "aclose", None)
     if aclose is not None:
         await aclose()
+
+
+async def keepalive(
+    events: AsyncIterator[T], interval: float, ping: P, until: Callable[[], bool] | None = None
+) -> AsyncIterator[T | P]:
+    """`events`, with `ping` after every `interval` seconds without one, while the stream is starting.
+
+    Without `until` the timer stops at the first event; with it, once
+    ``until()`` is true (checked before each read). After that each event is
+    relayed as it comes, with no timer and no check. The caller closes
+    `events`: this generator only ever reads it.
+    """
+    iterator = events.__aiter__()
+    timed = until is None or not until()
+    while timed:
+        pending = asyncio.ensure_future(iterator.__anext__())
+        try:
+            while True:
+                done, _ = await asyncio.wait({pending}, timeout=interval)
+                if done:
+                    break
+                yield ping
+        finally:
+            if not pending.done():
+                pending.cancel()
+                # Let the cancellation land before anyone closes the iterator it is running.
+                with contextlib.suppress(BaseException):
+                    await pending
+        try:
+            yield pending.result()
+        except StopAsyncIteration:
+            return
+        timed = until is not None and not until()
+    async for event in iterator:
+        yield event

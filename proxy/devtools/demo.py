@@ -15,16 +15,13 @@ import shlex
 import signal
 import sys
 
-from aiohttp import web
-
 from proxy.store.accounts import Accounts
 from proxy.web.app import create_app
 from proxy.core.gateway import GATEWAY
-from proxy.web.body import RUNNER_OPTIONS
-from proxy.web.middlewares import AccessLogger
 from proxy.core.logs import configure_logging
+from proxy.core.loop import run
 from proxy.devtools.mock_upstream import MockOptions, MockUpstream
-from proxy.web.server import cannot_listen, install_uvloop, listen
+from proxy.web.server import cannot_listen, listen, runner_for
 from proxy.core.settings import load_settings
 
 DEMO_TENANT = "demo"
@@ -87,10 +84,10 @@ async def _run(args: argparse.Namespace) -> None:
         }
     )
     app = create_app(settings)
-    runner = web.AppRunner(app, handler_cancellation=True, access_log_class=AccessLogger, **RUNNER_OPTIONS)
+    runner = runner_for(app)
     await runner.setup()
     try:
-        await listen(web.TCPSite(runner, args.host, args.port), args.host, args.port, "choose another with --port")
+        await listen(runner, args.host, args.port, "choose another with --port")
     except SystemExit:
         await runner.cleanup()
         await mock.close()
@@ -112,6 +109,5 @@ async def _run(args: argparse.Namespace) -> None:
 
 def run_demo(args: argparse.Namespace) -> int:
     configure_logging("warning")
-    install_uvloop()
-    asyncio.run(_run(args))
+    run(_run(args))
     return 0

@@ -31,6 +31,8 @@ from typing import Any
 import orjson
 from aiohttp import web
 
+from proxy.core.loop import run
+
 MODEL_LIST = {
     "object": "list",
     "data": [{"id": "mock-model", "object": "model", "created": 0, "owned_by": "sovereign-mock"}],
@@ -506,14 +508,6 @@ class MockUpstream:
         return resp
 
 
-def _uvloop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
-    try:
-        import uvloop
-    except ImportError:
-        return None
-    return uvloop.new_event_loop
-
-
 def run_mock_upstream(host: str, port: int, options: MockOptions) -> None:
     """Serve the mock until interrupted (blocking); uses uvloop when installed."""
 
@@ -532,8 +526,8 @@ def run_mock_upstream(host: str, port: int, options: MockOptions) -> None:
         finally:
             await mock.close()
 
-    with contextlib.suppress(KeyboardInterrupt), asyncio.Runner(loop_factory=_uvloop_factory()) as runner:
-        runner.run(serve())
+    with contextlib.suppress(KeyboardInterrupt):
+        run(serve())
 
 
 def add_cli_arguments(parser: argparse.ArgumentParser) -> None:

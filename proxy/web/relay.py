@@ -11,13 +11,14 @@ provider connection) and a provider that fails mid-stream (one
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from contextlib import suppress
 
 from aiohttp import web
 
 from proxy.core.call import Call, Reply, SSEEvent
 from proxy.core.errors import ApiError
+from proxy.core.streams import keepalive as keepalive_pings
 from proxy.web.middlewares import STREAM_OUTCOME
 
 try:  # aiohttp >= 3.10 raises its own subclass
@@ -59,12 +60,13 @@ async def send_stream(
     headers = _headers(reply, call)
     headers.update(SSE_HEADERS)
     response = web.StreamResponse(status=reply.status, headers=headers)
-    events = reply.events
+    events: AsyncIterator[SSEEvent | bytes] = reply.events
     request[STREAM_OUTCOME] = "completed"
     try:
         await response.prepare(request)
         if keepalive:
-            events = _with_keepalive(events, keepalive)
+            # A comment line is the only addition SSE clients are guaranteed to ignore.
+            events = keepalive_pings(events, keepalive, KEEPALIVE_COMMENT)
         async for event in events:
             await response.write(event.raw if isinstance(event, SSEEvent) else event)
             if on_first_byte is not None:
@@ -90,31 +92,3 @@ async def send_stream(
         with suppress(*CLIENT_GONE):
             await response.write_eof()
     return response
-
-
-async def _with_keepalive(events, interval: float):
-    """Send SSE comments while the provider has not produced its first event.
-
-    A comment line is the only addition SSE clients are guaranteed to ignore;
-    once the first event arrives, events are relayed without any timer.
-    """
-    iterator = events.__aiter__()
-    first = asyncio.ensure_future(iterator.__anext__())
-    try:
-        while True:
-            done, _ = await asyncio.wait({first}, timeout=interval)
-            if done:
-                break
-            yield KEEPALIVE_COMMENT
-        try:
-            yield first.result()
-        except StopAsyncIteration:
-            return
-    finally:
-        if not first.done():
-            first.cancel()
-            # Let the cancellation land before anyone closes the iterator it is running.
-            with suppress(BaseException):
-                await first
-    async for event in iterator:
-        yield event

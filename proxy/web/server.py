@@ -16,6 +16,7 @@ import asyncio
 import errno
 import gc
 import signal
+from typing import Any
 
 import structlog
 from aiohttp import web
@@ -23,19 +24,12 @@ from aiohttp import web
 from proxy.web.app import create_app
 from proxy.web.body import RUNNER_OPTIONS
 from proxy.core.gateway import GATEWAY
+from proxy.core.loop import run
 from proxy.web.middlewares import AccessLogger
 from proxy.core.settings import Settings
 from proxy.web.workers import WorkerRole, announce_ready, prepare_app
 
 log = structlog.get_logger("sovereign")
-
-
-def install_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:  # pragma: no cover - uvloop is a dependency, but stay runnable without it
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
 
 
 def cannot_listen(exc: OSError, host: str, port: int, change: str) -> SystemExit:
@@ -49,22 +43,31 @@ def cannot_listen(exc: OSError, host: str, port: int, change: str) -> SystemExit
     return SystemExit(f"sovereign: cannot listen on {host}:{port}: {reason}; {change}")
 
 
-async def listen(site: web.TCPSite, host: str, port: int, change: str) -> None:
-    """Start `site`; a port that cannot be bound ends the process with one line, not a traceback."""
+async def listen(
+    runner: web.AppRunner, host: str, port: int, change: str, *,
+    reuse_address: bool | None = None, reuse_port: bool | None = None,
+) -> None:
+    """Start a TCP site of `runner`; a port that cannot be bound ends the process with one line, not a traceback."""
+    site = web.TCPSite(runner, host, port, reuse_address=reuse_address, reuse_port=reuse_port)
     try:
         await site.start()
     except OSError as exc:
         raise cannot_listen(exc, host, port, change) from None
 
 
-def runner_for(app: web.Application, settings: Settings) -> web.AppRunner:
+def runner_for(
+    app: web.Application, *, handler_cancellation: bool = True, **options: Any
+) -> web.AppRunner:
+    """The runner of a gateway app (the gateway's own, its admin app's, the demo's).
+
+    `options` go to aiohttp as they are (timeouts); aiohttp's defaults otherwise.
+    """
     return web.AppRunner(
         app,
-        handler_cancellation=True,  # a client that goes away cancels its request, upstream included
+        # A client that goes away cancels its request, upstream included.
+        handler_cancellation=handler_cancellation,
         access_log_class=AccessLogger,
-        keepalive_timeout=settings.server.keepalive_timeout,
-        # Open requests were already given drain_seconds before cleanup runs.
-        shutdown_timeout=1.0,
+        **options,
         **RUNNER_OPTIONS,  # request bodies are decoded by proxy.web.body, not by aiohttp
     )
 
@@ -76,26 +79,26 @@ async def serve_async(settings: Settings, ready: asyncio.Event | None = None, wo
         prepare_app(app)
     # Several workers listen on one port, each with its own socket.
     reuse_port = True if worker is not None else None
-    runner = runner_for(app, settings)
+    runner = runner_for(
+        app,
+        keepalive_timeout=settings.server.keepalive_timeout,
+        shutdown_timeout=1.0,  # open requests were already given drain_seconds before cleanup runs
+    )
     await runner.setup()
     server = settings.server
-    sites = [
-        (web.TCPSite(runner, server.host, server.port, reuse_address=True, reuse_port=reuse_port), server.host, server.port,
-         "choose another with server.port in the config or SOVEREIGN_PORT"),
-    ]
     admin_runner = None
-    if settings.admin.token is not None and settings.admin.port is not None:
+    admin_port = settings.admin.port
+    if settings.admin.token is not None and admin_port is not None:
         from proxy.admin.api import create_admin_app
 
-        admin_app = create_admin_app(gateway, standalone=True)
-        admin_runner = web.AppRunner(admin_app, access_log_class=AccessLogger, **RUNNER_OPTIONS)
+        admin_runner = runner_for(create_admin_app(gateway, standalone=True), handler_cancellation=False)
         await admin_runner.setup()
-        host, port = settings.admin.host, settings.admin.port
-        sites.append((web.TCPSite(admin_runner, host, port, reuse_port=reuse_port), host, port,
-                      "choose another with admin.port in the config or SOVEREIGN_ADMIN__PORT"))
     try:
-        for site, host, port, change in sites:
-            await listen(site, host, port, change)
+        await listen(runner, server.host, server.port, "choose another with server.port in the config or SOVEREIGN_PORT",
+                     reuse_address=True, reuse_port=reuse_port)
+        if admin_runner is not None and admin_port is not None:
+            await listen(admin_runner, settings.admin.host, admin_port,
+                         "choose another with admin.port in the config or SOVEREIGN_ADMIN__PORT", reuse_port=reuse_port)
     except SystemExit:
         if admin_runner is not None:
             await admin_runner.cleanup()
@@ -138,5 +141,4 @@ async def serve_async(settings: Settings, ready: asyncio.Event | None = None, wo
 
 
 def serve(settings: Settings, worker: WorkerRole | None = None) -> None:
-    install_uvloop()
-    asyncio.run(serve_async(settings, worker=worker))
+    run(serve_async(settings, worker=worker))

@@ -9,7 +9,7 @@ import pytest
 
 from proxy.core.call import SSEEvent
 from proxy.core.errors import UpstreamError
-from proxy.core.streams import EventStream
+from proxy.core.streams import EventStream, keepalive
 
 
 class Source:
@@ -127,3 +127,56 @@ async def test_shielded_reads_survive_a_cancelled_reader_and_are_handed_to_on_ab
     gate.set()
     assert [e.json()["n"] async for e in handed[0]] == [1, 2]  # the read under way is not lost
     assert source.closed
+
+
+# -- keepalive: pings while a stream is starting -------------------------------------
+
+PING = b": ping\n\n"
+
+
+async def _paced(*items: tuple[float, str]) -> AsyncIterator[str]:
+    """Yields each item after its pause (seconds)."""
+    for pause, item in items:
+        await asyncio.sleep(pause)
+        yield item
+
+
+async def test_keepalive_pings_until_the_first_event_then_relays_without_a_timer() -> None:
+    out = [e async for e in keepalive(_paced((0.2, "a"), (0.2, "b"), (0, "c")), 0.02, PING)]
+    first = out.index("a")
+    assert first >= 2 and set(out[:first]) == {PING}
+    assert out[first:] == ["a", "b", "c"]  # no ping in the 0.2 s before "b"
+
+
+async def test_keepalive_with_until_pings_between_events_until_it_says_stop() -> None:
+    seen: list[str] = []
+    out = []
+    async for event in keepalive(_paced((0, "quiet"), (0.2, "talks"), (0.2, "more")), 0.02, PING, until=lambda: "talks" in seen):
+        out.append(event)
+        if event != PING:
+            seen.append(event)
+    talks = out.index("talks")
+    assert out[0] == "quiet" and PING in out[1:talks]  # still pinging after an event until() did not accept
+    assert out[talks:] == ["talks", "more"]
+
+
+async def test_keepalive_of_an_empty_stream_ends() -> None:
+    assert [e async for e in keepalive(_paced(), 0.02, PING)] == []
+
+
+async def test_closing_keepalive_mid_wait_lets_the_cancelled_read_land_before_the_source_is_closed() -> None:
+    finished: list[bool] = []
+
+    async def silent() -> AsyncIterator[str]:
+        try:
+            await asyncio.sleep(30)
+            yield "never"
+        finally:
+            finished.append(True)
+
+    source = silent()
+    stream = keepalive(source, 0.01, PING)
+    assert await stream.__anext__() == PING  # a read of `source` is now pending
+    await stream.aclose()  # type: ignore[attr-defined]
+    assert finished == [True]  # the pending read was cancelled and ran to its end
+    await source.aclose()  # a read still running would make this raise RuntimeError

@@ -1,0 +1,191 @@
+"""One reading of a streamed chat chunk, and one accumulator of its tool-call fragments.
+
+A `chat.completion.chunk` carries, per choice, a ``delta`` (reasoning text,
+content text, tool-call fragments, a legacy ``function_call`` fragment) and a
+``finish_reason``. The units that read provider streams (sessions, agent,
+Responses, Messages) read them here:
+
+- `ChoiceDelta(choice)`: the parts of one choice's delta (`ChoiceDelta`),
+  each None/empty when absent or not of the expected type;
+- `first_choice(chunk)`: the same for ``choices[0]`` when it is choice 0 (the
+  translators' reading: a Response or a Message has one output, extra choices
+  of ``n > 1`` are dropped), after the provider's in-band error event, which
+  it raises as `UpstreamError`;
+- `reasoning_of(part)`: reasoning text under either name providers use;
+- `ChunkTranslator`: the chunk reading of the translators into another
+  API's events (Responses, Messages): each part of choice 0 to a hook;
+- `ToolCalls`: tool-call fragments assembled by their ``index`` (ids, names
+  and arguments arrive in pieces), into `ToolCall` slots.
+
+Which choices a unit reads stays with the unit: sessions and the agent scan
+every choice for index 0 (they pass the others on), the translators take
+``choices[0]``.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Iterator, Sequence
+from typing import Any
+
+from proxy.core.call import SSEEvent
+from proxy.core.errors import UpstreamError
+
+_NO_FRAGMENTS: tuple[dict[str, Any], ...] = ()
+
+
+def reasoning_of(part: dict[str, Any]) -> Any:
+    """The reasoning of a message or delta, as the provider sent it (None when absent)."""
+    # DeepSeek/vLLM call it reasoning_content; OpenRouter and newer vLLM call it reasoning.
+    value = part.get("reasoning_content")
+    return value if value is not None else part.get("reasoning")
+
+
+class ChoiceDelta:
+    """The parts of one streamed choice: each None (or no fragments) when absent or of the wrong type."""
+
+    __slots__ = ("choice", "reasoning", "content", "tool_calls", "function_call", "finish_reason")
+
+    choice: dict[str, Any]
+    reasoning: str | None
+    content: str | None
+    tool_calls: Sequence[dict[str, Any]]  # the fragments that are objects, in order
+    function_call: dict[str, Any] | None  # a legacy `function_call` fragment
+    finish_reason: Any
+
+    def __init__(self, choice: dict[str, Any]) -> None:
+        self.choice = choice  # the raw choice, for provider extras (vLLM's stop_reason)
+        self.finish_reason = choice.get("finish_reason")
+        delta = choice.get("delta")
+        if not isinstance(delta, dict):
+            self.reasoning = self.content = self.function_call = None
+            self.tool_calls = _NO_FRAGMENTS
+            return
+        reasoning = reasoning_of(delta)
+        self.reasoning = reasoning if isinstance(reasoning, str) else None
+        content = delta.get("content")
+        self.content = content if isinstance(content, str) else None
+        fragments = delta.get("tool_calls")
+        self.tool_calls = (
+            [f for f in fragments if isinstance(f, dict)] if isinstance(fragments, list) and fragments else _NO_FRAGMENTS
+        )
+        function = delta.get("function_call")
+        self.function_call = function if isinstance(function, dict) else None
+
+
+def first_choice(chunk: dict[str, Any]) -> ChoiceDelta | None:
+    """Choice 0 of `chunk` when it comes first; None for a chunk without it (usage only, another choice).
+
+    A chunk without choices that carries an ``error`` object is the provider's
+    in-band error event: raised as `UpstreamError`.
+    """
+    choices = chunk.get("choices")
+    if not choices:
+        if isinstance(chunk.get("error"), dict):
+            raise UpstreamError(str(chunk["error"].get("message") or "The upstream provider failed."))
+        return None
+    choice = choices[0]
+    if not isinstance(choice, dict) or choice.get("index", 0) != 0:
+        return None
+    return ChoiceDelta(choice)
+
+
+class ChunkTranslator(ABC):
+    """Chat chunks in, another API's events out: the reading its translators share.
+
+    `chunk` remembers the chunk's usage, raises the provider's in-band error
+    and hands the parts of choice 0 (`first_choice`) to the hooks, in order:
+    reasoning text, content text (each when not empty), each tool-call
+    fragment, then the finish reason, after the events of the chunk's text
+    (an item closed by that text takes its status from the reason before it).
+    """
+
+    usage: Any  # the latest usage a chunk reported
+
+    def chunk(self, chunk: dict[str, Any]) -> Iterator[SSEEvent]:
+        """The events for one chat chunk."""
+        if chunk.get("usage"):
+            self.usage = chunk["usage"]
+        part = first_choice(chunk)  # one output; extra choices (n > 1) are dropped
+        if part is None:
+            return
+        if part.reasoning:
+            yield from self.on_reasoning(part.reasoning)
+        if part.content:
+            yield from self.on_content(part.content)
+        for fragment in part.tool_calls:
+            yield from self.on_tool_call(fragment)
+        if part.finish_reason:
+            self.on_finish(part)
+
+    @abstractmethod
+    def on_reasoning(self, text: str) -> Iterator[SSEEvent]: ...
+
+    @abstractmethod
+    def on_content(self, text: str) -> Iterator[SSEEvent]: ...
+
+    @abstractmethod
+    def on_tool_call(self, fragment: dict[str, Any]) -> Iterator[SSEEvent]: ...
+
+    @abstractmethod
+    def on_finish(self, part: ChoiceDelta) -> None: ...
+
+
+class ToolCall:
+    """One tool call being assembled: the latest id and type sent, the name and argument pieces."""
+
+    __slots__ = ("id", "type", "name", "arguments")
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.type = "function"
+        self.name: list[str] = []
+        self.arguments: list[str] = []
+
+    def add_function(self, function: dict[str, Any]) -> None:
+        """Add one fragment of a function's name and arguments (also a legacy `function_call` delta)."""
+        name, arguments = function.get("name"), function.get("arguments")
+        if isinstance(name, str):
+            self.name.append(name)
+        if isinstance(arguments, str):
+            self.arguments.append(arguments)
+
+    def function(self) -> dict[str, str]:
+        return {"name": "".join(self.name), "arguments": "".join(self.arguments)}
+
+
+class ToolCalls:
+    """Tool-call fragments of one streamed choice, assembled by their ``index``."""
+
+    __slots__ = ("calls",)
+
+    def __init__(self) -> None:
+        self.calls: dict[Any, ToolCall] = {}  # provider index → call, in the order first seen
+
+    def __len__(self) -> int:
+        return len(self.calls)
+
+    def __contains__(self, index: Any) -> bool:
+        return index in self.calls
+
+    def add(self, fragment: dict[str, Any]) -> ToolCall:
+        """Add one ``delta.tool_calls`` entry; returns its call (opened on the index's first fragment)."""
+        index = fragment.get("index", 0)
+        call = self.calls.get(index)
+        if call is None:
+            call = self.calls[index] = ToolCall()
+        if isinstance(fragment.get("id"), str):
+            call.id = fragment["id"]
+        if isinstance(fragment.get("type"), str):
+            call.type = fragment["type"]
+        function = fragment.get("function")
+        if isinstance(function, dict):
+            call.add_function(function)
+        return call
+
+    def message_calls(self) -> list[dict[str, Any]]:
+        """The calls as an assistant message's ``tool_calls``, by index."""
+        return [
+            {"id": call.id, "type": call.type, "function": call.function()}
+            for _, call in sorted(self.calls.items(), key=lambda item: item[0])
+        ]

@@ -62,12 +62,19 @@ SHAPED = [
     {"type": "json_schema"}, {"include_usage": True}, "auto", "none", "required", "user", "function",
 ]
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(min_value=-(2**70), max_value=2**70)
-    | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30) | st.sampled_from(SHAPED),
-    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
-    max_leaves=12,
-)
+def _json_values(integers: st.SearchStrategy[int]) -> st.SearchStrategy[Any]:
+    return st.recursive(
+        st.none() | st.booleans() | integers
+        | st.floats(allow_nan=False, allow_infinity=False) | st.text(max_size=30) | st.sampled_from(SHAPED),
+        lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4),
+        max_leaves=12,
+    )
+
+
+# Beyond 64 bits too: validation must refuse what it cannot forward.
+json_values = _json_values(st.integers(min_value=-(2**70), max_value=2**70))
+# What the HTTP layer can hand over: orjson reads integers beyond 64 bits as floats.
+wire_json_values = _json_values(st.integers(min_value=-(2**63), max_value=2**64 - 1))
 
 
 def _put(body: Any, path: tuple[Any, ...], value: Any) -> Any:

@@ -1,6 +1,7 @@
 """Random input never crashes the Messages translators (hypothesis).
 
-Known fields of a valid Messages body get random JSON values: validation
+Known fields of a valid Messages body get random JSON values (as the route's
+parser can produce them: integers within 64 bits): validation
 either refuses the body with a 400, or the body maps onto chat (refusing only
 Anthropic's server tools, 400 unsupported_tool); unvalidated, the mapping
 itself fails only with a 400. Random chat
@@ -21,7 +22,8 @@ from middleware.messages.stream import StreamTranslator
 from middleware.validation.unit import validate_body
 from proxy.core.call import MESSAGES
 from proxy.core.errors import ApiError, UpstreamError
-from tests.middleware.test_fuzz import _put, json_values
+from tests.middleware.test_fuzz import _put
+from tests.middleware.test_fuzz import wire_json_values as json_values  # bodies as the route parses them
 
 BASE: dict[str, Any] = {
     "model": "sovereign-alpha",

@@ -8,15 +8,18 @@
 --       4 wanted lease size (credits), 5 margin (the tenant must have this many
 --       times the increase available; 0: never grow it), 6 events on ("1"/""), 7 P (bucket pairs),
 --       8..7+2P the expire-at (unix s) of each bucket key,
---       then the charges as one JSON array of arrays: marker, entry id, credits,
---       entry JSON without "id", usage field prefix ("<key id>|<model>|"), input
---       tokens, output tokens, KEYS index of its hour bucket (its day bucket follows).
---       One JSON argument, not eight per charge: encoding a RESP argument costs
---       the gateway more than cjson costs Redis to decode it.
--- A charge is applied once: its marker (unique per request) is recorded in
--- ledger_ids, so a retried or replayed batch changes nothing twice. Its entry
--- id is "req:<request id>", or "req:<request id>#<marker>" when another
--- request reused the client-supplied request id.
+--       8+2P the batch id (unique per batch),
+--       then 8 fields per charge: marker, entry id, credits, entry JSON without
+--       "id", usage field prefix ("<key id>|<model>|"), input tokens, output
+--       tokens, KEYS index of its hour bucket (its day bucket follows it).
+--       Flat arguments, not one JSON array: cjson-decoding JSON inside JSON cost
+--       Redis more per charge than the arguments cost to encode (in C, hiredis).
+-- A batch is applied once: its id is recorded in ledger_ids, so a retried or
+-- replayed batch changes nothing twice (the script is atomic: a batch is
+-- applied whole or not at all). A charge's entry id is "req:<request id>", or
+-- "req:<request id>#<marker>" (the marker is unique per request) when another
+-- request reused the client-supplied request id. The balance is written once
+-- and the entries pushed in one LPUSH, whatever the size of the batch.
 -- Returns {1, lease size after, available after, balance after, events pushed},
 -- {-1, 0, 0, 0, 0} when there is no such tenant.
 --! include prelude
@@ -25,41 +28,51 @@ if redis.call('EXISTS', KEYS[1]) == 0 then return {-1, 0, 0, 0, 0} end
 local now = tonumber(ARGV[2])
 sweep_holds(KEYS[1], KEYS[2], KEYS[3], now)
 local pairs_count = tonumber(ARGV[7])
-local charges = cjson.decode(ARGV[8 + 2 * pairs_count])
+local first = 9 + 2 * pairs_count
 local before = tonumber(redis.call('HGET', KEYS[1], 'balance'))
+local balance = before
 local charged = 0
-local usage = {}  -- KEYS index -> field -> count
-local function add(index, field, n)
-  local fields = usage[index]
-  if not fields then fields = {}; usage[index] = fields end
-  fields[field] = (fields[field] or 0) + n
-end
-for _, c in ipairs(charges) do
-  local marker = c[1]
-  if redis.call('SADD', KEYS[5], 'm:' .. marker) == 1 then
-    local id = c[2]
+-- Usage sums per bucket pair and field prefix: {requests, input, output, credits}.
+local usage = {}  -- hour bucket's KEYS index -> prefix -> sums
+if redis.call('SADD', KEYS[5], ARGV[8 + 2 * pairs_count]) == 1 then
+  local lines = {}
+  for i = first, #ARGV, 8 do
+    local id = ARGV[i + 1]
     if redis.call('SADD', KEYS[5], id) == 0 then
-      id = id .. '#' .. marker
+      id = id .. '#' .. ARGV[i]
       redis.call('SADD', KEYS[5], id)
     end
-    local credits = c[3]
-    local balance = redis.call('HINCRBY', KEYS[1], 'balance', string.format('%d', 0 - credits))
-    ledger_push(KEYS[4], '{"id":"' .. id .. '",' .. string.sub(c[4], 2, -2), balance)
+    local credits = tonumber(ARGV[i + 2])
+    balance = balance - credits
     charged = charged + credits
-    local prefix, bucket = c[5], c[8]
-    for b = bucket, bucket + 1 do
-      add(b, prefix .. 'requests', 1)
-      add(b, prefix .. 'input_tokens', c[6])
-      add(b, prefix .. 'output_tokens', c[7])
-      add(b, prefix .. 'credits', credits)
-    end
+    -- As ledger_push writes it, with the balance after this entry.
+    lines[#lines + 1] = '{"id":"' .. id .. '",' .. string.sub(ARGV[i + 3], 2, -2) .. ',"balance_after":' .. string.format('%d', balance) .. '}'
+    local bucket = tonumber(ARGV[i + 7])
+    local prefixes = usage[bucket]
+    if not prefixes then prefixes = {}; usage[bucket] = prefixes end
+    local sums = prefixes[ARGV[i + 4]]
+    if not sums then sums = {0, 0, 0, 0}; prefixes[ARGV[i + 4]] = sums end
+    sums[1] = sums[1] + 1
+    sums[2] = sums[2] + tonumber(ARGV[i + 5])
+    sums[3] = sums[3] + tonumber(ARGV[i + 6])
+    sums[4] = sums[4] + credits
+  end
+  if #lines > 0 then
+    balance = redis.call('HINCRBY', KEYS[1], 'balance', string.format('%d', 0 - charged))
+    redis.call('LPUSH', KEYS[4], unpack(lines))
   end
 end
-for index, fields in pairs(usage) do
-  for field, n in pairs(fields) do redis.call('HINCRBY', KEYS[index], field, string.format('%d', n)) end
-  redis.call('EXPIREAT', KEYS[index], tonumber(ARGV[index + 1]))
+for bucket, prefixes in pairs(usage) do
+  for b = bucket, bucket + 1 do  -- the hour bucket, then its day bucket
+    for prefix, sums in pairs(prefixes) do
+      redis.call('HINCRBY', KEYS[b], prefix .. 'requests', sums[1])
+      redis.call('HINCRBY', KEYS[b], prefix .. 'input_tokens', string.format('%d', sums[2]))
+      redis.call('HINCRBY', KEYS[b], prefix .. 'output_tokens', string.format('%d', sums[3]))
+      redis.call('HINCRBY', KEYS[b], prefix .. 'credits', string.format('%d', sums[4]))
+    end
+    redis.call('EXPIREAT', KEYS[b], tonumber(ARGV[b + 1]))
+  end
 end
-local balance = tonumber(redis.call('HGET', KEYS[1], 'balance'))
 local reserved = tonumber(redis.call('HGET', KEYS[1], 'reserved')) or 0
 local size = 0
 local lease = ARGV[1]

@@ -17,9 +17,10 @@ Why the credit invariants (DESIGN §5) still hold:
   never lets the holds it serves from it plus its unwritten charges exceed it.
   A tenant near exhaustion gets no lease (the margin) and a lease that cannot
   be topped up is given back, so its requests fall back to per-request holds.
-- **Every charge exactly once.** Each charge carries a marker unique to its
-  request; the script records it in ``ledger_ids``, so a retried or replayed
-  batch applies nothing twice. The entry id stays ``req:<request id>``.
+- **Every charge exactly once.** A batch carries an id of its own, which the
+  script records in ``ledger_ids``: a retried or replayed batch applies
+  nothing twice (a batch is applied whole or not at all). The entry id stays
+  ``req:<request id>`` (``#<marker>`` added for a reused client request id).
 - **Nothing stuck.** A lease is a hold with an expiry (``lease_ttl_seconds``),
   renewed by every flush; a replica that dies leaves it to expire. A lease idle
   for ``lease_idle_seconds`` and every lease at shutdown are given back.
@@ -47,7 +48,6 @@ from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-import orjson
 import structlog
 
 from proxy.core.errors import StoreUnavailable
@@ -74,7 +74,7 @@ log = structlog.get_logger("sovereign")
 class Charge:
     """One leased request's charge, as the flush script writes it."""
 
-    marker: str  # unique per request: the idempotency of the charge
+    marker: str  # unique per request: tells apart requests that reused a client request id
     entry_id: str  # "req:<request id>"
     credits: int
     entry: str  # the ledger entry JSON without "id"
@@ -278,7 +278,7 @@ class LeaseBook:
             self.on_charged(charges)
         if lease.broken:
             # The store failed a flush: what is left goes to the settlement queue, shrinking only.
-            await self._hand_over(lease, settlement)
+            await self._hand_over(lease, settlement, charges)
             return
         try:
             result = await self.store.run(LEASE_FLUSH, settlement.keys, _with_now(settlement.args))
@@ -286,7 +286,7 @@ class LeaseBook:
             # Never dropped: the queue retries it. From now on this lease serves no request.
             lease.broken, lease.usable, lease.returning = True, False, True
             lease.queued_size = max(lease.size, 1)
-            await self._hand_over(lease, settlement)
+            await self._hand_over(lease, settlement, charges)
             return
         except Exception as exc:  # a script error: retrying cannot help
             log.error("metering.lease_flush_failed", tenant=lease.tenant, charges=len(charges), error=repr(exc))
@@ -313,7 +313,7 @@ class LeaseBook:
         if lease.charges:
             self._start_flush(lease)
 
-    async def _hand_over(self, lease: Lease, settlement: Settlement) -> None:
+    async def _hand_over(self, lease: Lease, settlement: Settlement, charges: list[Charge]) -> None:
         """Queue a broken lease's batch to be retried until the store takes it.
 
         Sized to what is still in flight and never grown (margin 0): a batch
@@ -321,7 +321,7 @@ class LeaseBook:
         in flight, one last batch sizes it to 0, so the store frees the slice as
         soon as it answers again rather than at its expiry.
         """
-        if settlement.args[-1] != "[]" or (lease.open == 0 and lease.queued_size):  # charges (a JSON array), or the last
+        if settlement.credits or charges or (lease.open == 0 and lease.queued_size):  # charges, or the last
             settlement.args[2], settlement.args[3] = lease.open, 0  # wanted size, margin (ARGV[4], ARGV[5])
             lease.queued_size = lease.open
             await self.queue.write(settlement)
@@ -341,7 +341,7 @@ class LeaseBook:
         keys = list(lease.keys)
         expire_at: list[int] = []
         bucket_index: dict[int, int] = {}  # hour start -> KEYS index (1-based) of its hour bucket
-        rows: list[list[Any]] = []
+        fields: list[Any] = []
         hourly, daily = self.usage_retention
         for charge in charges:
             hour = charge.created - charge.created % 3600
@@ -351,11 +351,11 @@ class LeaseBook:
                 index = bucket_index[hour] = len(keys) + 1
                 keys += buckets
                 expire_at += expires
-            rows.append([charge.marker, charge.entry_id, charge.credits, charge.entry, charge.prefix,
-                         charge.input_tokens, charge.output_tokens, index])
+            fields += (charge.marker, charge.entry_id, charge.credits, charge.entry, charge.prefix,
+                       charge.input_tokens, charge.output_tokens, index)
         args: list[Any] = [
             lease.id, self.ttl_ms, want, self.settings.lease_margin, "1" if self.events else "",
-            len(bucket_index), *expire_at, orjson.dumps(rows).decode(),
+            len(bucket_index), *expire_at, f"batch:{lease.id}:{next(self._seq)}", *fields,
         ]
         return Settlement(
             LEASE_FLUSH.name, keys, args, f"lease-batch:{lease.id}", lease.tenant,

@@ -151,16 +151,17 @@ async def test_a_batch_written_twice_charges_once_and_a_shrink_only_batch_never_
                 k(tenant, "ledger_ids"), k(tenant, "events"), k(tenant, "usage", "h", "0"), k(tenant, "usage", "d", "0")]
         expire = int(time.time()) + 3600
         entry = orjson.dumps({"type": "charge", "request_id": "r1", "credits": -30}).decode()
-        charges = orjson.dumps([["r1:m1", "req:r1", 30, entry, "k|m|", 10, 10, 7]]).decode()
+        charges = ["r1:m1", "req:r1", 30, entry, "k|m|", 10, 10, 7]
 
-        async def flush(want: int, margin: int, rows: str) -> list[int]:
-            return await store.run(LEASE_FLUSH, keys, ["lease:test:1", now_ms(), 60_000, want, margin, "", 1, expire, expire, rows])
+        async def flush(want: int, margin: int, rows: list, batch: str) -> list[int]:
+            args = ["lease:test:1", now_ms(), 60_000, want, margin, "", 1, expire, expire, batch, *rows]
+            return await store.run(LEASE_FLUSH, keys, args)
 
-        assert await flush(200, 2, "[]") == [1, 200, 800, 1000, 0]  # acquired: 200 reserved of 1000
-        assert await flush(200, 2, charges) == [1, 200, 770, 970, 0]  # 30 spent from the lease, topped up again
-        assert await flush(200, 2, charges) == [1, 200, 770, 970, 0]  # the same batch again: nothing
-        assert await flush(500, 0, "[]") == [1, 200, 770, 970, 0]  # margin 0 only ever shrinks it
-        assert await flush(0, 2, "[]") == [1, 0, 970, 970, 0]  # given back
+        assert await flush(200, 2, [], "b1") == [1, 200, 800, 1000, 0]  # acquired: 200 reserved of 1000
+        assert await flush(200, 2, charges, "b2") == [1, 200, 770, 970, 0]  # 30 spent from the lease, topped up again
+        assert await flush(200, 2, charges, "b2") == [1, 200, 770, 970, 0]  # the same batch again: nothing
+        assert await flush(500, 0, [], "b3") == [1, 200, 770, 970, 0]  # margin 0 only ever shrinks it
+        assert await flush(0, 2, [], "b4") == [1, 0, 970, 970, 0]  # given back
         view = await assert_ledger_matches(accounts, tenant)
         assert view["reserved"] == 0
         assert [e["id"] for e in await accounts.ledger(tenant) if e["type"] == "charge"] == ["req:r1"]

@@ -259,6 +259,9 @@ PROFILES = [
         pipeline=["auth", "validation", "agent", "metering"],
         sse=AGENT_SSE,
         model=AGENT_MODEL,
+        # Not the paced stream workloads: after a tool result the simulated provider answers from
+        # the tool's output (a few chunks), so `x-mock-chunks: 50` cannot shape an agent stream.
+        workloads=("latency_1c", "throughput_64c"),
     ),
     Profile(
         "messages",

@@ -56,6 +56,12 @@ Holds expire after ``hold_ttl_seconds`` (keep it above the upstreams'
 ``timeouts.total``, or a long stream's hold could expire before it settles):
 a gateway killed mid-request leaves nothing reserved after that.
 
+Credit leases (leases.py): a busy, well-funded tenant's JSON requests take
+their holds from a slice this replica reserved once, and their charges are
+written in batches every ``lease_flush_seconds`` — no store round trip per
+request; near exhaustion, for streams and for keys with a budget, the
+per-request scripts above apply.
+
 Embeddings (``/v1/embeddings``) are metered on input alone: the hold is the
 prompt estimate of the body, the charge the provider's ``usage.prompt_tokens``
 (an estimate flagged as such when vectors came back without usage).
@@ -333,22 +339,28 @@ class MeteringUnit(Unit):
     async def _leased(self, call: Call, next: Next, ticket: Ticket, lease: Lease, hold: int) -> Reply:
         """A JSON request whose hold comes from the tenant's lease: no store round trip before or after."""
         ticket.lease, ticket.hold = lease, hold
-        # The marker that makes its charge idempotent (and tells apart reused request ids).
+        # The charge's marker: tells apart requests that reuse a client-supplied request id.
         ticket.hold_id = unique_id(f"{call.request_id}:", 32)
-        call.response_headers["x-sovereign-credits-remaining"] = str(self.leases.remaining(lease))  # type: ignore[union-attr]
+        book = self._book()
+        call.response_headers["x-sovereign-credits-remaining"] = str(book.remaining(lease))
         try:
             reply = await next(call)
         except BaseException:
-            self.leases.give_back(lease, hold)  # type: ignore[union-attr]
+            book.give_back(lease, hold)
             ticket.done = True
             raise
         if reply.status != 200 or reply.events is not None:
-            self.leases.give_back(lease, hold)  # type: ignore[union-attr]  # (a stream here: not metered as one; never happens for a JSON call)
+            book.give_back(lease, hold)  # (a stream cannot answer a JSON call)
             ticket.done = True
             return reply
         usage, chars = _reply_usage(call, reply)
         await self._settle(ticket, usage, 0, chars, inline=False)  # no I/O: the charge joins the lease's next batch
         return reply
+
+    def _book(self) -> LeaseBook:
+        """The lease book, for a ticket that took its hold from a lease (there is one then)."""
+        assert self.leases is not None
+        return self.leases
 
     def _size(self, call: Call, model: str, pricing: Pricing) -> Ticket:
         """Estimate the prompt, put the output cap on the request and ask for usage."""
@@ -556,7 +568,7 @@ class MeteringUnit(Unit):
             principal = call.principal
             charge = Charge(ticket.hold_id, f"req:{call.request_id}", cost, entry, f"{principal.key_id}|{ticket.model}|",
                             input_tokens, output_tokens, created, ticket.model, source)
-            self.leases.charge(ticket.lease, ticket.hold, charge)  # type: ignore[union-attr]
+            self._book().charge(ticket.lease, ticket.hold, charge)
             return
         args = [ticket.hold_id, cost, f"req:{call.request_id}", entry]
         await self._write(ticket, HOLD_SETTLE, ticket.keys, args, cost, inline)
@@ -584,7 +596,7 @@ class MeteringUnit(Unit):
     async def _release(self, ticket: Ticket, inline: bool = True) -> None:
         ticket.done = True
         if ticket.lease is not None:
-            self.leases.give_back(ticket.lease, ticket.hold)  # type: ignore[union-attr]
+            self._book().give_back(ticket.lease, ticket.hold)
             return
         if ticket.hold_id:
             await self._write(ticket, HOLD_RELEASE, ticket.keys[:3], [ticket.hold_id], 0, inline)

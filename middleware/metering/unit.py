@@ -777,7 +777,9 @@ def _reply_usage(call: Call, reply: Reply) -> tuple[Any, int]:
     if call.endpoint == EMBEDDINGS:
         # Input only: the provider's prompt tokens, else (vectors but no usage) the estimate.
         return embeddings_usage(body.get("usage")), 1 if body.get("data") else 0
-    return body.get("usage"), _output_chars(body.get("choices"), "message")
+    usage = body.get("usage")
+    # The output is only counted for the estimate, when the provider reported no usable usage.
+    return usage, 0 if _reported(usage) is not None else _output_chars(body.get("choices"), "message")
 
 
 def _cap_request(call: Call, field: str, cap: int) -> None:

@@ -168,11 +168,7 @@ async def test_a_batch_written_twice_charges_once_and_a_shrink_only_batch_never_
         usage = await store.redis.hgetall(keys[6])
         assert usage == {"k|m|requests": "1", "k|m|input_tokens": "10", "k|m|output_tokens": "10", "k|m|credits": "30"}
     finally:
-        await cleanup(store)
-
-
-async def cleanup(store: Store) -> None:
-    await store.close()
+        await store.close()
 
 
 async def test_no_overspend_across_two_replicas_serving_from_leases(mock, redis_prefix, tmp_path):

@@ -15,7 +15,10 @@ scripts themselves, so `Store.run` sends them through this client instead:
 - replies are parsed by hiredis;
 - one watchdog timer per connection instead of one per command: a reply that
   takes longer than the store timeout drops the connection, failing what is
-  pending with a timeout (the request answers 503, like redis-py would);
+  pending with a timeout (the request answers 503, like redis-py would). The
+  clock starts when a command is written, not when it is queued: a loop
+  stalled between the two (a long iteration of hundreds of requests, a GC
+  pause, a CPU-throttled container) is not Redis being late;
 - a lost connection fails what is pending with a connection error and the
   next command reconnects, so the gateway recovers from a Redis restart
   without a restart of its own.
@@ -87,7 +90,10 @@ class _Connection(asyncio.Protocol):
     def __init__(self, timeout: float) -> None:
         self.timeout = timeout
         self.reader = hiredis.Reader(encoding="utf-8")
-        self.waiting: collections.deque[tuple[asyncio.Future[Any], float]] = collections.deque()
+        # Futures in the order their replies will come (queued ones included).
+        self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
+        # One [written at, replies still due] per write: the watchdog's clock.
+        self.writes: collections.deque[list[Any]] = collections.deque()
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._timed_out = False
@@ -106,7 +112,11 @@ class _Connection(asyncio.Protocol):
             reply = self.reader.gets()
             if reply is False:
                 return
-            future, _ = self.waiting.popleft()
+            future = self.waiting.popleft()
+            write = self.writes[0]
+            write[1] -= 1
+            if not write[1]:
+                self.writes.popleft()
             if future.done():
                 continue  # its caller gave up; the reply is simply dropped
             if isinstance(reply, hiredis.ReplyError):
@@ -126,8 +136,9 @@ class _Connection(asyncio.Protocol):
             if self._timed_out
             else RedisConnectionError("Connection to Redis lost")
         )
+        self.writes.clear()
         while self.waiting:
-            future, _ = self.waiting.popleft()
+            future = self.waiting.popleft()
             if not future.done():
                 future.set_exception(error)
 
@@ -136,7 +147,7 @@ class _Connection(asyncio.Protocol):
             raise RedisConnectionError("Connection to Redis lost")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-        self.waiting.append((future, loop.time()))
+        self.waiting.append(future)
         if self._outgoing is None:
             self._outgoing = [command]
         else:
@@ -147,8 +158,6 @@ class _Connection(asyncio.Protocol):
                 loop.call_soon(self._flush)
         elif not self._flush_soon and self._flush_timer is None:
             self._flush_timer = loop.call_later(DEFER_SECONDS, self._flush)
-        if self._watchdog is None:
-            self._watchdog = loop.call_later(self.timeout, self._check)
         return future
 
     def _flush(self) -> None:
@@ -160,14 +169,18 @@ class _Connection(asyncio.Protocol):
         if outgoing and not self.closed and self.transport is not None:
             # A closed connection already failed these commands' futures.
             self.transport.write(outgoing[0] if len(outgoing) == 1 else b"".join(outgoing))
+            loop = asyncio.get_running_loop()
+            self.writes.append([loop.time(), len(outgoing)])
+            if self._watchdog is None:
+                self._watchdog = loop.call_later(self.timeout, self._check)
 
     def _check(self) -> None:
         """Drop the connection when the oldest reply is overdue; re-arm while work is pending."""
         self._watchdog = None
-        if not self.waiting or self.closed:
+        if not self.writes or self.closed:
             return
         loop = asyncio.get_running_loop()
-        overdue = loop.time() - self.waiting[0][1] - self.timeout
+        overdue = loop.time() - self.writes[0][0] - self.timeout
         if overdue >= 0:
             self._timed_out = True
             assert self.transport is not None

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import time
 
 import pytest
+import uvloop
 from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
@@ -62,6 +64,35 @@ async def test_a_hung_redis_times_out_and_the_client_recovers(own_redis):
         assert await SLEEPY(client, ["n"], []) >= 2
     finally:
         await client.aclose()
+
+
+def test_a_stalled_event_loop_is_not_a_late_redis(own_redis):
+    """Commands queued, then the loop blocked for twice the timeout before it writes them: no timeout.
+
+    A long loop iteration (hundreds of requests at once), a GC pause or a
+    CPU-throttled container delay the write; the timeout is Redis's time to
+    answer, so it counts from the write. Run on asyncio's loop and uvloop's
+    (production's), whose timer and I/O orders differ.
+    """
+    async def stalled_calls() -> list[object]:
+        client = ScriptClient(own_redis.url, timeout=0.3)
+        try:
+            assert await SLEEPY(client, ["stall"], []) >= 1  # connected, script loaded
+            results = []
+            for iterations_before_the_stall in (0, 1, 3):
+                calls = asyncio.gather(*(SLEEPY(client, ["stall"], []) for _ in range(50)), return_exceptions=True)
+                for _ in range(iterations_before_the_stall):
+                    await asyncio.sleep(0)
+                time.sleep(0.6)  # the loop is blocked: queued commands wait, written ones' replies wait unread
+                results += await calls
+            return results
+        finally:
+            await client.aclose()
+
+    for loop_factory in (None, uvloop.new_event_loop):
+        with asyncio.Runner(loop_factory=loop_factory) as runner:
+            results = runner.run(stalled_calls())
+        assert [r for r in results if isinstance(r, BaseException)] == []
 
 
 async def test_a_restarted_redis_fails_pending_calls_then_reconnects(own_redis):

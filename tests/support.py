@@ -243,12 +243,15 @@ class OwnRedis:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}"
 
-    def start(self) -> None:
+    def start(self, *once_args: str, wait: bool = True) -> None:
+        """Start it (with `once_args` added for this start only); `wait`: until it answers PING (data loaded)."""
         self.proc = subprocess.Popen(
             ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "yes",
-             "--appendfsync", "always", "--dir", str(self.dir), "--daemonize", "no", *self.extra_args],
+             "--appendfsync", "always", "--dir", str(self.dir), "--daemonize", "no", *self.extra_args, *once_args],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
+        if not wait:
+            return
         deadline = time.monotonic() + 10
         while True:
             try:

@@ -46,7 +46,7 @@ local function settle_checkpoints(tenant_key, amounts_key, ledger_key, ids_key, 
       end
       if id then
         local balance = redis.call('HINCRBY', tenant_key, 'balance', 0 - tonumber(credits))
-        ledger_push(ledger_key, '{"id":"' .. id .. '",' .. string.sub(entry, 2, -2), balance)
+        ledger_push(ledger_key, entry_prefix(id, entry), balance)
         charged = charged + 1
       end
     end

@@ -34,7 +34,7 @@ if held then
   end
 end
 local balance = redis.call('HINCRBY', KEYS[1], 'balance', 0 - tonumber(ARGV[2]))
-ledger_push(KEYS[4], '{"id":"' .. id .. '",' .. string.sub(ARGV[4], 2, -2), balance)
+ledger_push(KEYS[4], entry_prefix(id, ARGV[4]), balance)
 local pushed = settle_extras(KEYS, ARGV, ARGV[1], tonumber(ARGV[2]), balance)
 if pushed > 0 then return {1, balance, pushed} end
 return {1, balance}

@@ -45,8 +45,7 @@ if redis.call('SADD', KEYS[5], ARGV[8 + 2 * pairs_count]) == 1 then
     local credits = tonumber(ARGV[i + 2])
     balance = balance - credits
     charged = charged + credits
-    -- As ledger_push writes it, with the balance after this entry.
-    lines[#lines + 1] = '{"id":"' .. id .. '",' .. string.sub(ARGV[i + 3], 2, -2) .. ',"balance_after":' .. string.format('%d', balance) .. '}'
+    lines[#lines + 1] = ledger_line(entry_prefix(id, ARGV[i + 3]), balance)
     local bucket = tonumber(ARGV[i + 7])
     local prefixes = usage[bucket]
     if not prefixes then prefixes = {}; usage[bucket] = prefixes end

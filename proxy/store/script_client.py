@@ -39,7 +39,17 @@ from urllib.parse import unquote, urlsplit
 
 import hiredis
 from hiredis import pack_command as _pack_command
-from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
+from redis.exceptions import (
+    AuthenticationError,
+    BusyLoadingError,
+    ClusterDownError,
+    MasterDownError,
+    NoScriptError,
+    OutOfMemoryError,
+    ReadOnlyError,
+    ResponseError,
+    TryAgainError,
+)
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
@@ -75,13 +85,28 @@ def _encode_command(args: tuple[Any, ...]) -> bytes:
     return b"".join(parts)
 
 
+# Error replies by their first word, as redis-py types them. Besides NOSCRIPT
+# and auth, the replies of a server that cannot serve now: still loading its
+# data after a restart, a replica (after a failover), out of memory, a cluster
+# reconfiguring, busy with a long script. The store maps these to "store
+# down" (503), not a bug (500).
+_ERRORS: dict[str, type[Exception]] = {
+    "NOSCRIPT": NoScriptError,
+    "NOAUTH": AuthenticationError,
+    "WRONGPASS": AuthenticationError,
+    "LOADING": BusyLoadingError,
+    "READONLY": ReadOnlyError,
+    "OOM": OutOfMemoryError,
+    "MASTERDOWN": MasterDownError,
+    "CLUSTERDOWN": ClusterDownError,
+    "TRYAGAIN": TryAgainError,
+    "BUSY": RedisConnectionError,  # redis-py has no type of its own for it
+}
+
+
 def _error(reply: hiredis.ReplyError) -> Exception:
     message = str(reply)
-    if message.startswith("NOSCRIPT"):
-        return NoScriptError(message)
-    if message.startswith(("NOAUTH", "WRONGPASS")):
-        return AuthenticationError(message)
-    return ResponseError(message)
+    return _ERRORS.get(message.partition(" ")[0], ResponseError)(message)
 
 
 class _Connection(asyncio.Protocol):

@@ -14,7 +14,8 @@ after a Redis restart). ``--! include <name>`` pastes a helper from the same
 package, else from ``proxy/store/lua/`` (the shared ``prelude``).
 
 This module is the store's error boundary: every redis connection error,
-timeout or socket error raised through `Store.run` or `Store.redis` comes out
+timeout, socket error or "cannot serve now" reply (LOADING, READONLY, OOM,
+CLUSTERDOWN, TRYAGAIN) raised through `Store.run` or `Store.redis` comes out
 as `proxy.core.errors.StoreUnavailable` (503 ``store_unavailable``), so the
 rest of the gateway catches one exception and never mistakes a client's reset
 socket for a Redis outage.
@@ -34,8 +35,8 @@ import redis.asyncio as aioredis
 import structlog
 from redis.asyncio.cluster import RedisCluster
 from redis.backoff import NoBackoff
+from redis.exceptions import ClusterDownError, NoScriptError, OutOfMemoryError, ReadOnlyError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.asyncio.retry import Retry
 
@@ -49,9 +50,13 @@ log = structlog.get_logger("sovereign")
 SHARED_LUA = "proxy.store.lua"
 TENANT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 
-# The errors that mean "the store is unreachable", as opposed to a bug; only
-# this module catches them (see `GuardedRedis`).
-STORE_DOWN_ERRORS: tuple[type[BaseException], ...] = (RedisConnectionError, RedisTimeoutError, OSError)
+# The errors that mean "the store cannot serve now", as opposed to a bug: it
+# is unreachable or slow, or it says so (a replica after a failover refusing
+# writes, out of memory, a cluster reconfiguring; LOADING after a restart is a
+# ConnectionError in redis-py). Only this module catches them (see `GuardedRedis`).
+STORE_DOWN_ERRORS: tuple[type[BaseException], ...] = (
+    RedisConnectionError, RedisTimeoutError, ReadOnlyError, OutOfMemoryError, ClusterDownError, TryAgainError, OSError,
+)
 
 
 _INCLUDE = re.compile(r"^--! include (\w+)$", re.MULTILINE)

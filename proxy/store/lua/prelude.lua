@@ -22,8 +22,19 @@ local function sweep_holds(tenant_key, holds_key, amounts_key, now_ms)
   return freed
 end
 
--- Append a ledger entry: `prefix` is a JSON object missing its closing brace;
--- the balance after the change is added here, inside the same atomic script.
+-- A ledger line: `prefix` is a JSON object missing its closing brace; the
+-- balance after the change closes it (as an integer: Lua's own number
+-- formatting writes 10^14 and above with an exponent).
+local function ledger_line(prefix, balance)
+  return prefix .. ',"balance_after":' .. string.format('%d', balance) .. '}'
+end
+
+-- The prefix of a metered entry's line: `entry` (a JSON object) with "id" first.
+local function entry_prefix(id, entry)
+  return '{"id":"' .. id .. '",' .. string.sub(entry, 2, -2)
+end
+
+-- Append a ledger entry, inside the same atomic script as the balance change.
 local function ledger_push(ledger_key, prefix, balance)
-  redis.call('LPUSH', ledger_key, prefix .. ',"balance_after":' .. balance .. '}')
+  redis.call('LPUSH', ledger_key, ledger_line(prefix, balance))
 end

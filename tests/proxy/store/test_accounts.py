@@ -45,6 +45,16 @@ async def test_tenant_lifecycle_and_ledger(accounts):
         assert missing.value.status == 404
 
 
+async def test_large_balances_are_exact_in_the_ledger(accounts):
+    """Balances past 10^14 (within MAX_CREDITS) are written as integers, not as Lua's 1.2e+14."""
+    big = 10**15 - 7
+    await accounts.create_tenant("whale", big)
+    await accounts.add_credits("whale", 3, "top-up")
+    ledger = await accounts.ledger("whale", 10)
+    assert [e["balance_after"] for e in ledger] == [big + 3, big]
+    assert (await accounts.tenant("whale"))["balance"] == big + 3
+
+
 async def test_keys_are_stored_hashed_and_revocable(accounts):
     await accounts.create_tenant("acme")
     plaintext, record = await accounts.create_key("acme", name="ci", models=["m"], rpm=5, max_concurrency=2,

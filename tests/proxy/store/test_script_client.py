@@ -7,14 +7,17 @@ import shutil
 import time
 
 import pytest
+import redis.asyncio as aioredis
 import uvloop
-from redis.exceptions import AuthenticationError, NoScriptError, ResponseError
+from redis.exceptions import AuthenticationError, NoScriptError, ReadOnlyError, ResponseError
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from proxy.core.errors import StoreUnavailable
+from proxy.core.settings import StoreSettings
 from proxy.store.script_client import ScriptClient, encode_command
-from proxy.store.store import Script
-from tests.support import OwnRedis, free_port
+from proxy.store.store import Script, Store
+from tests.support import OwnRedis, eventually, free_port
 
 pytestmark = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 
@@ -95,6 +98,70 @@ def test_a_stalled_event_loop_is_not_a_late_redis(own_redis):
         assert [r for r in results if isinstance(r, BaseException)] == []
 
 
+async def test_a_redis_still_loading_its_data_is_a_store_outage(tmp_path):
+    """Restarted, Redis answers LOADING until its data is in memory: store down (503), not a bug (500).
+
+    A real restart with enough data (and Redis's own ``key-load-delay``) to
+    be loading for a while; both clients (the script client and redis-py)."""
+    redis = OwnRedis(tmp_path, "--enable-debug-command", "yes")
+    redis.start()
+    try:
+        admin = aioredis.from_url(redis.url)
+        await admin.execute_command("DEBUG", "POPULATE", 10_000)
+        await admin.bgrewriteaof()
+        await eventually(lambda: _rewrite_done(admin), timeout=10)
+        await admin.aclose()
+        redis.stop()
+        redis.start("--key-load-delay", "200", wait=False)
+        store = Store(StoreSettings(url=redis.url, prefix="loading", timeout=2))
+        await store.connect()
+        try:
+            assert store.script_client is not None
+            outcomes: list[str] = []
+            for _ in range(400):
+                try:
+                    await store.run(SLEEPY, ["n"], [])
+                    await store.redis.get("n")
+                    outcomes.append("served")
+                    break
+                except StoreUnavailable as exc:
+                    outcomes.append(type(exc.__cause__).__name__)
+                await asyncio.sleep(0.02)
+            assert outcomes[-1] == "served" and "BusyLoadingError" in outcomes, outcomes
+        finally:
+            await store.close()
+    finally:
+        redis.kill()
+
+
+async def _rewrite_done(admin: aioredis.Redis) -> bool:
+    return (await admin.info("persistence"))["aof_rewrite_in_progress"] == 0
+
+
+async def test_a_replica_refusing_writes_is_a_store_outage(tmp_path):
+    """Pointed at a replica (a failover the deployment has not followed yet): READONLY is store down, not a bug."""
+    primary = OwnRedis(tmp_path / "primary")
+    primary.dir.mkdir()
+    primary.start()
+    replica = OwnRedis(tmp_path / "replica", "--replicaof", "127.0.0.1", str(primary.port))
+    replica.dir.mkdir()
+    replica.start()
+    store = Store(StoreSettings(url=replica.url, prefix="replica"))
+    await store.connect()
+    try:
+        with pytest.raises(ReadOnlyError):
+            await SLEEPY(ScriptClient(replica.url, timeout=2), ["n"], [])
+        with pytest.raises(StoreUnavailable) as refused:
+            await store.run(SLEEPY, ["n"], [])
+        assert isinstance(refused.value.__cause__, ReadOnlyError)
+        with pytest.raises(StoreUnavailable):
+            await store.redis.set("n", 1)
+    finally:
+        await store.close()
+        replica.kill()
+        primary.kill()
+
+
 async def test_a_restarted_redis_fails_pending_calls_then_reconnects(own_redis):
     client = ScriptClient(own_redis.url, timeout=2)
     try:
@@ -170,8 +237,6 @@ async def _reads_processed(info_client) -> int:
 
 async def test_deferred_commands_ride_along_with_the_next_urgent_write(own_redis):
     """Settlements sent deferred over several loop iterations reach Redis in one read with the next hold."""
-    import redis.asyncio as aioredis
-
     client = ScriptClient(own_redis.url, timeout=2)
     info = aioredis.from_url(own_redis.url)
     try:

@@ -249,8 +249,10 @@ async def test_a_replica_killed_with_a_lease_leaves_nothing_reserved_and_charged
             other.stop()
         served = {request_id for _, request_id in finished}
         charged = {e["request_id"] for e in await accounts.ledger(tenant, 100_000) if e["type"] == "charge"}
-        late = {request_id for at, request_id in finished if at > killed - 0.2}  # within the last flush intervals
-        assert served - charged <= late  # only what the last flush had not written yet
+        # Within the last flush intervals: 20 ms each, but timed from this process while the
+        # doomed one shares a 2-core machine with the suite, so the window allows for its stalls.
+        late = {request_id for at, request_id in finished if at > killed - 0.5}
+        assert served - charged <= late, (len(served - charged - late), len(late))  # only what was not flushed yet
         assert len(served & charged) >= len(served) - len(late) > 0
         await assert_ledger_matches(accounts, tenant)
     finally:

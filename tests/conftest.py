@@ -6,11 +6,21 @@ import asyncio
 
 import pytest
 
+from proxy.core.settings import StoreSettings
 from proxy.devtools.mock_upstream import MockUpstream
+from proxy.store.store import Store
 from proxy.web.app import create_app
 from proxy.web.body import RUNNER_OPTIONS
 from proxy.web.middlewares import AccessLogger
-from tests.support import REDIS_URL, OwnRedis, RunningGateway, cleanup_redis_prefix, make_settings, unique_prefix
+from tests.support import (
+    REDIS_URL,
+    OwnRedis,
+    RunningGateway,
+    cleanup_redis_prefix,
+    make_settings,
+    spawn_gateway,
+    unique_prefix,
+)
 
 
 @pytest.fixture
@@ -28,6 +38,33 @@ async def redis_prefix():
     prefix = unique_prefix()
     yield prefix
     await cleanup_redis_prefix(prefix)
+
+
+@pytest.fixture
+async def shared_store(redis_prefix):
+    """The test's own `Store` on the real Redis under its prefix: what its gateway processes share."""
+    store = Store(StoreSettings(url=REDIS_URL, prefix=redis_prefix))
+    await store.connect()
+    yield store
+    await store.close()
+
+
+@pytest.fixture
+async def replicas(tmp_path, redis_prefix):
+    """Start `sovereign serve` processes (replicas) from config data: ``await replicas(data, 2)``; all stopped after.
+
+    Stopped before `redis_prefix` is cleaned up, so none writes under it afterwards.
+    """
+    started: list = []
+
+    async def start(data: dict, count: int = 1, name: str = "gw") -> list:
+        for _ in range(count):
+            started.append(await spawn_gateway(data, tmp_path, name=f"{name}{len(started)}"))
+        return started[-count:]
+
+    yield start
+    for proc, _ in started:
+        proc.stop()
 
 
 @pytest.fixture

@@ -10,19 +10,14 @@ import openai
 import pytest
 
 from proxy.store.accounts import Accounts
-from proxy.core.settings import StoreSettings
-from proxy.store.store import Store
 from tests.support import REDIS_URL, make_settings, settings_data, spawn_gateway
 
 CHAT = {"model": "sovereign-alpha", "messages": [{"role": "user", "content": "count to eight"}]}
 
 
 @pytest.fixture
-async def accounts(redis_prefix):
-    store = Store(StoreSettings(url=REDIS_URL, prefix=redis_prefix))
-    await store.connect()
-    yield Accounts(store)
-    await store.close()
+def accounts(shared_store):
+    return Accounts(shared_store)
 
 
 async def two_gateways(mock, redis_prefix, tmp_path, **units):

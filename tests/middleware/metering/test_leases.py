@@ -23,7 +23,6 @@ import orjson
 import pytest
 
 from middleware.metering.leases import LEASE_FLUSH
-from proxy.core.settings import StoreSettings
 from proxy.store.accounts import Accounts, now_ms
 from proxy.store.store import Store
 from tests.middleware.metering.test_metering import (
@@ -35,7 +34,7 @@ from tests.middleware.metering.test_metering import (
     new_tenant,
 )
 from tests.middleware.metering.test_metering_durability import assert_each_served_charged_once
-from tests.support import REDIS_URL, OwnRedis, eventually, make_settings, settings_data, spawn_gateway, until
+from tests.support import REDIS_URL, OwnRedis, eventually, make_settings, settings_data, until
 
 # Leases after 5 requests a second, slices of 8 holds, a tenant needs 2 slices free.
 LEASES = {"lease_min_rate": 5, "lease_holds": 8, "lease_margin": 2, "lease_flush_seconds": 0.02,
@@ -139,125 +138,112 @@ async def test_reused_request_ids_under_a_lease_are_each_charged(mock, gateway_f
     await assert_ledger_matches(accounts, tenant)
 
 
-async def test_a_batch_written_twice_charges_once_and_a_shrink_only_batch_never_grows_the_lease(redis_prefix):
+async def test_a_batch_written_twice_charges_once_and_a_shrink_only_batch_never_grows_the_lease(shared_store):
     """The flush script by itself: a retried or replayed batch (same markers) changes nothing the second time."""
-    store = Store(StoreSettings(url=REDIS_URL, prefix=redis_prefix))
-    await store.connect()
-    try:
-        accounts = Accounts(store)
-        tenant, _ = await new_tenant(accounts, 1000)
-        k = store.tenant_key
-        keys = [k(tenant, "tenant"), k(tenant, "holds"), k(tenant, "hold_amounts"), k(tenant, "ledger"),
-                k(tenant, "ledger_ids"), k(tenant, "events"), k(tenant, "usage", "h", "0"), k(tenant, "usage", "d", "0")]
-        expire = int(time.time()) + 3600
-        entry = orjson.dumps({"type": "charge", "request_id": "r1", "credits": -30}).decode()
-        charges = ["r1:m1", "req:r1", 30, entry, "k|m|", 10, 10, 7]
+    store = shared_store
+    accounts = Accounts(store)
+    tenant, _ = await new_tenant(accounts, 1000)
+    k = store.tenant_key
+    keys = [k(tenant, "tenant"), k(tenant, "holds"), k(tenant, "hold_amounts"), k(tenant, "ledger"),
+            k(tenant, "ledger_ids"), k(tenant, "events"), k(tenant, "usage", "h", "0"), k(tenant, "usage", "d", "0")]
+    expire = int(time.time()) + 3600
+    entry = orjson.dumps({"type": "charge", "request_id": "r1", "credits": -30}).decode()
+    charges = ["r1:m1", "req:r1", 30, entry, "k|m|", 10, 10, 7]
 
-        async def flush(want: int, margin: int, rows: list, batch: str) -> list[int]:
-            args = ["lease:test:1", now_ms(), 60_000, want, margin, "", 1, expire, expire, batch, *rows]
-            return await store.run(LEASE_FLUSH, keys, args)
+    async def flush(want: int, margin: int, rows: list, batch: str) -> list[int]:
+        args = ["lease:test:1", now_ms(), 60_000, want, margin, "", 1, expire, expire, batch, *rows]
+        return await store.run(LEASE_FLUSH, keys, args)
 
-        assert await flush(200, 2, [], "b1") == [1, 200, 800, 1000, 0]  # acquired: 200 reserved of 1000
-        assert await flush(200, 2, charges, "b2") == [1, 200, 770, 970, 0]  # 30 spent from the lease, topped up again
-        assert await flush(200, 2, charges, "b2") == [1, 200, 770, 970, 0]  # the same batch again: nothing
-        assert await flush(500, 0, [], "b3") == [1, 200, 770, 970, 0]  # margin 0 only ever shrinks it
-        assert await flush(0, 2, [], "b4") == [1, 0, 970, 970, 0]  # given back
-        view = await assert_ledger_matches(accounts, tenant)
-        assert view["reserved"] == 0
-        assert [e["id"] for e in await accounts.ledger(tenant) if e["type"] == "charge"] == ["req:r1"]
-        usage = await store.redis.hgetall(keys[6])
-        assert usage == {"k|m|requests": "1", "k|m|input_tokens": "10", "k|m|output_tokens": "10", "k|m|credits": "30"}
-    finally:
-        await store.close()
+    assert await flush(200, 2, [], "b1") == [1, 200, 800, 1000, 0]  # acquired: 200 reserved of 1000
+    assert await flush(200, 2, charges, "b2") == [1, 200, 770, 970, 0]  # 30 spent from the lease, topped up again
+    assert await flush(200, 2, charges, "b2") == [1, 200, 770, 970, 0]  # the same batch again: nothing
+    assert await flush(500, 0, [], "b3") == [1, 200, 770, 970, 0]  # margin 0 only ever shrinks it
+    assert await flush(0, 2, [], "b4") == [1, 0, 970, 970, 0]  # given back
+    view = await assert_ledger_matches(accounts, tenant)
+    assert view["reserved"] == 0
+    assert [e["id"] for e in await accounts.ledger(tenant) if e["type"] == "charge"] == ["req:r1"]
+    usage = await store.redis.hgetall(keys[6])
+    assert usage == {"k|m|requests": "1", "k|m|input_tokens": "10", "k|m|output_tokens": "10", "k|m|credits": "30"}
 
 
-async def test_no_overspend_across_two_replicas_serving_from_leases(mock, redis_prefix, tmp_path):
+async def test_no_overspend_across_two_replicas_serving_from_leases(mock, redis_prefix, shared_store, replicas):
     """10× oversubscription from two replicas that both lease: never more served than the balance covers."""
     n = 300
     data = settings_data(mock.url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=PIPELINE, admin_token=None,
                          models=OUTPUT_PRICED, units={"metering": LEASES})
-    gateways = [await spawn_gateway(data, tmp_path, name=f"gw{i}") for i in range(2)]
-    store = Store(StoreSettings(url=REDIS_URL, prefix=redis_prefix))
-    await store.connect()
-    try:
-        accounts = Accounts(store)
-        tenant, key = await new_tenant(accounts, n * COST)
-        results = await asyncio.gather(*(load(base, key, 5 * n, 48) for _, base in gateways))
-        responses = [r for rs in results for r in rs]
-        statuses = Counter(r.status if isinstance(r, aiohttp.ClientResponse) else "error" for r in responses)
-        assert set(statuses) <= {200, 402}, statuses
-        served = [r.headers["x-request-id"] for r in responses if isinstance(r, aiohttp.ClientResponse) and r.status == 200]
-        assert len(served) <= n  # the balance covers n: leases or not, never more
-        assert len(served) >= n // 2, statuses  # slices given back near exhaustion are served per request again
-        async with aiohttp.ClientSession() as http:
-            leased = [leased_charges(await (await http.get(base + "/metrics")).text()) for _, base in gateways]
-        assert all(count > 0 for count in leased), leased  # both replicas served from leases
-        # Leases are given back when idle (0.5 s); then nothing is reserved and the ledger is exact.
-        await eventually(lambda: _reserved_is_zero(accounts, tenant), timeout=10)
-        await assert_each_served_charged_once(accounts, tenant, served)
-        assert (await accounts.tenant(tenant))["balance"] == (n - len(served)) * COST >= 0
-    finally:
-        for proc, _ in gateways:
-            proc.stop()
-        await store.close()
+    gateways = await replicas(data, 2)
+    store = shared_store
+    accounts = Accounts(store)
+    tenant, key = await new_tenant(accounts, n * COST)
+    results = await asyncio.gather(*(load(base, key, 5 * n, 48) for _, base in gateways))
+    responses = [r for rs in results for r in rs]
+    statuses = Counter(r.status if isinstance(r, aiohttp.ClientResponse) else "error" for r in responses)
+    assert set(statuses) <= {200, 402}, statuses
+    served = [r.headers["x-request-id"] for r in responses if isinstance(r, aiohttp.ClientResponse) and r.status == 200]
+    assert len(served) <= n  # the balance covers n: leases or not, never more
+    assert len(served) >= n // 2, statuses  # slices given back near exhaustion are served per request again
+    async with aiohttp.ClientSession() as http:
+        leased = [leased_charges(await (await http.get(base + "/metrics")).text()) for _, base in gateways]
+    assert all(count > 0 for count in leased), leased  # both replicas served from leases
+    # Leases are given back when idle (0.5 s); then nothing is reserved and the ledger is exact.
+    await eventually(lambda: _reserved_is_zero(accounts, tenant), timeout=10)
+    await assert_each_served_charged_once(accounts, tenant, served)
+    assert (await accounts.tenant(tenant))["balance"] == (n - len(served)) * COST >= 0
 
 
 async def _reserved_is_zero(accounts: Accounts, tenant: str) -> bool:
     return (await accounts.tenant(tenant))["reserved"] == 0
 
 
-async def test_a_replica_killed_with_a_lease_leaves_nothing_reserved_and_charged_all_but_its_last_flush(mock, redis_prefix, tmp_path):
-    """SIGKILL under leased load: the slice expires with its ttl; what went unbilled was served within one flush interval of the kill."""
+async def test_a_replica_killed_with_a_lease_leaves_nothing_reserved_and_charged_all_but_its_last_flush(mock, redis_prefix, shared_store, replicas):
+    """SIGKILL under leased load: the slice expires with its ttl; what went unbilled was served within one flush interval of the kill.
+
+    A request that found the slice short (more concurrency than it covered
+    since the last flush) took a per-request hold instead: those expire with
+    hold_ttl_seconds and the survivor's sweeper frees them, so both are short here.
+    """
     data = settings_data(mock.url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=PIPELINE, admin_token=None,
-                         models=OUTPUT_PRICED, units={"metering": {**LEASES, "lease_ttl_seconds": 1}})
-    proc, base = await spawn_gateway(data, tmp_path, name="doomed")
-    store = Store(StoreSettings(url=REDIS_URL, prefix=redis_prefix))
-    await store.connect()
-    try:
-        accounts = Accounts(store)
-        tenant, key = await new_tenant(accounts, 10_000_000)
-        finished: list[tuple[float, str]] = []
-        stop = asyncio.Event()
+                         models=OUTPUT_PRICED, units={"metering": {**LEASES, "lease_ttl_seconds": 1, "hold_ttl_seconds": 2, "sweep_seconds": 0.5}})
+    [(proc, base)] = await replicas(data, name="doomed")
+    store = shared_store
+    accounts = Accounts(store)
+    tenant, key = await new_tenant(accounts, 10_000_000)
+    finished: list[tuple[float, str]] = []
+    stop = asyncio.Event()
 
-        async def client(http: aiohttp.ClientSession) -> None:
-            while not stop.is_set():
-                try:
-                    resp = await post(http, base, key)
-                except aiohttp.ClientError:
-                    return  # killed under it
-                if resp.status == 200:
-                    finished.append((time.monotonic(), resp.headers["x-request-id"]))
+    async def client(http: aiohttp.ClientSession) -> None:
+        while not stop.is_set():
+            try:
+                resp = await post(http, base, key)
+            except aiohttp.ClientError:
+                return  # killed under it
+            if resp.status == 200:
+                finished.append((time.monotonic(), resp.headers["x-request-id"]))
 
-        async with aiohttp.ClientSession() as http:
-            clients = [asyncio.create_task(client(http)) for _ in range(16)]
-            amounts_key = store.tenant_key(tenant, "hold_amounts")
-            await eventually(lambda: _has_lease(store, amounts_key), timeout=10)
-            await asyncio.sleep(0.5)
-            proc.signal(signal.SIGKILL)
-            killed = time.monotonic()
-            stop.set()
-            await asyncio.gather(*clients)
-        assert await _has_lease(store, amounts_key)  # left behind by the dead replica
-        # Any later hold (here: another replica's first request) sweeps the expired slice.
-        await asyncio.sleep(1.2)
-        other, other_base = await spawn_gateway(data, tmp_path, name="survivor")
-        try:
-            async with aiohttp.ClientSession() as http:
-                assert (await post(http, other_base, key)).status == 200
-            await eventually(lambda: _reserved_is_zero(accounts, tenant), timeout=5)
-        finally:
-            other.stop()
-        served = {request_id for _, request_id in finished}
-        charged = {e["request_id"] for e in await accounts.ledger(tenant, 100_000) if e["type"] == "charge"}
-        # Within the last flush intervals: 20 ms each, but timed from this process while the
-        # doomed one shares a 2-core machine with the suite, so the window allows for its stalls.
-        late = {request_id for at, request_id in finished if at > killed - 0.5}
-        assert served - charged <= late, (len(served - charged - late), len(late))  # only what was not flushed yet
-        assert len(served & charged) >= len(served) - len(late) > 0
-        await assert_ledger_matches(accounts, tenant)
-    finally:
-        proc.stop()
-        await store.close()
+    async with aiohttp.ClientSession() as http:
+        clients = [asyncio.create_task(client(http)) for _ in range(16)]
+        amounts_key = store.tenant_key(tenant, "hold_amounts")
+        await eventually(lambda: _has_lease(store, amounts_key), timeout=10)
+        await asyncio.sleep(0.5)
+        proc.signal(signal.SIGKILL)
+        killed = time.monotonic()
+        stop.set()
+        await asyncio.gather(*clients)
+    assert await _has_lease(store, amounts_key)  # left behind by the dead replica
+    # Any later hold (here: another replica's first request) sweeps the expired slice.
+    await asyncio.sleep(1.2)
+    [(_, other_base)] = await replicas(data, name="survivor")
+    async with aiohttp.ClientSession() as http:
+        assert (await post(http, other_base, key)).status == 200
+    await eventually(lambda: _reserved_is_zero(accounts, tenant), timeout=10)
+    served = {request_id for _, request_id in finished}
+    charged = {e["request_id"] for e in await accounts.ledger(tenant, 100_000) if e["type"] == "charge"}
+    # Within the last flush intervals: 20 ms each, but timed from this process while the
+    # doomed one shares a 2-core machine with the suite, so the window allows for its stalls.
+    late = {request_id for at, request_id in finished if at > killed - 0.5}
+    assert served - charged <= late, (len(served - charged - late), len(late))  # only what was not flushed yet
+    assert len(served & charged) >= len(served) - len(late) > 0
+    await assert_ledger_matches(accounts, tenant)
 
 
 async def _has_lease(store: Store, amounts_key: str) -> bool:

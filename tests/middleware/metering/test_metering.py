@@ -13,9 +13,7 @@ import orjson
 import pytest
 
 from proxy.store.accounts import Accounts
-from proxy.store.store import Store
-from proxy.core.settings import StoreSettings
-from tests.support import REDIS_URL, make_settings, settings_data, spawn_gateway
+from tests.support import REDIS_URL, make_settings, settings_data
 
 PIPELINE = ["auth", "metering"]
 
@@ -261,7 +259,7 @@ OUTPUT_PRICED = {
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "streams-with-checkpoints"])
-async def test_no_overspend_across_two_gateway_processes(mock, redis_prefix, tmp_path, stream):
+async def test_no_overspend_across_two_gateway_processes(mock, redis_prefix, shared_store, replicas, stream):
     """20× oversubscription across two replicas: exactly the balance is served, and refused requests barely reach the provider.
 
     Streams are slow enough (4 chunks 60 ms apart) for checkpoints every 50 ms
@@ -274,51 +272,45 @@ async def test_no_overspend_across_two_gateway_processes(mock, redis_prefix, tmp
         mock.url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=PIPELINE, admin_token=None, models=OUTPUT_PRICED,
         units={"metering": {"checkpoint_seconds": 0.05}},
     )
-    gateways = [await spawn_gateway(data, tmp_path, name=f"gw{i}") for i in range(2)]
-    store = Store(StoreSettings(url=REDIS_URL, prefix=redis_prefix))
-    await store.connect()
-    try:
-        accounts = Accounts(store)
-        tenant, key = await new_tenant(accounts, n * cost)
-        headers = {"x-mock-delay-ms": "60"} if stream else {}
-        clients = [openai.AsyncOpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60, default_headers=headers)
-                   for _, base in gateways]
-        request = {"model": "sovereign-alpha", "messages": MESSAGES, "max_tokens": max_tokens}
+    gateways = await replicas(data, 2)
+    store = shared_store
+    accounts = Accounts(store)
+    tenant, key = await new_tenant(accounts, n * cost)
+    headers = {"x-mock-delay-ms": "60"} if stream else {}
+    clients = [openai.AsyncOpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60, default_headers=headers)
+               for _, base in gateways]
+    request = {"model": "sovereign-alpha", "messages": MESSAGES, "max_tokens": max_tokens}
 
-        async def one(client: openai.AsyncOpenAI) -> str:
-            if not stream:
-                return (await client.chat.completions.create(**request))._request_id
-            chunks = [chunk async for chunk in await client.chat.completions.create(**request, stream=True)]
-            assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
-            return chunks[0].id
-
-        results = await asyncio.gather(*(one(clients[i % 2]) for i in range(20 * n)), return_exceptions=True)
-        served = [r for r in results if not isinstance(r, Exception)]
-        refused = [r for r in results if isinstance(r, openai.APIStatusError) and r.status_code == 402]
-        assert len(served) + len(refused) == 20 * n, [r for r in results if isinstance(r, Exception)][:3]
-        assert len(served) == n
-        # Provider requests that were not served: speculative holds refused after the request left.
-        wasted = mock.stats["requests"] - len(served)
-        assert wasted <= 0.01 * len(refused), (mock.stats["requests"], len(refused))
-        for _ in range(100):  # streams settle just after their last chunk
-            if (await accounts.tenant(tenant))["reserved"] == 0:
-                break
-            await asyncio.sleep(0.05)
-        view = await assert_ledger_matches(accounts, tenant)
-        assert (view["balance"], view["reserved"]) == (0, 0)
-        charges = [e for e in await accounts.ledger(tenant, 1000) if e["type"] == "charge"]
-        assert len(charges) == n and all(e["credits"] == -cost for e in charges)
-        assert not any(e.get("estimated") for e in charges)  # checkpoints are only charged for a dead replica
+    async def one(client: openai.AsyncOpenAI) -> str:
         if not stream:
-            assert {e["request_id"] for e in charges} == set(served)
-        else:
-            assert await store.redis.hlen(store.tenant_key(tenant, "hold_checkpoints")) > 0  # checkpoints were taken
-        for client in clients:
-            await client.close()
-    finally:
-        for proc, _ in gateways:
-            proc.stop()
-        await store.close()
+            return (await client.chat.completions.create(**request))._request_id
+        chunks = [chunk async for chunk in await client.chat.completions.create(**request, stream=True)]
+        assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+        return chunks[0].id
+
+    results = await asyncio.gather(*(one(clients[i % 2]) for i in range(20 * n)), return_exceptions=True)
+    served = [r for r in results if not isinstance(r, Exception)]
+    refused = [r for r in results if isinstance(r, openai.APIStatusError) and r.status_code == 402]
+    assert len(served) + len(refused) == 20 * n, [r for r in results if isinstance(r, Exception)][:3]
+    assert len(served) == n
+    # Provider requests that were not served: speculative holds refused after the request left.
+    wasted = mock.stats["requests"] - len(served)
+    assert wasted <= 0.01 * len(refused), (mock.stats["requests"], len(refused))
+    for _ in range(100):  # streams settle just after their last chunk
+        if (await accounts.tenant(tenant))["reserved"] == 0:
+            break
+        await asyncio.sleep(0.05)
+    view = await assert_ledger_matches(accounts, tenant)
+    assert (view["balance"], view["reserved"]) == (0, 0)
+    charges = [e for e in await accounts.ledger(tenant, 1000) if e["type"] == "charge"]
+    assert len(charges) == n and all(e["credits"] == -cost for e in charges)
+    assert not any(e.get("estimated") for e in charges)  # checkpoints are only charged for a dead replica
+    if not stream:
+        assert {e["request_id"] for e in charges} == set(served)
+    else:
+        assert await store.redis.hlen(store.tenant_key(tenant, "hold_checkpoints")) > 0  # checkpoints were taken
+    for client in clients:
+        await client.close()
 
 
 @pytest.mark.parametrize("client_caps", [{"max_completion_tokens": 1}, {"max_completion_tokens": 1, "max_tokens": 500}])

@@ -222,7 +222,7 @@ async def test_sigterm_during_an_outage_spools_pending_settlements_and_the_next_
 
 
 @pytest.mark.timeout(120)
-async def test_a_sigkilled_replica_s_streams_are_charged_at_their_checkpoints(mock, redis_prefix, tmp_path):
+async def test_a_sigkilled_replica_s_streams_are_charged_at_their_checkpoints(mock, redis_prefix, shared_store, replicas):
     """20 streams, each with ≥ 10 s of output, on a replica that is SIGKILLed; the other replica's sweeper settles them.
 
     Each is charged at least what it had produced one checkpoint interval
@@ -234,48 +234,42 @@ async def test_a_sigkilled_replica_s_streams_are_charged_at_their_checkpoints(mo
         mock.url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=PIPELINE, admin_token=None,
         units={"metering": {"hold_ttl_seconds": hold_ttl, "checkpoint_seconds": interval, "sweep_seconds": 0.5}},
     )
-    dying, base = await spawn_gateway(data, tmp_path, "dying")
-    survivor, _ = await spawn_gateway(data, tmp_path, "survivor")
-    store = Store(StoreSettings(url=REDIS_URL, prefix=redis_prefix))
-    await store.connect()
-    try:
-        accounts = Accounts(store)
-        tenant, key = await new_tenant(accounts, 10_000_000)
-        async with aiohttp.ClientSession() as http:
-            opened = [Streamed() for _ in range(20)]
-            tasks = [asyncio.create_task(stream(http, base + "/v1", key, 1000, 50, 2000, s)) for s in opened]  # 50 s each
-            await asyncio.wait_for(asyncio.gather(*(s.first.wait() for s in opened)), 10)
-            started = max(s.chunks[0][0] for s in opened)
-            await asyncio.sleep(10.2 - (time.monotonic() - started))
-            dying.proc.send_signal(signal.SIGKILL)
-            killed = time.monotonic()
-            await asyncio.to_thread(dying.wait, 10)
-            results = await asyncio.gather(*tasks)
-        assert all(not r.done and r.chunks[-1][0] - r.chunks[0][0] >= 10.0 for r in results)  # ≥ 10 s of output each
+    [(dying, base)] = await replicas(data, name="dying")
+    [(survivor, _)] = await replicas(data, name="survivor")
+    store = shared_store
+    accounts = Accounts(store)
+    tenant, key = await new_tenant(accounts, 10_000_000)
+    async with aiohttp.ClientSession() as http:
+        opened = [Streamed() for _ in range(20)]
+        tasks = [asyncio.create_task(stream(http, base + "/v1", key, 1000, 50, 2000, s)) for s in opened]  # 50 s each
+        await asyncio.wait_for(asyncio.gather(*(s.first.wait() for s in opened)), 10)
+        started = max(s.chunks[0][0] for s in opened)
+        await asyncio.sleep(10.2 - (time.monotonic() - started))
+        dying.proc.send_signal(signal.SIGKILL)
+        killed = time.monotonic()
+        await asyncio.to_thread(dying.wait, 10)
+        results = await asyncio.gather(*tasks)
+    assert all(not r.done and r.chunks[-1][0] - r.chunks[0][0] >= 10.0 for r in results)  # ≥ 10 s of output each
 
-        async def charges() -> list[dict]:
-            return [e for e in await accounts.ledger(tenant, limit=1000) if e["type"] == "charge"]
+    async def charges() -> list[dict]:
+        return [e for e in await accounts.ledger(tenant, limit=1000) if e["type"] == "charge"]
 
-        while len(await charges()) < 20:
-            assert time.monotonic() - killed < hold_ttl + 60, "not settled within hold_ttl + 60 s"
-            await asyncio.sleep(0.2)
-        by_request = {e["request_id"]: e for e in await charges()}
-        assert set(by_request) == {r.request_id for r in results}
-        slack = 0.05 + 0.25  # one chunk's delay, and the checkpoint's own write
-        for seen in results:
-            entry = by_request[seen.request_id]
-            assert entry["estimated"] is True and entry["reason"] == "replica_lost"
-            assert entry["usage_source"] == "estimated"
-            floor = output_estimate(*seen.received_by(killed - interval - slack))
-            ceiling = output_estimate(len(seen.chunks) + 20, sum(len(t) for _, t in seen.chunks) + 20 * 6)
-            assert floor <= entry["output_tokens"] <= ceiling, (floor, entry["output_tokens"], ceiling)
-        view = await assert_ledger_matches(accounts, tenant)
-        assert view["reserved"] == 0
-        for part in ("holds", "hold_amounts", "checkpointed_holds", "hold_checkpoints"):
-            assert not await store.redis.exists(store.tenant_key(tenant, part)), part
-        index = [store.global_key("hold_deadlines", "{%d}" % shard) for shard in range(SHARDS)]
-        assert not [m for k in index for m in await store.redis.zrange(k, 0, -1) if m.startswith(tenant + "/")]
-    finally:
-        dying.stop()
-        survivor.stop()
-        await store.close()
+    while len(await charges()) < 20:
+        assert time.monotonic() - killed < hold_ttl + 60, "not settled within hold_ttl + 60 s"
+        await asyncio.sleep(0.2)
+    by_request = {e["request_id"]: e for e in await charges()}
+    assert set(by_request) == {r.request_id for r in results}
+    slack = 0.05 + 0.25  # one chunk's delay, and the checkpoint's own write
+    for seen in results:
+        entry = by_request[seen.request_id]
+        assert entry["estimated"] is True and entry["reason"] == "replica_lost"
+        assert entry["usage_source"] == "estimated"
+        floor = output_estimate(*seen.received_by(killed - interval - slack))
+        ceiling = output_estimate(len(seen.chunks) + 20, sum(len(t) for _, t in seen.chunks) + 20 * 6)
+        assert floor <= entry["output_tokens"] <= ceiling, (floor, entry["output_tokens"], ceiling)
+    view = await assert_ledger_matches(accounts, tenant)
+    assert view["reserved"] == 0
+    for part in ("holds", "hold_amounts", "checkpointed_holds", "hold_checkpoints"):
+        assert not await store.redis.exists(store.tenant_key(tenant, part)), part
+    index = [store.global_key("hold_deadlines", "{%d}" % shard) for shard in range(SHARDS)]
+    assert not [m for k in index for m in await store.redis.zrange(k, 0, -1) if m.startswith(tenant + "/")]

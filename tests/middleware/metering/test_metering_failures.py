@@ -14,10 +14,8 @@ import orjson
 import pytest
 
 from proxy.store.accounts import Accounts
-from proxy.core.settings import StoreSettings
-from proxy.store.store import Store
 from tests.middleware.metering.test_metering import MESSAGES, PIPELINE, assert_ledger_matches, metered, new_tenant, prompt_tokens
-from tests.support import REDIS_URL, OwnRedis, make_settings, settings_data, spawn_gateway
+from tests.support import REDIS_URL, OwnRedis, make_settings, settings_data
 
 
 def raw_request(max_tokens: int, stream: bool = True) -> bytes:
@@ -137,33 +135,28 @@ async def test_client_disconnect_drain_reads_to_the_end_and_charges_reported_usa
     assert view["reserved"] == 0
 
 
-async def test_killed_gateway_leaves_no_hold_after_expiry(mock, redis_prefix, tmp_path):
+async def test_killed_gateway_leaves_no_hold_after_expiry(mock, redis_prefix, shared_store, replicas):
     data = settings_data(
         mock.url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=PIPELINE, admin_token=None,
         units={"metering": {"hold_ttl_seconds": 2}},
     )
-    proc, base = await spawn_gateway(data, tmp_path)
-    store = Store(StoreSettings(url=REDIS_URL, prefix=redis_prefix))
-    await store.connect()
-    try:
-        accounts = Accounts(store)
-        tenant, key = await new_tenant(accounts, 1000)
-        headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json",
-                   "x-mock-chunks": "50", "x-mock-delay-ms": "100"}
-        async with aiohttp.ClientSession() as http:
-            resp = await http.post(base + "/v1/chat/completions", data=raw_request(100), headers=headers)
-            await resp.content.readline()  # the stream is open: the hold exists
-            held = await accounts.tenant(tenant)
-            assert held["reserved"] > 0
-            proc.proc.send_signal(signal.SIGKILL)
-            proc.wait(10)
-            resp.close()
-        await asyncio.sleep(2.2)
-        view = await accounts.tenant(tenant)  # sweeps the expired hold
-        assert (view["balance"], view["reserved"]) == (1000, 0)
-    finally:
-        proc.stop()
-        await store.close()
+    [(proc, base)] = await replicas(data)
+    store = shared_store
+    accounts = Accounts(store)
+    tenant, key = await new_tenant(accounts, 1000)
+    headers = {"Authorization": f"Bearer {key}", "Content-Type": "application/json",
+               "x-mock-chunks": "50", "x-mock-delay-ms": "100"}
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(base + "/v1/chat/completions", data=raw_request(100), headers=headers)
+        await resp.content.readline()  # the stream is open: the hold exists
+        held = await accounts.tenant(tenant)
+        assert held["reserved"] > 0
+        proc.proc.send_signal(signal.SIGKILL)
+        proc.wait(10)
+        resp.close()
+    await asyncio.sleep(2.2)
+    view = await accounts.tenant(tenant)  # sweeps the expired hold
+    assert (view["balance"], view["reserved"]) == (1000, 0)
 
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")

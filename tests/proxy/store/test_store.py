@@ -14,10 +14,8 @@ import openai
 import pytest
 
 from proxy.store.accounts import Accounts
-from proxy.core.settings import StoreSettings
 from middleware.responses.store import RESPONSE_PUT
-from proxy.store.store import Store
-from tests.support import ADMIN_TOKEN, REDIS_URL, make_settings
+from tests.support import ADMIN_TOKEN, make_settings
 
 CHAT = {"model": "sovereign-alpha", "messages": [{"role": "user", "content": "hi"}]}
 
@@ -88,19 +86,15 @@ async def test_unlimited_cached_keys_need_no_store_but_limited_keys_fail_closed(
     assert down.value.code == "store_unavailable"
 
 
-async def test_bulky_script_arguments_stay_off_the_hot_path_connection(redis_prefix):
+async def test_bulky_script_arguments_stay_off_the_hot_path_connection(shared_store):
     """A multi-megabyte write must not queue in front of every hold on the shared pipelined connection."""
     from proxy.store.store import BULK_BYTES
 
-    store = Store(StoreSettings(url=REDIS_URL, prefix=redis_prefix))
-    await store.connect()
-    try:
-        key = store.tenant_key("t", "response", "resp_big")
-        big = "x" * (BULK_BYTES + 1)
-        assert await store.run(RESPONSE_PUT, [key], [60, 2, "response", big]) == 1
-        assert store.script_client._connection is None  # it went over redis-py's pool
-        assert await store.redis.hget(key, "response") == big and 0 < await store.redis.ttl(key) <= 60
-        assert await store.run(RESPONSE_PUT, [key], [60, 2, "response", "small"]) == 1
-        assert store.script_client._connection is not None  # small ones take the script client
-    finally:
-        await store.close()
+    store = shared_store
+    key = store.tenant_key("t", "response", "resp_big")
+    big = "x" * (BULK_BYTES + 1)
+    assert await store.run(RESPONSE_PUT, [key], [60, 2, "response", big]) == 1
+    assert store.script_client._connection is None  # it went over redis-py's pool
+    assert await store.redis.hget(key, "response") == big and 0 < await store.redis.ttl(key) <= 60
+    assert await store.run(RESPONSE_PUT, [key], [60, 2, "response", "small"]) == 1
+    assert store.script_client._connection is not None  # small ones take the script client

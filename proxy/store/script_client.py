@@ -117,8 +117,11 @@ class _Connection(asyncio.Protocol):
         self.reader = hiredis.Reader(encoding="utf-8")
         # Futures in the order their replies will come (queued ones included).
         self.waiting: collections.deque[asyncio.Future[Any]] = collections.deque()
-        # One [written at, replies still due] per write: the watchdog's clock.
-        self.writes: collections.deque[list[Any]] = collections.deque()
+        # The watchdog's clock: (written at, commands written so far) per write,
+        # read against the replies counted so far (no per-reply bookkeeping).
+        self.writes: collections.deque[tuple[float, int]] = collections.deque()
+        self._written = 0
+        self._answered = 0
         self.transport: asyncio.Transport | None = None
         self.closed = False
         self._timed_out = False
@@ -137,11 +140,8 @@ class _Connection(asyncio.Protocol):
             reply = self.reader.gets()
             if reply is False:
                 return
+            self._answered += 1
             future = self.waiting.popleft()
-            write = self.writes[0]
-            write[1] -= 1
-            if not write[1]:
-                self.writes.popleft()
             if future.done():
                 continue  # its caller gave up; the reply is simply dropped
             if isinstance(reply, hiredis.ReplyError):
@@ -195,17 +195,24 @@ class _Connection(asyncio.Protocol):
             # A closed connection already failed these commands' futures.
             self.transport.write(outgoing[0] if len(outgoing) == 1 else b"".join(outgoing))
             loop = asyncio.get_running_loop()
-            self.writes.append([loop.time(), len(outgoing)])
+            self._written += len(outgoing)
+            writes = self.writes
+            if writes and writes[0][1] <= self._answered:
+                writes.popleft()  # answered: keeps the deque short between watchdog runs
+            writes.append((loop.time(), self._written))
             if self._watchdog is None:
                 self._watchdog = loop.call_later(self.timeout, self._check)
 
     def _check(self) -> None:
         """Drop the connection when the oldest reply is overdue; re-arm while work is pending."""
         self._watchdog = None
-        if not self.writes or self.closed:
+        writes = self.writes
+        while writes and writes[0][1] <= self._answered:
+            writes.popleft()
+        if not writes or self.closed:
             return
         loop = asyncio.get_running_loop()
-        overdue = loop.time() - self.writes[0][0] - self.timeout
+        overdue = loop.time() - writes[0][0] - self.timeout
         if overdue >= 0:
             self._timed_out = True
             assert self.transport is not None

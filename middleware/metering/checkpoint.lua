@@ -16,7 +16,7 @@ local function checkpoint_hold(holds_key, amounts_key, checkpointed_key, checkpo
   redis.call('ZADD', checkpointed_key, expires_ms, hold)
   -- Never more than was held: the checkpoint is charged without further checks.
   local charge = math.min(tonumber(credits), tonumber(held))
-  redis.call('HSET', checkpoints_key, hold, string.format('%d', charge) .. '|' .. entry_id .. '|' .. entry)
+  redis.call('HSET', checkpoints_key, hold, as_int(charge) .. '|' .. entry_id .. '|' .. entry)
   return 1
 end
 

@@ -57,7 +57,7 @@ if redis.call('SADD', KEYS[5], ARGV[8 + 2 * pairs_count]) == 1 then
     sums[4] = sums[4] + credits
   end
   if #lines > 0 then
-    balance = redis.call('HINCRBY', KEYS[1], 'balance', string.format('%d', 0 - charged))
+    balance = redis.call('HINCRBY', KEYS[1], 'balance', as_int(0 - charged))
     redis.call('LPUSH', KEYS[4], unpack(lines))
   end
 end
@@ -65,9 +65,9 @@ for bucket, prefixes in pairs(usage) do
   for b = bucket, bucket + 1 do  -- the hour bucket, then its day bucket
     for prefix, sums in pairs(prefixes) do
       redis.call('HINCRBY', KEYS[b], prefix .. 'requests', sums[1])
-      redis.call('HINCRBY', KEYS[b], prefix .. 'input_tokens', string.format('%d', sums[2]))
-      redis.call('HINCRBY', KEYS[b], prefix .. 'output_tokens', string.format('%d', sums[3]))
-      redis.call('HINCRBY', KEYS[b], prefix .. 'credits', string.format('%d', sums[4]))
+      redis.call('HINCRBY', KEYS[b], prefix .. 'input_tokens', as_int(sums[2]))
+      redis.call('HINCRBY', KEYS[b], prefix .. 'output_tokens', as_int(sums[3]))
+      redis.call('HINCRBY', KEYS[b], prefix .. 'credits', as_int(sums[4]))
     end
     redis.call('EXPIREAT', KEYS[b], tonumber(ARGV[b + 1]))
   end
@@ -95,9 +95,9 @@ if lease ~= '' then
     size = want
   end
   if reserved < 0 then reserved = 0 end
-  redis.call('HSET', KEYS[1], 'reserved', string.format('%d', reserved))
+  redis.call('HSET', KEYS[1], 'reserved', as_int(reserved))
   if size > 0 then
-    redis.call('HSET', KEYS[3], lease, string.format('%d', size))
+    redis.call('HSET', KEYS[3], lease, as_int(size))
     redis.call('ZADD', KEYS[2], now + tonumber(ARGV[3]), lease)
   else
     redis.call('HDEL', KEYS[3], lease)
@@ -109,7 +109,7 @@ if ARGV[6] == '1' and charged > 0 then
   local threshold = tonumber(redis.call('HGET', KEYS[1], 'low_balance_threshold'))
   if threshold and before >= threshold and balance < threshold then
     pushed = event_push(KEYS[6], KEYS[1], 'tenant.balance_low',
-      '"balance":' .. balance .. ',"threshold":' .. threshold, math.floor(now / 1000))
+      '"balance":' .. as_int(balance) .. ',"threshold":' .. as_int(threshold), math.floor(now / 1000))
   end
 end
 return {1, size, balance - reserved, balance, pushed}

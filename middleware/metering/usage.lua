@@ -35,11 +35,11 @@ local function settle_extras(keys, argv, hold_id, cost, balance)
   local threshold = tonumber(redis.call('HGET', keys[1], 'low_balance_threshold'))
   if threshold and balance + cost >= threshold and balance < threshold then
     pushed = pushed + event_push(keys[k + 2], keys[1], 'tenant.balance_low',
-      '"balance":' .. balance .. ',"threshold":' .. threshold, created)
+      '"balance":' .. as_int(balance) .. ',"threshold":' .. as_int(threshold), created)
   end
   if exhausted then
     pushed = pushed + event_push(keys[k + 2], keys[1], 'key.budget_exhausted',
-      '"key_id":"' .. argv[a + 1] .. '","budget":' .. limit .. ',"spent":' .. spent .. ',"period":"' .. argv[a + 9] .. '"', created)
+      '"key_id":"' .. argv[a + 1] .. '","budget":' .. as_int(limit) .. ',"spent":' .. as_int(spent) .. ',"period":"' .. argv[a + 9] .. '"', created)
   end
   return pushed
 end

@@ -22,11 +22,16 @@ local function sweep_holds(tenant_key, holds_key, amounts_key, now_ms)
   return freed
 end
 
+-- A whole number as JSON writes it. Lua's own number formatting (`..`,
+-- tostring) writes 10^14 and above with an exponent, losing digits.
+local function as_int(n)
+  return string.format('%d', n)
+end
+
 -- A ledger line: `prefix` is a JSON object missing its closing brace; the
--- balance after the change closes it (as an integer: Lua's own number
--- formatting writes 10^14 and above with an exponent).
+-- balance after the change closes it.
 local function ledger_line(prefix, balance)
-  return prefix .. ',"balance_after":' .. string.format('%d', balance) .. '}'
+  return prefix .. ',"balance_after":' .. as_int(balance) .. '}'
 end
 
 -- The prefix of a metered entry's line: `entry` (a JSON object) with "id" first.

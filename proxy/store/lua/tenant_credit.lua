@@ -11,6 +11,6 @@ local balance = redis.call('HINCRBY', KEYS[1], 'balance', tonumber(ARGV[1]))
 ledger_push(KEYS[2], ARGV[3], balance)
 local pushed = 0
 if ARGV[4] == '1' then
-  pushed = event_push(KEYS[4], KEYS[1], 'tenant.credits_added', '"amount":' .. ARGV[1] .. ',"balance":' .. balance, ARGV[5])
+  pushed = event_push(KEYS[4], KEYS[1], 'tenant.credits_added', '"amount":' .. ARGV[1] .. ',"balance":' .. as_int(balance), ARGV[5])
 end
 return {1, balance, pushed}

@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import time
 
+import orjson
 import pytest
 
 from proxy.store.accounts import KEY_PREFIX, Accounts, hash_key, looks_like_key
 from proxy.core.errors import ApiError
 from proxy.core.settings import StoreSettings
+from proxy.store.events import events_key
 from proxy.store.store import Store
 
 
@@ -46,13 +48,15 @@ async def test_tenant_lifecycle_and_ledger(accounts):
 
 
 async def test_large_balances_are_exact_in_the_ledger(accounts):
-    """Balances past 10^14 (within MAX_CREDITS) are written as integers, not as Lua's 1.2e+14."""
+    """Balances past 10^14 (within MAX_CREDITS) are written as integers, not as Lua's 1.2e+14: ledger and events."""
     big = 10**15 - 7
     await accounts.create_tenant("whale", big)
-    await accounts.add_credits("whale", 3, "top-up")
+    await Accounts(accounts.store, events=True).add_credits("whale", 3, "top-up")
     ledger = await accounts.ledger("whale", 10)
     assert [e["balance_after"] for e in ledger] == [big + 3, big]
     assert (await accounts.tenant("whale"))["balance"] == big + 3
+    [event] = [orjson.loads(e) for e in await accounts.store.redis.lrange(events_key(accounts.store, "whale"), 0, -1)]
+    assert (event["type"], event["data"]["balance"]) == ("tenant.credits_added", big + 3)
 
 
 async def test_keys_are_stored_hashed_and_revocable(accounts):

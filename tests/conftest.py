@@ -58,9 +58,13 @@ async def replicas(tmp_path, redis_prefix):
     started: list = []
 
     async def start(data: dict, count: int = 1, name: str = "gw") -> list:
-        for _ in range(count):
-            started.append(await spawn_gateway(data, tmp_path, name=f"{name}{len(started)}"))
-        return started[-count:]
+        names = [f"{name}{len(started) + i}" for i in range(count)]
+        results = await asyncio.gather(*(spawn_gateway(data, tmp_path, name=n) for n in names), return_exceptions=True)
+        started.extend(r for r in results if not isinstance(r, BaseException))  # stopped even if another failed
+        for result in results:
+            if isinstance(result, BaseException):
+                raise result
+        return list(results)
 
     yield start
     for proc, _ in started:

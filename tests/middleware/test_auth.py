@@ -219,50 +219,35 @@ async def test_no_plaintext_key_in_redis_or_in_the_logs(mock, redis_prefix, tmp_
     assert secret[:16] not in output
 
 
-async def test_revocation_reaches_every_replica_within_cache_seconds(mock, redis_prefix, tmp_path):
+async def test_revocation_reaches_every_replica_within_cache_seconds(mock, redis_prefix, shared_store, replicas):
     cache_seconds = 1.0
     data = settings_data(
         mock.url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=["auth"], units={"auth": {"cache_seconds": cache_seconds}}
     )
-    (proc_a, base_a), (proc_b, base_b) = await asyncio.gather(
-        spawn_gateway(data, tmp_path, "a"), spawn_gateway(data, tmp_path, "b")
-    )
-    redis = aioredis.Redis.from_url(REDIS_URL, decode_responses=True)
-    try:
-        from proxy.core.settings import StoreSettings
-        from proxy.store.store import Store
-
-        store = Store(StoreSettings(url=REDIS_URL, prefix=redis_prefix))
-        await store.connect()
-        accounts = Accounts(store)
-        await accounts.create_tenant("acme", 0)
-        key, record = await accounts.create_key("acme")
-        clients = [openai.AsyncOpenAI(base_url=b + "/v1", api_key=key, max_retries=0) for b in (base_a, base_b)]
-        for client in clients:  # both replicas now hold the key in their cache
-            assert (await client.models.list()).data
-        await accounts.revoke_key(record.id)
-        revoked_at = time.monotonic()
-        refused_after = {}
-        while len(refused_after) < 2 and time.monotonic() - revoked_at < cache_seconds + 2:
-            for i, client in enumerate(clients):
-                if i in refused_after:
-                    continue
-                try:
-                    await client.models.list()
-                except openai.AuthenticationError as exc:
-                    assert exc.code == "invalid_api_key"
-                    refused_after[i] = time.monotonic() - revoked_at
-            await asyncio.sleep(0.05)
-        assert sorted(refused_after) == [0, 1]
-        assert max(refused_after.values()) <= cache_seconds + 0.3
-        for client in clients:
-            await client.close()
-        await store.close()
-    finally:
-        await redis.aclose()
-        for proc in (proc_a, proc_b):
-            proc.signal(15)
-            proc.wait(15)
+    gateways = await replicas(data, 2)
+    accounts = Accounts(shared_store)
+    await accounts.create_tenant("acme", 0)
+    key, record = await accounts.create_key("acme")
+    clients = [openai.AsyncOpenAI(base_url=base + "/v1", api_key=key, max_retries=0) for _, base in gateways]
+    for client in clients:  # both replicas now hold the key in their cache
+        assert (await client.models.list()).data
+    await accounts.revoke_key(record.id)
+    revoked_at = time.monotonic()
+    refused_after = {}
+    while len(refused_after) < 2 and time.monotonic() - revoked_at < cache_seconds + 2:
+        for i, client in enumerate(clients):
+            if i in refused_after:
+                continue
+            try:
+                await client.models.list()
+            except openai.AuthenticationError as exc:
+                assert exc.code == "invalid_api_key"
+                refused_after[i] = time.monotonic() - revoked_at
+        await asyncio.sleep(0.05)
+    assert sorted(refused_after) == [0, 1]
+    assert max(refused_after.values()) <= cache_seconds + 0.3
+    for client in clients:
+        await client.close()
 
 
 async def test_the_key_cache_is_bounded(mock, gateway_factory, redis_prefix):

@@ -88,17 +88,12 @@ def chat_requests(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float],
     return metrics.get(("sovereign_requests_total", labels), 0.0)
 
 
-async def test_two_workers_serve_one_port_share_the_store_and_sum_their_metrics(mock, redis_prefix, tmp_path):
-    from proxy.core.settings import StoreSettings
+async def test_two_workers_serve_one_port_share_the_store_and_sum_their_metrics(mock, redis_prefix, shared_store, tmp_path):
     from proxy.store.accounts import Accounts
-    from proxy.store.store import Store
 
-    store = Store(StoreSettings(url=REDIS_URL, prefix=redis_prefix))
-    await store.connect()
-    accounts = Accounts(store)
+    accounts = Accounts(shared_store)
     await accounts.create_tenant("acme", 1_000_000)
     key, _ = await accounts.create_key("acme")
-    await store.close()
     port = free_port()
     proc, base = await spawn_workers(gateway_data(mock.url, redis_prefix, server={"port": port, "host": "127.0.0.1"}, pipeline=["auth"]), tmp_path)
     try:

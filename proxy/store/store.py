@@ -15,7 +15,7 @@ package, else from ``proxy/store/lua/`` (the shared ``prelude``).
 
 This module is the store's error boundary: every redis connection error,
 timeout, socket error or "cannot serve now" reply (LOADING, READONLY, OOM,
-CLUSTERDOWN, TRYAGAIN) raised through `Store.run` or `Store.redis` comes out
+CLUSTERDOWN/MASTERDOWN, TRYAGAIN, BUSY) raised through `Store.run` or `Store.redis` comes out
 as `proxy.core.errors.StoreUnavailable` (503 ``store_unavailable``), so the
 rest of the gateway catches one exception and never mistakes a client's reset
 socket for a Redis outage.

@@ -34,6 +34,7 @@ from proxy.core.errors import ApiError, invalid_request, model_not_found, wrong_
 from proxy.core.params import field_path
 from proxy.core.pipeline import Unit
 
+from middleware.validation.plain import plainly_valid_chat
 from middleware.validation.schemas import (
     BAD_TAG,
     MISSING_FIELD,
@@ -102,10 +103,12 @@ class ValidationUnit(Unit):
 def validate_body(endpoint: str, body: dict[str, Any], raw: bytes | None = None) -> None:
     """Raise the OpenAI-shaped 400 for the first problem in `body`, if any."""
     validator = VALIDATORS.get(endpoint, CHAT_VALIDATOR)
-    try:
-        validator.validate_python(body)
-    except ValidationError as exc:
-        raise to_api_error(exc.errors(include_url=False), body) from None
+    # The commonest chat bodies are known valid at a quarter of the schema's cost (plain.py).
+    if validator is not CHAT_VALIDATOR or not plainly_valid_chat(body):
+        try:
+            validator.validate_python(body)
+        except ValidationError as exc:
+            raise to_api_error(exc.errors(include_url=False), body) from None
     _check_depth(body, raw)
 
 

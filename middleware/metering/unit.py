@@ -121,6 +121,8 @@ log = structlog.get_logger("sovereign")
 
 # How providers spell the `"usage": null` they add to chunks under include_usage.
 USAGE_NULL_FIELDS = (b',"usage":null', b', "usage": null')
+# Each cap field's other: the one a request must not also carry (see _cap_request).
+OTHER_CAP_FIELD = {field: other for field in CAP_FIELDS for other in CAP_FIELDS if other != field}
 # Delta fields whose text counts as produced output.
 TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 # Most tenants whose room (speculative holds) and key names this process remembers.
@@ -789,10 +791,11 @@ def _cap_request(call: Call, field: str, cap: int) -> None:
     hold) to a provider that only reads `max_tokens`, and get unbounded output.
     """
     body = call.body
-    others = [name for name in CAP_FIELDS if name != field and name in body]
-    if not others and type(body.get(field)) is int and body[field] == cap:
+    other = OTHER_CAP_FIELD[field]
+    if other not in body and type(body.get(field)) is int and body[field] == cap:
         return  # already exactly right: keep the original bytes
-    capped = {key: value for key, value in body.items() if key not in others}
+    capped = dict(body)
+    capped.pop(other, None)
     capped[field] = cap
     call.replace_body(capped)
 

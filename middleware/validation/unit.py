@@ -6,6 +6,8 @@ Anthropic Messages or embeddings, by endpoint — and then that the model is
 configured, allowed for the caller's key, and of the route's kind (an
 embedding model only on `/v1/embeddings`, a chat model everywhere else).
 Nothing is changed: the body and its raw bytes are forwarded as they came.
+A chat body of the commonest shape is passed by `plain.plainly_valid_chat`
+without the schema (it only ever says yes where the schema would).
 
 A rejection is one OpenAI-shaped 400: ``param`` is the offending field's path
 in OpenAI style (``messages[2].content[0].type``), ``code`` is

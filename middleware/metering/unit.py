@@ -332,10 +332,10 @@ class MeteringUnit(Unit):
         if reply.status != 200:
             await self._release(ticket)
             return reply
-        usage, chars = _reply_usage(call, reply)
+        usage, reported, chars = _reply_usage(call, reply)
         # Off the critical path: the reply does not wait for the ledger write,
         # and shutdown waits for it (gateway.drain), so it is never lost.
-        self.gateway.spawn(self._settle(ticket, usage, 0, chars, inline=False), "metering.settle")
+        self.gateway.spawn(self._settle(ticket, usage, reported, 0, chars, inline=False), "metering.settle")
         return reply
 
     async def _leased(self, call: Call, next: Next, ticket: Ticket, lease: Lease, hold: int) -> Reply:
@@ -355,8 +355,8 @@ class MeteringUnit(Unit):
             book.give_back(lease, hold)  # (a stream cannot answer a JSON call)
             ticket.done = True
             return reply
-        usage, chars = _reply_usage(call, reply)
-        await self._settle(ticket, usage, 0, chars, inline=False)  # no I/O: the charge joins the lease's next batch
+        usage, reported, chars = _reply_usage(call, reply)
+        await self._settle(ticket, usage, reported, 0, chars, inline=False)  # no I/O: the charge joins the lease's next batch
         return reply
 
     def _book(self) -> LeaseBook:
@@ -523,13 +523,17 @@ class MeteringUnit(Unit):
         return room
 
     # -- settlement ----------------------------------------------------------
-    async def _settle(self, ticket: Ticket, usage: Any, chunks: int, chars: int, inline: bool) -> None:
-        """Work out the charge, fill the call's usage fields, and write it to the store."""
+    async def _settle(
+        self, ticket: Ticket, usage: Any, reported: tuple[int, int, int] | None, chunks: int, chars: int, inline: bool
+    ) -> None:
+        """Work out the charge, fill the call's usage fields, and write it to the store.
+
+        `reported` is `_reported(usage)`, which the caller has already worked out.
+        """
         if ticket.done:
             return
         ticket.done = True
         call, pricing = ticket.call, ticket.pricing
-        reported = _reported(usage)
         if reported is not None:
             source = "reported"
             input_tokens, output_tokens, cached = reported
@@ -713,7 +717,7 @@ class StreamMeter:
             await self._settle()
 
     async def _settle(self) -> None:
-        await self.unit._settle(self.ticket, self.usage, self.chunks, self.chars, inline=False)
+        await self.unit._settle(self.ticket, self.usage, _reported(self.usage), self.chunks, self.chars, inline=False)
 
     def _checkpoint(self) -> None:
         """Record the output so far on the hold, in the background (one checkpoint in flight at a time)."""
@@ -771,17 +775,20 @@ async def _abandon(forward: asyncio.Future[Reply]) -> None:
         await reply.events.aclose()  # type: ignore[attr-defined]  # Reply.events is typed AsyncIterator; every stream is an async generator or has aclose
 
 
-def _reply_usage(call: Call, reply: Reply) -> tuple[Any, int]:
-    """A JSON reply's usage and how much output it carries (characters; embeddings: 1 when vectors came back)."""
+def _reply_usage(call: Call, reply: Reply) -> tuple[Any, tuple[int, int, int] | None, int]:
+    """A JSON reply's usage, its tokens (`_reported`) and how much output it carries
+    (characters; embeddings: 1 when vectors came back)."""
     body = reply.json()
     if not isinstance(body, dict):
-        return None, 0
+        return None, None, 0
     if call.endpoint == EMBEDDINGS:
         # Input only: the provider's prompt tokens, else (vectors but no usage) the estimate.
-        return embeddings_usage(body.get("usage")), 1 if body.get("data") else 0
+        usage = embeddings_usage(body.get("usage"))
+        return usage, _reported(usage), 1 if body.get("data") else 0
     usage = body.get("usage")
+    reported = _reported(usage)
     # The output is only counted for the estimate, when the provider reported no usable usage.
-    return usage, 0 if _reported(usage) is not None else _output_chars(body.get("choices"), "message")
+    return usage, reported, 0 if reported is not None else _output_chars(body.get("choices"), "message")
 
 
 def _cap_request(call: Call, field: str, cap: int) -> None:

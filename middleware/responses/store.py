@@ -57,9 +57,11 @@ class ResponseStore:
         self,
         tenant: str,
         response: dict[str, Any],
+        raw: bytes,
         input_items: list[dict[str, Any]],
         messages: list[dict[str, Any]],
     ) -> None:
+        """Store `response` (`raw`: its JSON, which the caller also sends) with its items and conversation."""
         # Input items first: an output item that reuses an input's id wins.
         items = {item["id"]: item for item in [*input_items, *response["output"]]
                  if isinstance(item.get("id"), str) and ITEM_ID.fullmatch(item["id"])}
@@ -67,7 +69,7 @@ class ResponseStore:
         # small record takes the hot-path script client (a large one, redis-py's
         # pool: see Store.run).
         fields = [
-            "response", orjson.dumps(response),
+            "response", raw,
             "input_items", orjson.dumps(input_items),
             "messages", orjson.dumps(messages),
             "item_ids", orjson.dumps(list(items)),

@@ -98,9 +98,10 @@ class ResponsesUnit(Unit):
             return reply
         complete(response, completion, self.settings.reasoning)
         mcp.add_items(response, call.agent)  # agent models: the MCP tool calls they ran
+        raw = orjson.dumps(response)  # once, for the record and the reply
         if store:
-            await self._store(tenant, response, input_items, [*conversation, assistant_message(response["output"])])
-        reply.set_json(response)
+            await self._store(tenant, response, raw, input_items, [*conversation, assistant_message(response["output"])])
+        reply.set_json(response, raw)
         return reply
 
     async def _history(self, tenant: str, previous: Any) -> list[dict[str, Any]]:
@@ -154,15 +155,15 @@ class ResponsesUnit(Unit):
             # Stored before the final event goes out: a client that chains on the
             # id as soon as it sees `response.completed` finds it.
             messages = [*conversation, assistant_message(response["output"])]
-            await self._store(tenant, response, input_items, messages)
+            await self._store(tenant, response, orjson.dumps(response), input_items, messages)
         for event in ending:
             yield event
 
-    async def _store(self, tenant: str, response: dict[str, Any], input_items: list[dict[str, Any]],
+    async def _store(self, tenant: str, response: dict[str, Any], raw: bytes, input_items: list[dict[str, Any]],
                      messages: list[dict[str, Any]]) -> None:
-        """Keep a finished response; a store failure loses the record, never the reply already paid for."""
+        """Keep a finished response (`raw`: its JSON); a store failure loses the record, never the reply already paid for."""
         try:
-            await self.responses.put(tenant, response, input_items, messages)
+            await self.responses.put(tenant, response, raw, input_items, messages)
         except StoreUnavailable as exc:
             self.gateway.metrics.store_errors.inc()
             log.error("responses.store_failed", response_id=response.get("id"), tenant=tenant, error=repr(exc))

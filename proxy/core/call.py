@@ -236,9 +236,10 @@ class Reply:
                 return None
         return self._json
 
-    def set_json(self, obj: Any) -> None:
+    def set_json(self, obj: Any, raw: bytes | None = None) -> None:
+        """Install a new body; `raw` is `obj` serialised, when the caller already has it."""
         self._json = obj
-        self.body = None
+        self.body = raw
 
     def body_bytes(self) -> bytes:
         if self.body is None:

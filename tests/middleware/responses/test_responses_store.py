@@ -6,7 +6,9 @@ auth unit in front so stored responses belong to real tenants.
 
 from __future__ import annotations
 
+import aiohttp
 import openai
+import orjson
 import pytest
 
 from proxy.store.accounts import Accounts
@@ -54,6 +56,24 @@ async def test_retrieve_and_delete(running, tenants):
     assert info.value.body["code"] == "not_found"
     with pytest.raises(openai.NotFoundError):
         await client.responses.delete(created.id)
+
+
+async def test_the_reply_is_the_stored_record_byte_for_byte(running):
+    """The Response object is serialised once, for the record and the reply: a GET returns the very bytes."""
+    accounts = Accounts(running.gateway.store)
+    await accounts.create_tenant("tenant-raw", 1000)
+    key, _ = await accounts.create_key("tenant-raw")
+    headers = {"Authorization": f"Bearer {key}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(running.base_url + "/v1/responses", json={"model": MODEL, "input": "same bytes"}, headers=headers) as resp:
+            assert resp.status == 200
+            created = await resp.read()
+        response_id = orjson.loads(created)["id"]
+        async with http.get(f"{running.base_url}/v1/responses/{response_id}", headers=headers) as resp:
+            assert resp.status == 200
+            fetched = await resp.read()
+    assert fetched == created
+    assert orjson.loads(created)["output"][0]["content"][0]["text"]  # a real, non-empty answer
 
 
 async def test_delete_answer_shape(tenants):

@@ -26,6 +26,7 @@ import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import orjson
@@ -67,15 +68,18 @@ def _die_with_parent() -> None:
 
 
 class Proc:
-    """A benchmark server process; ``pid`` is the Python process itself (taskset execs it)."""
+    """A benchmark server process; ``pid`` is the process itself (taskset execs it).
 
-    def __init__(self, name: str, argv: list[str], core: int | None, log_dir: Path) -> None:
+    `argv` runs under this interpreter unless `program` names another executable.
+    """
+
+    def __init__(self, name: str, argv: list[str], core: int | None, log_dir: Path, program: str = sys.executable) -> None:
         self.name = name
         self.log_path = log_dir / f"{name}.log"
         prefix = ["taskset", "-c", str(core)] if core is not None else []
         with open(self.log_path, "wb") as log:
             self.popen = subprocess.Popen(
-                [*prefix, sys.executable, *argv],
+                [*prefix, program, *argv],
                 cwd=REPO,
                 stdout=log,
                 stderr=subprocess.STDOUT,
@@ -327,6 +331,42 @@ def start_mock(log_dir: Path, chunks: int, core: int | None) -> tuple[Proc, str]
     port = free_port()
     argv = ["-m", "proxy", "mock-upstream", "--port", str(port), "--chunks", str(chunks)]
     return Proc("mock-upstream", argv, core, log_dir), f"http://127.0.0.1:{port}"
+
+
+def start_store(log_dir: Path, core: int | None) -> tuple[Proc, str] | None:
+    """The benchmark's own Redis (nothing saved to disk), on `core`; None when redis-server is not installed.
+
+    On the load's core, not the target's: the store's work is not the gateway's
+    CPU time (in a deployment Redis runs elsewhere), and a shared Redis that the
+    scheduler happens to run on the target's core takes that core from it
+    (bench/RESULTS.md, "The store on the target's core"). Its own CPU time is
+    reported beside the target's (``store CPU µs/req``).
+    """
+    program = shutil.which("redis-server")
+    if program is None:
+        return None
+    port = free_port()
+    argv = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(log_dir)]
+    return Proc("redis", argv, core, log_dir, program=program), f"redis://127.0.0.1:{port}"
+
+
+async def wait_store(url: str, proc: Proc, timeout: float = 10.0) -> None:
+    """Wait until the Redis at `url` answers PING."""
+    split = urlsplit(url)
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            reader, writer = await asyncio.open_connection(split.hostname, split.port)
+            writer.write(b"PING\r\n")
+            answer = await asyncio.wait_for(reader.readline(), 1.0)
+            writer.close()
+            if answer.startswith(b"+PONG"):
+                return
+        except (OSError, asyncio.TimeoutError):
+            pass
+        if not proc.alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"{proc.name}: no answer at {url} within {timeout:.0f}s:\n{proc.log_tail()}")
+        await asyncio.sleep(0.05)
 
 
 def start_target(profile: Profile, upstream_base: str, log_dir: Path, core: int | None, store_url: str, prefix: str) -> tuple[Proc, str]:

@@ -1,7 +1,7 @@
 """The benchmark runner: ``python -m bench.run [--quick] [--rounds N] [--duration S] [--out PATH]``.
 
-Starts the simulated provider and every available target as their own
-processes (targets on core 0, provider and load on core 1), then runs the
+Starts the simulated provider, its own Redis and every available target as
+their own processes (targets on core 0; provider, Redis and load on core 1), then runs the
 workloads in interleaved rounds (each round visits every target, in a rotated
 order), checks correctness inside each workload, prints ratio tables against
 the floor and the direct provider, and writes everything as JSON. See
@@ -41,8 +41,10 @@ from .profiles import (
     can_pin,
     request_body,
     start_mock,
+    start_store,
     start_target,
     wait_http,
+    wait_store,
     wait_workers,
 )
 
@@ -97,9 +99,13 @@ def _chosen_workloads(text: str | None) -> tuple[str, ...]:
 class Bench:
     """One benchmark run: processes, tenant, rounds and results."""
 
-    def __init__(self, plan: Plan, work_dir: Path) -> None:
+    def __init__(self, plan: Plan, work_dir: Path, store_url: str | None = None) -> None:
         self.plan = plan
         self.work_dir = work_dir
+        # The governed profiles' Redis: `store_url` if given, else the bench's own (see start).
+        self.store_url = store_url or REDIS_URL
+        self.own_store = store_url is None
+        self.store: Proc | None = None
         self.pin = can_pin()
         self.target_core = TARGET_CORE if self.pin else None
         self.load_core = LOAD_CORE if self.pin else None
@@ -131,13 +137,14 @@ class Bench:
 
         governed = [p for p in self.plan.profiles if p.governed and not p.missing_units()]
         if governed:
+            await self._start_store()
             try:
-                self.tenant = Tenant(REDIS_URL)
+                self.tenant = Tenant(self.store_url)
                 await self.tenant.create()
             except Exception as exc:  # noqa: BLE001 - any store failure only skips the governed profiles
                 self.tenant = None
                 for p in governed:
-                    self.status[p.name] = f"skipped: store {REDIS_URL} unusable ({type(exc).__name__}: {exc})"
+                    self.status[p.name] = f"skipped: store {self.store_url} unusable ({type(exc).__name__}: {exc})"
         started: list[tuple[Target, str]] = []
         for profile in self.plan.profiles[1:]:
             if missing := profile.missing_units():
@@ -146,7 +153,7 @@ class Bench:
             if profile.name in self.status:
                 continue
             prefix = self.tenant.prefix if self.tenant else "sovbench-unused"
-            proc, base = start_target(profile, upstream, self.work_dir, self.target_core, REDIS_URL, prefix)
+            proc, base = start_target(profile, upstream, self.work_dir, self.target_core, self.store_url, prefix)
             headers = {"Authorization": f"Bearer {self.tenant.key}"} if profile.governed and self.tenant else {}
             started.append((Target(profile, proc, base, headers), "/healthz"))
         for target, probe in started:
@@ -167,6 +174,25 @@ class Bench:
         for profile in self.plan.profiles:
             self.say(f"  {profile.name:15} {self.status.get(profile.name, '?')}")
 
+    async def _start_store(self) -> None:
+        """The bench's own redis-server on the load's core, unless --store-url named one (or none is installed)."""
+        if self.own_store:
+            started = start_store(self.work_dir, self.load_core)
+            if started is None:
+                self.say(f"store: redis-server not installed; using the shared Redis at {self.store_url} (its CPU may land on the target's core)")
+                return
+            self.store, self.store_url = started
+            try:
+                await wait_store(self.store_url, self.store)
+            except RuntimeError as exc:
+                self.say(f"store: own redis-server FAILED to start ({exc}); using {REDIS_URL}")
+                self.store.stop()
+                self.store, self.store_url = None, REDIS_URL
+                return
+            self.say(f"store: own redis-server at {self.store_url}, on core {LOAD_CORE if self.pin else '(unpinned)'} with the load")
+        else:
+            self.say(f"store: {self.store_url} (--store-url; its CPU is not pinned by the bench)")
+
     async def stop(self) -> None:
         for target in self.targets[1:]:
             target.proc.stop()
@@ -175,6 +201,8 @@ class Bench:
         if self.tenant is not None:
             with contextlib.suppress(Exception):
                 await self.tenant.cleanup()
+        if self.store is not None:
+            self.store.stop()
 
     # -- workloads ----------------------------------------------------------
     async def measured(self, target: Target, work: Callable[[], Awaitable[report.Round]], charge: bool) -> report.Round:
@@ -214,6 +242,7 @@ class Bench:
     async def throughput_64c(self, target: Target) -> report.Round:
         body = self.body(target, False, JSON_TOKENS)
         cpu = target.proc.cpu_seconds()
+        store_cpu = self.store.cpu_seconds() if self.store is not None else None
         if self.wrk_path:
             script = self.work_dir / f"{target.name}.lua"
             script.write_text(wrk.lua_script(body, target.headers))
@@ -230,7 +259,11 @@ class Bench:
             rps = requests / (time.perf_counter() - start)
             p99 = report.percentile([x * 1000 for x in stats.latencies], 99)
         cpu_us = (target.proc.cpu_seconds() - cpu) / max(1, requests) * 1e6
-        return {"rps": rps, "p99_ms": p99, "cpu_us_per_req": cpu_us, "requests": requests}
+        result = {"rps": rps, "p99_ms": p99, "cpu_us_per_req": cpu_us, "requests": requests}
+        if self.store is not None and store_cpu is not None:
+            # The bench's own Redis serves only the governed targets: its CPU per request is theirs.
+            result["store_cpu_us_per_req"] = (self.store.cpu_seconds() - store_cpu) / max(1, requests) * 1e6
+        return result
 
     async def streams_100x50(self, target: Target) -> report.Round:
         headers = {**target.headers, "x-mock-chunks": str(STREAM_CHUNKS), "x-mock-delay-ms": str(STREAM_DELAY_MS)}
@@ -310,7 +343,7 @@ class Bench:
     def tables(self, summary: dict[str, dict[str, dict[str, Any]]]) -> str:
         columns = {
             "latency_1c": [("p50 ms", "p50_ms"), ("p99 ms", "p99_ms"), ("added p50 ms", "added_p50_ms"), ("added p99 ms", "added_p99_ms")],
-            "throughput_64c": [("req/s", "rps"), ("p99 ms", "p99_ms"), ("CPU µs/req", "cpu_us_per_req"), ("provider CPU%", "provider_cpu_pct")],
+            "throughput_64c": [("req/s", "rps"), ("p99 ms", "p99_ms"), ("CPU µs/req", "cpu_us_per_req"), ("store CPU µs/req", "store_cpu_us_per_req"), ("provider CPU%", "provider_cpu_pct")],
             "streams_100x50": [("TTFC p50 ms", "ttfc_p50_ms"), ("added gap ms", "added_gap_ms"), ("done p50 ms", "completion_p50_ms"), ("done p99 ms", "completion_p99_ms"), ("lost", "chunks_lost")],
             "open_streams_1000": [("RSS MB", "rss_mb")],
         }
@@ -347,7 +380,7 @@ async def main_async(args: argparse.Namespace) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     began = time.time()
     with tempfile.TemporaryDirectory(prefix="sovbench-") as tmp:
-        bench = Bench(plan, Path(tmp))
+        bench = Bench(plan, Path(tmp), args.store_url)
         try:
             await bench.start()
             await bench.run_rounds()
@@ -368,6 +401,7 @@ async def main_async(args: argparse.Namespace) -> int:
         },
         "host": {"python": sys.version.split()[0], "platform": platform.platform(), "cpus": os.cpu_count(), "pinned": bench.pin},
         "load_generator": "wrk" if bench.wrk_path else "asyncio",
+        "store": "own redis-server" if bench.store is not None else bench.store_url,
         "targets": bench.status,
         "notes": bench.notes,
         "rounds": bench.rounds,
@@ -399,6 +433,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--duration", type=float, default=0.0, help="seconds per target of each timed workload (default 6, quick 1)")
     parser.add_argument("--out", default=str(REPO / "bench" / "results" / "latest.json"), help="JSON results file")
     parser.add_argument("--targets", help="comma-separated targets to run (direct and floor always run)")
+    parser.add_argument(
+        "--store-url",
+        help="Redis of the governed profiles (default: the bench starts its own redis-server on the load's core; "
+        "SOVEREIGN_TEST_REDIS_URL when redis-server is not installed)",
+    )
     parser.add_argument("--workloads", help=f"comma-separated workloads to run (default all: {','.join(WORKLOADS)})")
     args = parser.parse_args(argv)
     try:

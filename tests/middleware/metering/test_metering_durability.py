@@ -1,4 +1,4 @@
-"""Nothing served goes unbilled: Redis outages, a SIGTERM with settlements pending, a SIGKILLed replica.
+"""Nothing served goes unbilled: Redis outages, a SIGTERM with settlements pending (one process, two workers), a SIGKILLed replica.
 
 Real processes and real kills throughout: a private redis-server (OwnRedis)
 SIGKILLed and restarted on its append-only file, `sovereign serve`
@@ -37,6 +37,7 @@ class Streamed:
 
     request_id: str = ""
     status: int = 0
+    worker: str = ""  # the pid of the worker that served it (x-sovereign-worker; only with several workers)
     chunks: list[tuple[float, str]] = field(default_factory=list)
     done: bool = False  # got [DONE]
     first: asyncio.Event = field(default_factory=asyncio.Event)
@@ -58,6 +59,7 @@ async def stream(http: aiohttp.ClientSession, url: str, key: str, chunks: int, d
     try:
         async with http.post(url + "/chat/completions", json=body, headers=headers) as resp:
             seen.status = resp.status
+            seen.worker = resp.headers.get("x-sovereign-worker", "")
             async for line in resp.content:
                 if line.startswith(b"data: [DONE]"):
                     seen.done = True
@@ -213,6 +215,74 @@ async def test_sigterm_during_an_outage_spools_pending_settlements_and_the_next_
         await until(lambda: not list(spool.glob("*.jsonl")), timeout=15)
         await assert_each_served_charged_once(accounts, tenant, [r.request_id for r in results])
         assert "metering.spool_line_skipped" in second.output()
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                proc.stop()
+        await store.close()
+        redis.kill()
+
+
+async def _workers_answering(http: aiohttp.ClientSession, base: str, workers: int) -> None:
+    """Wait until `workers` distinct workers have answered /healthz (each on a new connection)."""
+    seen: set[str] = set()
+    deadline = time.monotonic() + 15
+    while len(seen) < workers and time.monotonic() < deadline:
+        async with http.get(base + "/healthz", headers={"Connection": "close"}) as resp:
+            seen.add(resp.headers.get("x-sovereign-worker", ""))
+    assert len(seen) == workers, seen
+
+
+@needs_redis_server
+@pytest.mark.timeout(180)
+async def test_under_two_workers_each_spools_its_own_settlements_and_two_new_workers_write_them_once(mock, tmp_path):
+    """`--workers 2` sharing one spool_dir: a file per worker at SIGTERM, and two new workers replaying them concurrently charge each request once."""
+    redis = OwnRedis(tmp_path)
+    await asyncio.to_thread(redis.start)
+    spool = tmp_path / "spool"
+    data = settings_data(
+        mock.url, store_url=redis.url, pipeline=PIPELINE, admin_token=None,
+        store={"timeout": 0.5, "spool_dir": str(spool)}, server={"drain_seconds": 5, "workers": 2},
+    )
+    store = Store(StoreSettings(url=redis.url, prefix=data["store"]["prefix"]))
+    first = second = None
+    try:
+        first, base = await spawn_gateway(data, tmp_path, "first")
+        await store.connect()
+        accounts = Accounts(store)
+        tenant, key = await new_tenant(accounts, 1_000_000)
+        async with aiohttp.ClientSession() as http:
+            await _workers_answering(http, base, 2)
+            opened = [Streamed() for _ in range(24)]
+            streams = [asyncio.create_task(stream(http, base + "/v1", key, 20, 100, 100, s)) for s in opened]  # 2 s each
+            await asyncio.gather(*(s.first.wait() for s in opened))
+            await asyncio.sleep(0.3)
+            await asyncio.to_thread(redis.kill)
+            results = await asyncio.gather(*streams)
+            assert all(r.status == 200 and r.done for r in results)
+            serving = {r.worker for r in results}
+            # SO_REUSEPORT spreads the 24 connections over both (all on one: p ≈ 1e-7).
+            assert len(serving) == 2 and "" not in serving
+            for _ in range(100):  # /metrics sums the gauge over the live workers
+                async with http.get(base + "/metrics") as resp:
+                    if "sovereign_settlements_pending 24.0" in await resp.text():
+                        break
+                await asyncio.sleep(0.05)
+            else:
+                raise AssertionError("the 24 settlements were never reported pending")
+        first.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(first.wait, 30) == 0
+        # One file per worker that served a stream, named by its pid, holding exactly that worker's streams.
+        files = {path.name.split("-")[1]: path for path in spool.glob("settlements-*.jsonl")}
+        assert set(files) == serving
+        for worker, path in files.items():
+            spooled = sorted(orjson.loads(line)["request_id"] for line in path.read_bytes().splitlines())
+            assert spooled == sorted(r.request_id for r in results if r.worker == worker)
+        await asyncio.to_thread(redis.start)
+        assert not [e for e in await accounts.ledger(tenant) if e["type"] == "charge"]
+        second, _ = await spawn_gateway(data, tmp_path, "second")  # both new workers find the orphans at start
+        await until(lambda: not list(spool.glob("*.jsonl")), timeout=15)
+        await assert_each_served_charged_once(accounts, tenant, [r.request_id for r in results])
     finally:
         for proc in (first, second):
             if proc is not None:

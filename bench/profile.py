@@ -42,7 +42,6 @@ from .profiles import (
     start_store,
     start_target,
     wait_http,
-    wait_store,
 )
 from .wrk import ensure_wrk, lua_script, run
 
@@ -158,14 +157,12 @@ async def main_async(args: argparse.Namespace, spy_path: str) -> int:
     work = Path(tempfile.mkdtemp(prefix="sovereign-profile-"))
     load_core = LOAD_CORE if can_pin() else None
     mock, upstream = start_mock(work, 16, load_core)
-    store = start_store(work, load_core)  # as in bench.run: off the target's core
-    store_url = REDIS_URL
+    store = None
     tenant: Tenant | None = None
     profiles: list[Samples] = []
     try:
-        if store is not None:
-            store_proc, store_url = store
-            await wait_store(store_url, store_proc)
+        store = await start_store(work, load_core)  # as in bench.run: off the target's core
+        store_url = store[1] if store is not None else REDIS_URL
         await wait_http(upstream + "/healthz", mock)
         tenant = Tenant(store_url)
         await tenant.create()

@@ -333,8 +333,10 @@ def start_mock(log_dir: Path, chunks: int, core: int | None) -> tuple[Proc, str]
     return Proc("mock-upstream", argv, core, log_dir), f"http://127.0.0.1:{port}"
 
 
-def start_store(log_dir: Path, core: int | None) -> tuple[Proc, str] | None:
-    """The benchmark's own Redis (nothing saved to disk), on `core`; None when redis-server is not installed.
+async def start_store(log_dir: Path, core: int | None) -> tuple[Proc, str] | None:
+    """The benchmark's own Redis (nothing saved to disk) on `core`, answering; None when redis-server is not installed.
+
+    RuntimeError (with its log) when it does not answer.
 
     On the load's core, not the target's: the store's work is not the gateway's
     CPU time (in a deployment Redis runs elsewhere), and a shared Redis that the
@@ -347,7 +349,13 @@ def start_store(log_dir: Path, core: int | None) -> tuple[Proc, str] | None:
         return None
     port = free_port()
     argv = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no", "--dir", str(log_dir)]
-    return Proc("redis", argv, core, log_dir, program=program), f"redis://127.0.0.1:{port}"
+    proc, url = Proc("redis", argv, core, log_dir, program=program), f"redis://127.0.0.1:{port}"
+    try:
+        await wait_store(url, proc)
+    except BaseException:
+        proc.stop()
+        raise
+    return proc, url
 
 
 async def wait_store(url: str, proc: Proc, timeout: float = 10.0) -> None:

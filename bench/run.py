@@ -44,7 +44,6 @@ from .profiles import (
     start_store,
     start_target,
     wait_http,
-    wait_store,
     wait_workers,
 )
 
@@ -177,18 +176,15 @@ class Bench:
     async def _start_store(self) -> None:
         """The bench's own redis-server on the load's core, unless --store-url named one (or none is installed)."""
         if self.own_store:
-            started = start_store(self.work_dir, self.load_core)
+            try:
+                started = await start_store(self.work_dir, self.load_core)
+            except RuntimeError as exc:
+                self.say(f"store: own redis-server FAILED to start ({exc}); using the shared Redis at {self.store_url}")
+                return
             if started is None:
                 self.say(f"store: redis-server not installed; using the shared Redis at {self.store_url} (its CPU may land on the target's core)")
                 return
             self.store, self.store_url = started
-            try:
-                await wait_store(self.store_url, self.store)
-            except RuntimeError as exc:
-                self.say(f"store: own redis-server FAILED to start ({exc}); using {REDIS_URL}")
-                self.store.stop()
-                self.store, self.store_url = None, REDIS_URL
-                return
             self.say(f"store: own redis-server at {self.store_url}, on core {LOAD_CORE if self.pin else '(unpinned)'} with the load")
         else:
             self.say(f"store: {self.store_url} (--store-url; its CPU is not pinned by the bench)")
@@ -242,7 +238,7 @@ class Bench:
     async def throughput_64c(self, target: Target) -> report.Round:
         body = self.body(target, False, JSON_TOKENS)
         cpu = target.proc.cpu_seconds()
-        store_cpu = self.store.cpu_seconds() if self.store is not None else None
+        store_cpu = self.store.cpu_seconds() if self.store is not None else 0.0
         if self.wrk_path:
             script = self.work_dir / f"{target.name}.lua"
             script.write_text(wrk.lua_script(body, target.headers))
@@ -260,7 +256,7 @@ class Bench:
             p99 = report.percentile([x * 1000 for x in stats.latencies], 99)
         cpu_us = (target.proc.cpu_seconds() - cpu) / max(1, requests) * 1e6
         result = {"rps": rps, "p99_ms": p99, "cpu_us_per_req": cpu_us, "requests": requests}
-        if self.store is not None and store_cpu is not None:
+        if self.store is not None:
             # The bench's own Redis serves only the governed targets: its CPU per request is theirs.
             result["store_cpu_us_per_req"] = (self.store.cpu_seconds() - store_cpu) / max(1, requests) * 1e6
         return result

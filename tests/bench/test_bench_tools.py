@@ -30,11 +30,10 @@ spin_here()
 
 @pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
 async def test_own_store_answers_reports_cpu_and_stops(tmp_path):
-    started = start_store(tmp_path, None)
+    started = await start_store(tmp_path, None)
     assert started is not None
     proc, url = started
     try:
-        await wait_store(url, proc)
         host, port = url.removeprefix("redis://").split(":")
         reader, writer = await asyncio.open_connection(host, int(port))
         for _ in range(2000):

@@ -25,7 +25,9 @@ from middleware.metering.sweeper import SHARDS
 from proxy.core.settings import StoreSettings
 from proxy.store.accounts import Accounts
 from proxy.store.store import Store
+from proxy.web.workers import WORKER_HEADER
 from tests.middleware.metering.test_metering import MESSAGES, PIPELINE, assert_ledger_matches, new_tenant
+from tests.proxy.web.test_workers import served_by
 from tests.support import REDIS_URL, OwnRedis, make_settings, settings_data, spawn_gateway, until
 
 needs_redis_server = pytest.mark.skipif(shutil.which("redis-server") is None, reason="redis-server is not installed")
@@ -37,7 +39,7 @@ class Streamed:
 
     request_id: str = ""
     status: int = 0
-    worker: str = ""  # the pid of the worker that served it (x-sovereign-worker; only with several workers)
+    worker: str = ""  # the pid of the worker that served it (WORKER_HEADER; only with several workers)
     chunks: list[tuple[float, str]] = field(default_factory=list)
     done: bool = False  # got [DONE]
     first: asyncio.Event = field(default_factory=asyncio.Event)
@@ -59,7 +61,7 @@ async def stream(http: aiohttp.ClientSession, url: str, key: str, chunks: int, d
     try:
         async with http.post(url + "/chat/completions", json=body, headers=headers) as resp:
             seen.status = resp.status
-            seen.worker = resp.headers.get("x-sovereign-worker", "")
+            seen.worker = resp.headers.get(WORKER_HEADER, "")
             async for line in resp.content:
                 if line.startswith(b"data: [DONE]"):
                     seen.done = True
@@ -223,16 +225,6 @@ async def test_sigterm_during_an_outage_spools_pending_settlements_and_the_next_
         redis.kill()
 
 
-async def _workers_answering(http: aiohttp.ClientSession, base: str, workers: int) -> None:
-    """Wait until `workers` distinct workers have answered /healthz (each on a new connection)."""
-    seen: set[str] = set()
-    deadline = time.monotonic() + 15
-    while len(seen) < workers and time.monotonic() < deadline:
-        async with http.get(base + "/healthz", headers={"Connection": "close"}) as resp:
-            seen.add(resp.headers.get("x-sovereign-worker", ""))
-    assert len(seen) == workers, seen
-
-
 @needs_redis_server
 @pytest.mark.timeout(180)
 async def test_under_two_workers_each_spools_its_own_settlements_and_two_new_workers_write_them_once(mock, tmp_path):
@@ -251,8 +243,10 @@ async def test_under_two_workers_each_spools_its_own_settlements_and_two_new_wor
         await store.connect()
         accounts = Accounts(store)
         tenant, key = await new_tenant(accounts, 1_000_000)
+        deadline = time.monotonic() + 15
+        while len(set(await served_by(base + "/healthz", 4, method="GET"))) < 2:  # both workers accept
+            assert time.monotonic() < deadline, "the second worker never answered"
         async with aiohttp.ClientSession() as http:
-            await _workers_answering(http, base, 2)
             opened = [Streamed() for _ in range(24)]
             streams = [asyncio.create_task(stream(http, base + "/v1", key, 20, 100, 100, s)) for s in opened]  # 2 s each
             await asyncio.gather(*(s.first.wait() for s in opened))

@@ -231,7 +231,8 @@ class LeaseBook:
 
     def remaining(self, lease: Lease) -> int:
         """Credits the tenant has left as this replica knows it (the x-sovereign-credits-remaining header)."""
-        return max(lease.available + lease.free, 0)
+        remaining = lease.available + lease.free
+        return remaining if remaining > 0 else 0  # (per request: no max(), see Pricing.cost)
 
     # -- flushing ------------------------------------------------------------
     async def _run(self) -> None:

@@ -23,6 +23,14 @@ def test_cost_rounds_up_and_adds_per_request():
     assert p.cost(4000, 0, cached_tokens=2000) == 2 + 3  # (2000*500 + 2000*250) / 1e6 = 1.5 -> 2
 
 
+def test_cached_tokens_are_clamped_to_the_input():
+    p = pricing()  # 500 per million input tokens, 250 cached
+    assert p.cost(10**6, 0, cached_tokens=4 * 10**5) == 400  # 600,000 * 500 + 400,000 * 250 micro-credits
+    assert p.cost(10**6, 0, cached_tokens=-50) == p.cost(10**6, 0) == 500  # a negative report counts as none cached
+    assert p.cost(10**6, 0, cached_tokens=5 * 10**6) == p.cost(10**6, 0, cached_tokens=10**6) == 250  # at most the input
+    assert p.cost(0, 0, cached_tokens=10) == 0
+
+
 def test_free_model_costs_nothing():
     assert pricing(free=True).cost(10**6, 10**6) == 0
 

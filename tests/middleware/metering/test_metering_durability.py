@@ -15,6 +15,7 @@ import time
 import uuid
 from collections import Counter
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import aiohttp
 import orjson
@@ -167,16 +168,40 @@ async def test_a_redis_outage_under_open_streams_and_json_load_loses_no_settleme
         redis.kill()
 
 
-@needs_redis_server
-async def test_sigterm_during_an_outage_spools_pending_settlements_and_the_next_process_writes_them_once(mock, tmp_path):
+async def _spooling_setup(mock, tmp_path, **server) -> tuple[OwnRedis, Path, dict, Store]:
+    """A private Redis (started) and the settings of gateways on it that spool to `tmp_path/spool`."""
     redis = OwnRedis(tmp_path)
     await asyncio.to_thread(redis.start)
     spool = tmp_path / "spool"
     data = settings_data(
         mock.url, store_url=redis.url, pipeline=PIPELINE, admin_token=None,
-        store={"timeout": 0.5, "spool_dir": str(spool)}, server={"drain_seconds": 5},
+        store={"timeout": 0.5, "spool_dir": str(spool)}, server={"drain_seconds": 5, **server},
     )
-    store = Store(StoreSettings(url=redis.url, prefix=data["store"]["prefix"]))
+    return redis, spool, data, Store(StoreSettings(url=redis.url, prefix=data["store"]["prefix"]))
+
+
+async def _streams_through_an_outage(http: aiohttp.ClientSession, base: str, key: str, redis: OwnRedis, count: int) -> list[Streamed]:
+    """`count` 2-second streams, Redis killed once all have started; returns them once their settlements are pending."""
+    opened = [Streamed() for _ in range(count)]
+    streams = [asyncio.create_task(stream(http, base + "/v1", key, 20, 100, 100, s)) for s in opened]
+    await asyncio.gather(*(s.first.wait() for s in opened))
+    await asyncio.sleep(0.3)
+    await asyncio.to_thread(redis.kill)
+    results = await asyncio.gather(*streams)
+    assert all(r.status == 200 and r.done for r in results)
+    # The streams' settlements fail and wait just after their last chunk (under workers
+    # /metrics sums the gauge over the live ones).
+    for _ in range(100):
+        async with http.get(base + "/metrics") as resp:
+            if f"sovereign_settlements_pending {count}.0" in await resp.text():
+                return results
+        await asyncio.sleep(0.05)
+    raise AssertionError(f"the {count} settlements were never reported pending")
+
+
+@needs_redis_server
+async def test_sigterm_during_an_outage_spools_pending_settlements_and_the_next_process_writes_them_once(mock, tmp_path):
+    redis, spool, data, store = await _spooling_setup(mock, tmp_path)
     first = second = None
     try:
         first, base = await spawn_gateway(data, tmp_path, "first")
@@ -184,21 +209,7 @@ async def test_sigterm_during_an_outage_spools_pending_settlements_and_the_next_
         accounts = Accounts(store)
         tenant, key = await new_tenant(accounts, 1_000_000)
         async with aiohttp.ClientSession() as http:
-            opened = [Streamed() for _ in range(10)]
-            streams = [asyncio.create_task(stream(http, base + "/v1", key, 20, 100, 100, s)) for s in opened]  # 2 s each
-            await asyncio.gather(*(s.first.wait() for s in opened))
-            await asyncio.sleep(0.3)
-            await asyncio.to_thread(redis.kill)
-            results = await asyncio.gather(*streams)
-            assert all(r.status == 200 and r.done for r in results)
-            # The streams' settlements fail and wait just after their last chunk.
-            for _ in range(100):
-                async with http.get(base + "/metrics") as resp:
-                    if "sovereign_settlements_pending 10.0" in await resp.text():
-                        break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the 10 settlements were never reported pending")
+            results = await _streams_through_an_outage(http, base, key, redis, 10)
             async with http.get(base + "/readyz") as resp:
                 assert resp.status == 503 and {"store_unreachable", "settlements_pending"} <= set((await resp.json())["reasons"])
         first.signal(signal.SIGTERM)
@@ -229,14 +240,7 @@ async def test_sigterm_during_an_outage_spools_pending_settlements_and_the_next_
 @pytest.mark.timeout(180)
 async def test_under_two_workers_each_spools_its_own_settlements_and_two_new_workers_write_them_once(mock, tmp_path):
     """`--workers 2` sharing one spool_dir: a file per worker at SIGTERM, and two new workers replaying them concurrently charge each request once."""
-    redis = OwnRedis(tmp_path)
-    await asyncio.to_thread(redis.start)
-    spool = tmp_path / "spool"
-    data = settings_data(
-        mock.url, store_url=redis.url, pipeline=PIPELINE, admin_token=None,
-        store={"timeout": 0.5, "spool_dir": str(spool)}, server={"drain_seconds": 5, "workers": 2},
-    )
-    store = Store(StoreSettings(url=redis.url, prefix=data["store"]["prefix"]))
+    redis, spool, data, store = await _spooling_setup(mock, tmp_path, workers=2)
     first = second = None
     try:
         first, base = await spawn_gateway(data, tmp_path, "first")
@@ -247,23 +251,10 @@ async def test_under_two_workers_each_spools_its_own_settlements_and_two_new_wor
         while len(set(await served_by(base + "/healthz", 4, method="GET"))) < 2:  # both workers accept
             assert time.monotonic() < deadline, "the second worker never answered"
         async with aiohttp.ClientSession() as http:
-            opened = [Streamed() for _ in range(24)]
-            streams = [asyncio.create_task(stream(http, base + "/v1", key, 20, 100, 100, s)) for s in opened]  # 2 s each
-            await asyncio.gather(*(s.first.wait() for s in opened))
-            await asyncio.sleep(0.3)
-            await asyncio.to_thread(redis.kill)
-            results = await asyncio.gather(*streams)
-            assert all(r.status == 200 and r.done for r in results)
-            serving = {r.worker for r in results}
-            # SO_REUSEPORT spreads the 24 connections over both (all on one: p ≈ 1e-7).
-            assert len(serving) == 2 and "" not in serving
-            for _ in range(100):  # /metrics sums the gauge over the live workers
-                async with http.get(base + "/metrics") as resp:
-                    if "sovereign_settlements_pending 24.0" in await resp.text():
-                        break
-                await asyncio.sleep(0.05)
-            else:
-                raise AssertionError("the 24 settlements were never reported pending")
+            results = await _streams_through_an_outage(http, base, key, redis, 24)
+        serving = {r.worker for r in results}
+        # SO_REUSEPORT spreads the 24 connections over both (all on one: p ≈ 1e-7).
+        assert len(serving) == 2 and "" not in serving
         first.signal(signal.SIGTERM)
         assert await asyncio.to_thread(first.wait, 30) == 0
         # One file per worker that served a stream, named by its pid, holding exactly that worker's streams.

@@ -333,8 +333,8 @@ class ModelSettings(Section):
         "chat", description="`chat`: served on the chat, Responses and Messages routes; `embeddings`: on `/v1/embeddings` only."
     )
     alias_of: str | None = Field(None, description="Serve this entry as an alias of another public model.")
-    system_prompt: str | None = Field(None, description="System message prepended for this (alias) model.")
-    defaults: dict[str, Any] = Field(default_factory=dict, description="Request fields applied when the client omits them.")
+    system_prompt: str | None = Field(None, description="System message prepended to this model's chat requests.")
+    defaults: dict[str, Any] = Field(default_factory=dict, description="Request fields applied when the client omits them (before the hold is sized).")
     agent: AgentSettings | None = Field(None, description="Serve this entry as an agent that runs the operator's MCP tools (see Agent mode).")
 
     @property
@@ -472,6 +472,37 @@ def env_overrides(env: Mapping[str, str]) -> dict[str, Any]:
     return data
 
 
+def _env_form(name: str) -> str:
+    """How `name` reads in an environment variable's path: lower case, ``-`` and ``.`` as ``_``."""
+    return name.lower().replace("-", "_").replace(".", "_")
+
+
+def _named_as_configured(override: dict[str, Any], base: Mapping[str, Any], path: tuple[str, ...] = ()) -> dict[str, Any]:
+    """`override` (from the environment) with each name spelt as `base` (the file) spells it.
+
+    A variable name holds no ``-``, ``.`` or capitals, so
+    ``SOVEREIGN_MODELS__SOVEREIGN_ALPHA__…`` must change ``models.sovereign-alpha``
+    rather than add a model ``sovereign_alpha`` beside it. A name that matches
+    no configured one stays as written (a new entry); one that matches two is an error.
+    """
+    named: dict[str, Any] = {}
+    for key, value in override.items():
+        target = key
+        if key not in base:
+            matches = sorted(name for name in base if isinstance(name, str) and _env_form(name) == key)
+            if len(matches) > 1:
+                variable = ENV_PREFIX + "__".join(_env_form(part) for part in (*path, key)).upper()
+                spelt = " and ".join(".".join((*path, match)) for match in matches)
+                raise ConfigError(f"{variable} matches both {spelt}: rename one of them in the config file")
+            if matches:
+                target = matches[0]
+        inner = base.get(target)
+        if isinstance(value, dict) and isinstance(inner, Mapping):
+            value = _named_as_configured(value, inner, (*path, target))
+        named[target] = value
+    return named
+
+
 def _top_level_fields() -> frozenset[str]:
     return frozenset(Settings.model_fields)
 
@@ -524,7 +555,12 @@ def load_settings(
         if not isinstance(loaded, dict):
             raise ConfigError(f"config file {file} must hold a mapping at the top level")
         data = loaded
-    data = deep_merge(data, env_overrides(env))
+    from_env = env_overrides(env)
+    if "models" in from_env and "models" not in data:
+        # Without a file the default models are the base: a variable changes
+        # `sovereign-alpha` (or adds a model beside it), as it would with the shipped file.
+        data["models"] = {name: model.model_dump(exclude_unset=True) for name, model in _default_models().items()}
+    data = deep_merge(data, _named_as_configured(from_env, data))
     if overrides:
         data = deep_merge(data, overrides)
     try:

@@ -75,3 +75,38 @@ def test_masked_dump_hides_every_secret():
     text = repr(s.masked())
     assert "sk-very-secret" not in text and "adm-secret" not in text
     assert s.masked()["admin"]["token"] == "********"
+
+
+@pytest.mark.parametrize("with_file", [True, False], ids=["shipped file", "no file"])
+def test_an_env_name_changes_the_configured_model_it_spells(tmp_path, monkeypatch, with_file):
+    """`SOVEREIGN_MODELS__SOVEREIGN_ALPHA__…` is `models.sovereign-alpha`, not a new `sovereign_alpha` beside it."""
+    if not with_file:
+        monkeypatch.setattr("proxy.core.settings.SHIPPED_CONFIG", tmp_path / "not-shipped.yaml")
+    s = load_settings(env={"SOVEREIGN_MODELS__SOVEREIGN_ALPHA__PRICE__INPUT_PER_MILLION": "100"})
+    assert set(s.models) == {"sovereign-alpha"}
+    price = s.models["sovereign-alpha"].price
+    assert (price.input_per_million, price.output_per_million) == (100, 1500)  # the rest of the price is kept
+    assert s.models["sovereign-alpha"].upstream == "default"
+
+
+def test_env_names_match_dots_and_capitals_and_new_names_stay_new(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"models": {
+        "GPT-4.1": {"upstream": "default", "price": {"input_per_million": 1, "output_per_million": 2}},
+    }}))
+    s = load_settings(path, env={
+        "SOVEREIGN_MODELS__GPT_4_1__PRICE__OUTPUT_PER_MILLION": "7",
+        "SOVEREIGN_MODELS__FRESH__FREE": "true",
+    })
+    assert set(s.models) == {"GPT-4.1", "fresh"}
+    assert s.models["GPT-4.1"].price.output_per_million == 7 and s.models["fresh"].free
+
+
+def test_an_env_name_that_spells_two_configured_names_is_refused(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text(yaml.safe_dump({"models": {
+        "a-b": {"free": True, "upstream": "default"},
+        "a.b": {"free": True, "upstream": "default"},
+    }}))
+    with pytest.raises(ConfigError, match=r"SOVEREIGN_MODELS__A_B matches both models\.a-b and models\.a\.b"):
+        load_settings(path, env={"SOVEREIGN_MODELS__A_B__FREE": "false"})

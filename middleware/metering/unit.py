@@ -234,6 +234,12 @@ class MeteringUnit(Unit):
         super().__init__(settings, gateway)
         self.store = gateway.store
         self.pricing = pricing_table(gateway.settings)
+        # A model's configured defaults and system prompt join the body before it is sized (Call.apply_model_defaults).
+        self.model_defaults = {
+            name: (model.defaults, model.system_prompt)
+            for name, model in gateway.settings.models.items()
+            if model.defaults or model.system_prompt
+        }
         self.hold_ms = int(settings.hold_ttl_seconds * 1000)
         # Tenant -> what this process last saw of its room (see _speculate).
         self._room: dict[str, Room] = {}
@@ -306,6 +312,8 @@ class MeteringUnit(Unit):
         pricing = self.pricing.get(model) if isinstance(model, str) else None
         if pricing is None:
             return await next(call)  # the forwarder answers unknown models
+        if self.model_defaults and model in self.model_defaults:
+            call.apply_model_defaults(*self.model_defaults[model])
         ticket = self._size(call, model, pricing)
         hold = 0 if pricing.free else pricing.cost(ticket.prompt, ticket.output_limit)
         if hold and self.leases is not None and not call.stream and not ticket.budget[0]:

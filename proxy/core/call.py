@@ -134,6 +134,7 @@ class Call:
         "ledger_kind",
         "session_id",
         "agent",
+        "model_defaults_applied",
     )
 
     def __init__(
@@ -169,6 +170,7 @@ class Call:
         # Set by the agent unit: the server tool calls it ran (middleware.agent.trace.AgentTrace),
         # read by the Responses (mcp_call items) and sessions (stored turn) units.
         self.agent: Any = None
+        self.model_defaults_applied = False  # see apply_model_defaults
 
     @property
     def model(self) -> Any:
@@ -189,6 +191,24 @@ class Call:
             return
         self.body[key] = value
         self.raw = None
+
+    def apply_model_defaults(self, defaults: dict[str, Any], system_prompt: str | None) -> None:
+        """A model's configured request fields (where the client sent none) and system prompt, once per call.
+
+        Metering applies them before it sizes the hold, so a default `n` or cap
+        is held for; the forwarder applies them when no metering ran. The flag
+        keeps the second from prepending the system prompt again.
+        """
+        if self.model_defaults_applied:
+            return
+        self.model_defaults_applied = True
+        if not defaults and not system_prompt:
+            return
+        body = {**defaults, **self.body}
+        messages = body.get("messages")
+        if system_prompt and isinstance(messages, list):
+            body["messages"] = [{"role": "system", "content": system_prompt}, *messages]
+        self.replace_body(body)
 
     def body_bytes(self) -> bytes:
         if self.raw is None:

@@ -3,7 +3,8 @@
 It maps the public model name (or alias) to the provider's model name,
 posts embeddings calls to the provider's `/embeddings` and every other call to
 its `/chat/completions` (a model of the other kind is a 400 naming it),
-applies an alias' system prompt and defaults, and returns the provider's reply
+applies the model's system prompt and defaults (unless metering already
+did), and returns the provider's reply
 untouched: a JSON body or a stream of raw SSE events.
 """
 
@@ -50,8 +51,7 @@ class Forwarder:
         if (public in self._embeddings) != embeddings:
             raise wrong_model_kind(public, embeddings)
         entry = self.settings.models[public]
-        if entry.alias_of is not None:
-            _apply_alias(call, entry.system_prompt, entry.defaults)
+        call.apply_model_defaults(entry.defaults, entry.system_prompt)
         resolved = self.settings.resolve_model(public)
         assert resolved is not None
         target = resolved[1]
@@ -72,13 +72,3 @@ class Forwarder:
         call.upstream_latency = time.monotonic() - started
         return reply
 
-
-def _apply_alias(call: Call, system_prompt: str | None, defaults: dict) -> None:
-    body = dict(call.body)
-    for key, value in defaults.items():
-        body.setdefault(key, value)
-    if system_prompt:
-        messages = body.get("messages")
-        if isinstance(messages, list):
-            body["messages"] = [{"role": "system", "content": system_prompt}, *messages]
-    call.replace_body(body)

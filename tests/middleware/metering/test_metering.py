@@ -332,3 +332,56 @@ async def test_a_cap_the_provider_does_not_read_cannot_unbound_the_output(mock, 
     assert reply.usage.completion_tokens == 1
     await running.gateway.drain()
     await assert_ledger_matches(accounts, tenant)
+
+
+ALPHA = {"upstream": "default", "price": {"input_per_million": 1_000_000, "output_per_million": 2_000_000}}
+BRIEF = {"alias_of": "sovereign-alpha", "system_prompt": "Be brief.", "defaults": {"max_tokens": 7, "n": 2}}
+
+
+async def _needs(running, key: str, body: dict) -> int:
+    """The credits a request's hold needs, read from its 402 (the tenant can afford none)."""
+    async with aiohttp.ClientSession() as http:
+        async with http.post(running.v1 + "/chat/completions", data=orjson.dumps(body),
+                             headers={"Authorization": f"Bearer {key}", "Content-Type": "application/json"}) as resp:
+            assert resp.status == 402, await resp.text()
+            message = (await resp.json())["error"]["message"]
+    return int(re.search(r"needs (\d+) credits", message).group(1))
+
+
+async def test_a_models_defaults_and_system_prompt_are_held_for_and_capped(mock, gateway_factory, redis_prefix):
+    """An alias' default `n` and cap count in the hold, and its cap is the one cap the provider gets."""
+    # Same-length names, so the alias' effective body and the spelt-out one size alike.
+    running, accounts = await metered(gateway_factory, mock, redis_prefix, models={"sovereign-alpha": ALPHA, "sovereign-brief": BRIEF})
+    _, broke = await new_tenant(accounts, 1)
+    system = {"role": "system", "content": "Be brief."}
+    via_alias = await _needs(running, broke, {"model": "sovereign-brief", "messages": MESSAGES})
+    spelt_out = await _needs(running, broke, {"max_tokens": 7, "n": 2, "model": "sovereign-alpha", "messages": [system, *MESSAGES]})
+    one_choice = await _needs(running, broke, {"max_tokens": 7, "n": 1, "model": "sovereign-alpha", "messages": [system, *MESSAGES]})
+    assert via_alias == spelt_out and spelt_out - one_choice == 7 * 2  # the second choice's 7 tokens at 2 credits
+    assert mock.stats["requests"] == 0
+
+    tenant, key = await new_tenant(accounts, 10_000)
+    reply = await running.openai(key).chat.completions.create(model="sovereign-brief", messages=MESSAGES)
+    sent = mock.requests[-1]["body"]
+    assert sent["n"] == 2 and sent["max_completion_tokens"] == 7 and "max_tokens" not in sent
+    assert sent["messages"] == [system, *MESSAGES]  # prepended once, although metering and the forwarder both look
+    assert len(reply.choices) == 2 and reply.usage.completion_tokens <= 14
+    # The client's own fields win over the defaults.
+    await running.openai(key).chat.completions.create(model="sovereign-brief", messages=MESSAGES, n=1, max_tokens=3)
+    assert (mock.requests[-1]["body"]["n"], mock.requests[-1]["body"]["max_completion_tokens"]) == (1, 3)
+    await running.gateway.drain()
+    await assert_ledger_matches(accounts, tenant)
+
+
+@pytest.mark.parametrize("pipeline", [PIPELINE, []], ids=["metered", "passthrough"])
+async def test_defaults_of_a_model_that_is_not_an_alias_apply_too(mock, gateway_factory, redis_prefix, pipeline):
+    models = {"sovereign-alpha": {**ALPHA, "defaults": {"temperature": 0.1}, "system_prompt": "House rules."}}
+    settings = make_settings(mock.url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=pipeline, admin_token=None, models=models)
+    running = await gateway_factory(settings)
+    key = (await new_tenant(Accounts(running.gateway.store), 10_000))[1] if pipeline else "sk-sov-live-none"
+    await running.openai(key).chat.completions.create(model="sovereign-alpha", messages=MESSAGES)
+    sent = mock.requests[-1]["body"]
+    assert sent["temperature"] == 0.1
+    assert sent["messages"] == [{"role": "system", "content": "House rules."}, *MESSAGES]
+    await running.openai(key).chat.completions.create(model="sovereign-alpha", messages=MESSAGES, temperature=0.9)
+    assert mock.requests[-1]["body"]["temperature"] == 0.9

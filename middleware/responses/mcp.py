@@ -88,7 +88,7 @@ def stream_events(translator: StreamTranslator, marker: dict[str, Any]) -> Itera
     run = marker["run"]
     if marker["phase"] == "started":
         if translator.text is not None:
-            yield from translator._close(translator.text)  # the text before the call ends here
+            yield from translator._close(translator.text, "completed")  # the text before the call ends here
         item = McpItem(len(translator.items), run)
         translator.items.append(item)  # type: ignore[arg-type]
         head = {"item_id": item.id, "output_index": item.index}

@@ -123,14 +123,17 @@ def complete(response: dict[str, Any], completion: dict[str, Any], reasoning_mod
     output: list[dict[str, Any]] = []
     reasoning = reasoning_of(message)
     if isinstance(reasoning, str) and reasoning:
-        output.append(_reasoning_item(new_id("rs_"), reasoning, status, reasoning_mode))
+        output.append(_reasoning_item(new_id("rs_"), reasoning, "completed", reasoning_mode))
     content = message.get("content")
     if isinstance(content, str) and content:
-        output.append(_message_item(new_id("msg_"), content, status))
+        output.append(_message_item(new_id("msg_"), content, "completed"))
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
         output.append(_call_item(new_id("fc_"), call.get("id") or new_id("call_"), function.get("name") or "",
                                  function.get("arguments") or "", "completed"))
+    if output:
+        # A cut (the cap, a filter) stops the item being generated: the last one.
+        output[-1]["status"] = status
     response["output"] = output
     _finish(response, finish_reason, completion.get("usage"))
 
@@ -220,7 +223,7 @@ class StreamTranslator(ChunkTranslator):
         item = self.text
         if item is None or item.kind != kind:
             if item is not None:
-                yield from self._close(item)
+                yield from self._close(item, "completed")  # another item began: this one is whole
             item = self.text = self._open(kind)
             yield self._event({"type": "response.output_item.added", "output_index": item.index,
                                "item": item.announced()})
@@ -257,7 +260,7 @@ class StreamTranslator(ChunkTranslator):
         item = self.calls.get(index)
         if item is None:
             if self.text is not None:
-                yield from self._close(self.text)
+                yield from self._close(self.text, "completed")
             item = self.calls[index] = self._open(
                 "function_call", call.get("id") or new_id("call_"), function.get("name") or "")
             yield self._event({"type": "response.output_item.added", "output_index": item.index,
@@ -276,8 +279,8 @@ class StreamTranslator(ChunkTranslator):
     def _status(self) -> str:
         return "incomplete" if self.finish_reason in _INCOMPLETE else "completed"
 
-    def _close(self, item: _Item) -> Iterator[SSEEvent]:
-        item.status = "completed" if item.kind == "function_call" else self._status()
+    def _close(self, item: _Item, status: str) -> Iterator[SSEEvent]:
+        item.status = status
         if item is self.text:
             self.text = None
         done = item.item(item.status)
@@ -311,9 +314,12 @@ class StreamTranslator(ChunkTranslator):
             # Neither finish_reason nor [DONE]: the provider's stream ended early.
             yield from self.fail(UpstreamError("The upstream provider ended the stream early."))
             return
+        # A cut (the cap, a filter) stops the item being generated, the last one;
+        # the calls before it are whole.
+        last = self.items[-1] if self.items else None
         for item in self.items:
             if item.status is None:
-                yield from self._close(item)
+                yield from self._close(item, self._status() if item is last else "completed")
         self.response["output"] = [item.item(item.status or "completed") for item in self.items]
         _finish(self.response, self.finish_reason, self.usage)
         kind = "response.incomplete" if self.response["status"] == "incomplete" else "response.completed"

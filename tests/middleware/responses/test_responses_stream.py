@@ -18,6 +18,7 @@ from openai.types.responses import ResponseStreamEvent
 
 from middleware.responses.stream import StreamTranslator, skeleton
 from proxy.core.call import SSEEvent
+from proxy.devtools.mock_upstream import _fragments
 from tests.support import make_settings
 
 MODEL = "sovereign-alpha"
@@ -218,3 +219,26 @@ async def test_leaving_at_the_opening_events_closes_the_chat_stream():
     assert b"response.created" in first.raw
     await events.aclose()
     assert ChatStream.closed
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_cap_inside_the_second_call_marks_that_call_incomplete_and_keeps_the_first(running, client, stream):
+    """Only the item being generated when the cap hit is incomplete: the call before it is whole."""
+    other = {**TOOL, "name": "lookup_again"}
+    whole = await client.responses.create(model=MODEL, input="two calls", tools=[TOOL, other])
+    first = whole.output[0].arguments
+    # The simulated provider spends a token on a call's name and one per argument fragment:
+    # the first call whole, then the second's name and nothing of its arguments.
+    cap = 1 + len(_fragments(first)) + 1
+    body = {"input": "two calls", "tools": [TOOL, other], "max_output_tokens": cap}
+    if stream:
+        _, events = await raw_stream(running, body)
+        check_sequence(events)
+        final = events[-1]["response"]
+        done = [e["item"] for e in events if e["type"] == "response.output_item.done"]
+        assert [(i["name"], i["status"]) for i in done] == [("lookup", "completed"), ("lookup_again", "incomplete")]
+    else:
+        final = (await client.responses.create(model=MODEL, **body)).model_dump()
+    assert final["status"] == "incomplete" and final["incomplete_details"] == {"reason": "max_output_tokens"}
+    calls = [(i["name"], i["arguments"], i["status"]) for i in final["output"]]
+    assert calls == [("lookup", first, "completed"), ("lookup_again", "", "incomplete")]

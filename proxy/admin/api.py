@@ -86,6 +86,11 @@ async def update_key_from(accounts: Accounts, key_id: str, request: KeyUpdate, s
     changes = {name: getattr(request, name) for name in request.model_fields_set}
     if "budget" in changes and request.budget is not None:
         changes["budget"] = request.budget.model_dump()
+        if "period" not in request.budget.model_fields_set:
+            # A new amount alone keeps the key's period (and what it has spent in it).
+            record = await accounts.get_key(key_id)
+            if record is not None and record.budget_period is not None:
+                changes["budget"]["period"] = record.budget_period
     return await accounts.update_key(key_id, changes)
 
 

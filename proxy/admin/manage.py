@@ -101,9 +101,10 @@ KEY_HEADER = ["ID", "NAME", "STATUS", "MODELS", "RPM", "CONCURRENCY", "BUDGET", 
 
 
 def _budget_arg(args: argparse.Namespace) -> dict[str, Any] | None:
+    """The budget the flags give; without --budget-period, the API's default (total, or the key's own on update)."""
     if args.budget is None:
         return None
-    return {"credits": args.budget, "period": args.budget_period or "total"}
+    return {"credits": args.budget, **({"period": args.budget_period} if args.budget_period else {})}
 
 
 # -- operations ------------------------------------------------------------------
@@ -296,7 +297,7 @@ def add_management_commands(subparsers: Any, load: LoadSettings) -> None:
     p.add_argument("--max-concurrency", type=int, help="requests in flight at once (0: no limit)")
     p.add_argument("--expires-at", type=int, help="expiry as unix seconds (0: never)")
     p.add_argument("--budget", type=int, help="credits the key may spend per --budget-period")
-    p.add_argument("--budget-period", choices=["day", "month", "total"], help="default: total")
+    p.add_argument("--budget-period", choices=["day", "month", "total"], help="default: the key's current period, else total")
     p.add_argument("--clear-budget", action="store_true", help="remove the key's budget")
     p.set_defaults(func=_command(keys_update, load))
 

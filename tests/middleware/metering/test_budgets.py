@@ -80,9 +80,11 @@ async def test_budget_holds_under_200_concurrent_requests_across_two_replicas(mo
         assert (status, refused["error"]["code"]) == (402, "key_budget_exceeded")
 
         # Raising the budget (PATCH) lets the key spend again; clearing it removes the cap.
-        async with admin.patch(replicas[0].base_url + f"/admin/keys/{capped['id']}", json={"budget": {"credits": spent + 1000, "period": "day"}, "rpm": 1000}) as resp:
+        # A new amount alone keeps the period and what was spent in it.
+        async with admin.patch(replicas[0].base_url + f"/admin/keys/{capped['id']}", json={"budget": {"credits": spent + 1000}, "rpm": 1000}) as resp:
             patched = await resp.json()
-        assert patched["budget"]["credits"] == spent + 1000 and patched["rpm"] == 1000
+        assert patched["budget"] == {"credits": spent + 1000, "period": "day", "spent": spent, "held": 0}
+        assert patched["rpm"] == 1000
         assert (await send(0, capped["key"]))[0] == 200
         async with admin.patch(replicas[0].base_url + f"/admin/keys/{capped['id']}", json={"budget": None}) as resp:
             assert (await resp.json())["budget"] is None

@@ -114,8 +114,11 @@ def test_budgets_and_thresholds_from_the_shell(sovereign):
     key = json.loads(sovereign("keys", "create", "--tenant", "acme", "--budget", "1000", "--budget-period", "day", "--json").stdout)
     assert key["budget"] == {"credits": 1000, "period": "day"}
     updated = json.loads(sovereign("keys", "update", key["id"], "--budget", "50", "--rpm", "10", "--name", "ci", "--json").stdout)
-    assert updated["budget"] == {"credits": 50, "period": "total", "spent": 0, "held": 0}
+    assert updated["budget"] == {"credits": 50, "period": "day", "spent": 0, "held": 0}  # a new amount keeps the period
     assert (updated["rpm"], updated["name"]) == (10, "ci")
+    assert "0/50 per day" in sovereign("keys", "list", "--tenant", "acme").stdout
+    lifetime = json.loads(sovereign("keys", "update", key["id"], "--budget", "50", "--budget-period", "total", "--json").stdout)
+    assert lifetime["budget"]["period"] == "total"
     rows = sovereign("keys", "list", "--tenant", "acme").stdout
     assert "0/50 total" in rows
     cleared_key = json.loads(sovereign("keys", "update", key["id"], "--clear-budget", "--rpm", "0", "--json").stdout)

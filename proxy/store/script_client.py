@@ -57,6 +57,10 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 DEFER_SECONDS = 0.002
 
 
+class CommandTooLarge(Exception):
+    """A command over the client's `max_command_bytes`, not sent: the caller sends it another way (see Store.run)."""
+
+
 def encode_command(*args: Any) -> bytes:
     """One RESP command: an array of bulk strings.
 
@@ -224,10 +228,13 @@ class _Connection(asyncio.Protocol):
 class ScriptClient:
     """EVALSHA / SCRIPT LOAD over one pipelined connection (see the module docstring)."""
 
-    def __init__(self, url: str, timeout: float, ssl_context: ssl.SSLContext | None = None) -> None:
-        """`ssl_context` for ``rediss://`` (default: the system's CAs), built from the same settings as redis-py's."""
+    def __init__(self, url: str, timeout: float, ssl_context: ssl.SSLContext | None = None,
+                 max_command_bytes: int | None = None) -> None:
+        """`ssl_context` for ``rediss://`` (default: the system's CAs), built from the same settings as redis-py's;
+        a command longer than `max_command_bytes` raises `CommandTooLarge` instead of being sent."""
         self.url = url
         self.timeout = timeout
+        self.max_command_bytes = max_command_bytes
         self.ssl_context = ssl_context
         self._connection: _Connection | None = None
         self._connecting: asyncio.Future[_Connection] | None = None
@@ -248,10 +255,14 @@ class ScriptClient:
         return await self._call("SCRIPT", "LOAD", source)
 
     async def _call(self, *args: Any, deferred: bool = False) -> Any:
+        # Encoded first: its length is the size check, at no cost beyond the encoding itself.
+        command = encode_command(*args)
+        if self.max_command_bytes is not None and len(command) > self.max_command_bytes:
+            raise CommandTooLarge(f"{len(command)} bytes")
         connection = self._connection
         if connection is None or connection.closed:
             connection = await self._connect()
-        return await connection.send(encode_command(*args), deferred)
+        return await connection.send(command, deferred)
 
     async def _connect(self) -> _Connection:
         # Concurrent callers share one connection attempt.

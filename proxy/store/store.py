@@ -42,7 +42,7 @@ from redis.asyncio.retry import Retry
 
 from proxy.core.errors import StoreUnavailable
 from proxy.core.tls import client_context
-from proxy.store.script_client import ScriptClient
+from proxy.store.script_client import CommandTooLarge, ScriptClient
 from proxy.core.settings import StoreSettings, TLSSettings
 
 log = structlog.get_logger("sovereign")
@@ -78,16 +78,8 @@ def load_lua(package: str, name: str) -> str:
     return _INCLUDE.sub(include, _lua_file(package, name))
 
 
-# Script arguments above this size leave the hot-path connection (see Store.run).
+# Script commands above this size leave the hot-path connection (see Store.run).
 BULK_BYTES = 64 * 1024
-
-
-def _bulky(args: list[Any]) -> bool:
-    size = 0
-    for arg in args:
-        if isinstance(arg, (bytes, str)):
-            size += len(arg)
-    return size > BULK_BYTES
 
 
 class Script:
@@ -258,7 +250,7 @@ class Store:
             pool = WaitingConnectionPool.from_url(url, max_connections=self.settings.max_connections, **common)
             self.redis = GuardedRedis(aioredis.Redis(connection_pool=pool))
             if ScriptClient.supports(url):
-                self.script_client = ScriptClient(url, self.settings.timeout, ssl_context=context)
+                self.script_client = ScriptClient(url, self.settings.timeout, ssl_context=context, max_command_bytes=BULK_BYTES)
 
     async def close(self) -> None:
         if self.script_client is not None:
@@ -290,15 +282,18 @@ class Store:
         """Run a Lua script by SHA.
 
         `deferred`: nobody is waiting on the answer (a settlement), so its write
-        may share the next one (see script_client). Arguments over
-        `BULK_BYTES` go over redis-py's pooled connections instead of the
+        may share the next one (see script_client). A command over
+        `BULK_BYTES` goes over redis-py's pooled connections instead of the
         script client's single pipelined one: a multi-megabyte write there would
         hold up every hold queued behind it.
         """
         client = self.script_client
         try:
-            if client is None or _bulky(args):
-                return await script(self.redis.client, keys, args)
-            return await script(client.deferred if deferred else client, keys, args)
+            if client is not None:
+                try:
+                    return await script(client.deferred if deferred else client, keys, args)
+                except CommandTooLarge:
+                    pass  # refused before it was sent: redis-py's pool takes it
+            return await script(self.redis.client, keys, args)
         except STORE_DOWN_ERRORS as exc:
             raise StoreUnavailable() from exc

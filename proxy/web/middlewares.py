@@ -38,6 +38,7 @@ from proxy.core.pipeline import ErrorRenderer
 log = structlog.get_logger("sovereign")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+SERVER_NAME = "sovereign"  # the Server header of every response (see stamp_request_id)
 
 # Per-request storage, typed (aiohttp warns about plain string keys).
 REQUEST_ID = web.RequestKey("request_id", str)
@@ -87,10 +88,14 @@ async def stamp_request_id(request: web.Request, response: web.StreamResponse) -
 
     A stream's headers go out when the handler prepares it, before the
     middleware sees the response, so the middleware cannot add them itself.
+    It also names the server without versions: aiohttp's default
+    (``Python/3.11 aiohttp/3.x``) tells a scanner which releases to try.
     """
+    headers = response.headers
+    headers["Server"] = SERVER_NAME
     request_id = request.get(REQUEST_ID)
     if request_id is not None:
-        response.headers[REQUEST_ID_HEADER] = request_id
+        headers[REQUEST_ID_HEADER] = request_id
 
 
 @web.middleware

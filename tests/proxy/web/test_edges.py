@@ -55,6 +55,7 @@ async def test_every_response_carries_a_request_id(full, method, path, body, hea
             await resp.read()
             assert resp.status == status
             assert resp.headers["X-Request-ID"].startswith("req_")
+            assert resp.headers.getall("Server") == ["sovereign"]  # no Python or aiohttp version to scan for
         # A safe id the client sent comes back as is, streamed or not.
         async with session.request(method, full.base_url + path, json=body, headers={**headers, "X-Request-ID": "trace-42"}) as resp:
             await resp.read()
@@ -81,6 +82,7 @@ async def test_separate_admin_port_answers_carry_a_request_id(mock):
             for headers, status in ((AUTH, 404), ({}, 401)):
                 async with session.get(f"http://127.0.0.1:{server.port}/admin/tenants/nobody", headers=headers) as resp:
                     assert resp.status == status and resp.headers["X-Request-ID"].startswith("req_")
+                    assert resp.headers["Server"] == "sovereign"
     finally:
         await server.close()
         await gateway.close()

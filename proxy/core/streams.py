@@ -13,7 +13,8 @@ or generator. A layer takes the events under it (``source``) and any of:
   dropped before its first event was asked for (``False``).
 
 Closing a layer closes the one under it, so the relay closes only the
-outermost layer and the close reaches the provider connection. That holds
+outermost layer and the close reaches the provider connection; a layer that
+fails (its source or its transform raised) closes the ones under it too. That holds
 even for a layer that was never iterated, which a bare async generator does
 not guarantee (closing a generator that never started skips its ``finally``).
 
@@ -85,9 +86,17 @@ class EventStream:
                 raise
             except BaseException:
                 if not isinstance(self._pending, asyncio.Future) or self._pending.done():
-                    # A failure of the source itself (the provider broke off, say);
-                    # a cancelled shielded read leaves the read running instead.
-                    await self._finish(False)
+                    # A failure of the source (the provider broke off) or of this
+                    # layer's transform (a translator meeting the provider's error
+                    # event): the layers under it are closed as `aclose` would, so
+                    # their `on_close` runs (metering settles there) and the relay's
+                    # later `aclose`, a no-op on a closed layer, is not needed for it.
+                    # A cancelled shielded read leaves the read running instead.
+                    try:
+                        with contextlib.suppress(Exception):  # the failure raised here matters more
+                            await self._close_below()
+                    finally:
+                        await self._finish(False)
                 raise
             if observe is None:
                 return event
@@ -112,11 +121,14 @@ class EventStream:
             self._on_abandon(self._resume())
             return
         try:
-            if self._events is not self.source:
-                await self._events.aclose()  # type: ignore[attr-defined]
-            await _aclose(self.source)
+            await self._close_below()
         finally:
             await self._finish(False)
+
+    async def _close_below(self) -> None:
+        if self._events is not self.source:
+            await self._events.aclose()  # type: ignore[attr-defined]
+        await _aclose(self.source)
 
     async def _resume(self) -> AsyncIterator[SSEEvent]:
         """The rest of the source for `on_abandon`: a read under way first, then the others."""

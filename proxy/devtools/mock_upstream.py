@@ -45,6 +45,7 @@ _OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "x-mock-reasoning-chunks": ("reasoning_chunks", int),
     "x-mock-fail-status": ("fail_status", int),
     "x-mock-cut-after": ("cut_after", int),
+    "x-mock-error-after": ("error_after", int),
 }
 _SCHEMA_SAMPLES: dict[str | None, Any] = {"string": "value", "integer": 1, "number": 1, "boolean": True}
 _MAX_TOOL_CALLS = 3
@@ -60,6 +61,7 @@ class MockOptions:
     reasoning_chunks: int = 0
     fail_status: int = 0
     cut_after: int = -1
+    error_after: int = -1  # an in-band `data: {"error": …}` event after this many content chunks, as vLLM sends
     report_usage: bool = True
     api_key: str | None = None
 
@@ -467,7 +469,7 @@ class MockUpstream:
         n: int,
         usage: dict[str, Any] | None,
     ) -> web.StreamResponse:
-        """Send the reply as SSE, honouring delay/cut_after, and count disconnects."""
+        """Send the reply as SSE, honouring delay/cut_after/error_after, and count disconnects."""
         head["object"], head["choices"] = "chat.completion.chunk", []
         if usage is not None:
             head["usage"] = None  # OpenAI marks every chunk before the usage chunk this way
@@ -486,6 +488,11 @@ class MockUpstream:
                 if is_content and 0 <= opts.cut_after <= sent_content:
                     if (transport := request.transport) is not None:
                         transport.abort()  # abrupt close: no terminating chunk, no [DONE]
+                    return resp
+                if is_content and 0 <= opts.error_after <= sent_content:
+                    # A provider that fails mid-generation (vLLM, OpenRouter): an error event, then a clean end.
+                    error = {"error": {"message": "The model failed mid-stream.", "type": "server_error", "code": "internal_error"}}
+                    await resp.write(b"data: " + orjson.dumps(error) + b"\n\n")
                     return resp
                 sent_content += is_content
                 finish = None if delta else reply.finish_reason  # only the final delta is empty
@@ -541,6 +548,7 @@ def add_cli_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--reasoning-chunks", type=int, default=d.reasoning_chunks, help="reasoning_content chunks before the content")
     parser.add_argument("--fail-status", type=int, default=d.fail_status, help="answer every completion with this HTTP status")
     parser.add_argument("--cut-after", type=int, default=d.cut_after, help="abort streams after this many content chunks")
+    parser.add_argument("--error-after", type=int, default=d.error_after, help="end streams with an error event after this many content chunks")
     parser.add_argument("--no-usage", action="store_true", help="never report usage")
     parser.add_argument("--api-key", default=d.api_key, help="require 'Authorization: Bearer <key>'")
 
@@ -553,6 +561,7 @@ def options_from_args(args: argparse.Namespace) -> MockOptions:
         reasoning_chunks=args.reasoning_chunks,
         fail_status=args.fail_status,
         cut_after=args.cut_after,
+        error_after=args.error_after,
         report_usage=not args.no_usage,
         api_key=args.api_key,
     )

@@ -202,3 +202,32 @@ async def test_redis_restart_under_load_serves_nothing_unmetered(mock, gateway_f
         assert view["reserved"] == 0
     finally:
         redis.stop()
+
+
+ERROR_EVENT_BODIES = {
+    "/chat/completions": {"messages": MESSAGES, "max_tokens": 20},
+    "/responses": {"input": "hello world", "max_output_tokens": 20},
+    "/messages": {"messages": MESSAGES, "max_tokens": 20},
+}
+
+
+@pytest.mark.parametrize("path", sorted(ERROR_EVENT_BODIES))
+async def test_a_providers_error_event_mid_stream_is_charged_once_and_frees_the_hold(mock, gateway_factory, redis_prefix, path):
+    """vLLM's `data: {"error": …}` after some output: every protocol's stream is settled, none left to the sweeper."""
+    settings = make_settings(mock.url, store_url=REDIS_URL, prefix=redis_prefix, admin_token=None,
+                             pipeline=["auth", "responses", "messages", "metering"])
+    running = await gateway_factory(settings)
+    accounts = Accounts(running.gateway.store)
+    tenant, key = await new_tenant(accounts, 1000)
+    body = {"model": "sovereign-alpha", "stream": True, **ERROR_EVENT_BODIES[path]}
+    headers = {"Authorization": f"Bearer {key}", "x-mock-error-after": "2", "x-mock-chunks": "10"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(running.v1 + path, json=body, headers=headers) as resp:
+            assert resp.status == 200
+            text = (await resp.read()).decode()
+    assert "The model failed mid-stream." in text  # the client is told, in its protocol's error event
+    await running.gateway.drain()
+    view = await assert_ledger_matches(accounts, tenant)
+    assert view["reserved"] == 0  # the hold is settled now, not released by the sweeper minutes later
+    charges = [e for e in await accounts.ledger(tenant) if e["type"] == "charge"]
+    assert len(charges) == 1 and charges[0]["usage_source"] == "estimated" and charges[0]["output_tokens"] >= 2

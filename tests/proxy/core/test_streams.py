@@ -63,6 +63,28 @@ async def test_a_failing_source_closes_as_not_completed_and_the_error_passes() -
     assert seen == [False]
 
 
+async def test_a_failing_transform_closes_the_layers_under_it() -> None:
+    """A translator that raises (the provider's in-band error) still lets the inner layer's on_close run."""
+    source = Source(count=5)
+    seen, on_close = recorder()
+
+    async def translate(events: AsyncIterator[SSEEvent]) -> AsyncIterator[SSEEvent]:
+        async for event in events:
+            if event.json()["n"] == 2:
+                raise UpstreamError("the provider sent an error event")
+            yield event
+
+    inner = EventStream(source, on_close=on_close)  # metering's layer: it settles in on_close
+    outer_seen, outer_close = recorder()
+    outer = EventStream(inner, transform=translate, on_close=outer_close)
+    with pytest.raises(UpstreamError):
+        async for _ in outer:
+            pass
+    assert source.closed and seen == [False] and outer_seen == [False]
+    await outer.aclose()  # the relay's close afterwards changes nothing
+    assert seen == [False] and outer_seen == [False]
+
+
 async def test_closing_before_the_first_event_still_reaches_the_source_and_the_hook() -> None:
     source = Source()
     seen, on_close = recorder()

@@ -71,7 +71,17 @@ def message_skeleton(message_id: str, model: Any, usage: dict[str, int]) -> dict
     }
 
 
-def to_message(completion: dict[str, Any], message_id: str, model: Any, stop_sequences: Any) -> dict[str, Any]:
+def client_tool_name(name: Any, names: dict[str, str] | None) -> str:
+    """The client's name for a tool the provider called (its own unless the request shortened it)."""
+    if not isinstance(name, str):
+        return ""
+    return names.get(name, name) if names else name
+
+
+def to_message(
+    completion: dict[str, Any], message_id: str, model: Any, stop_sequences: Any, names: dict[str, str] | None = None
+) -> dict[str, Any]:
+    """The Message for a chat completion; `names` maps shortened tool names back (`request.renamed_tools`)."""
     choices = completion.get("choices")
     choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
     message: dict[str, Any] = choice["message"] if isinstance(choice.get("message"), dict) else {}
@@ -88,7 +98,7 @@ def to_message(completion: dict[str, Any], message_id: str, model: Any, stop_seq
         if not isinstance(function, dict):
             continue
         content.append({"type": "tool_use", "id": call.get("id") or "toolu_" + os.urandom(12).hex(),
-                        "name": function.get("name") or "", "input": tool_input(function.get("arguments"))})
+                        "name": client_tool_name(function.get("name"), names), "input": tool_input(function.get("arguments"))})
     finish = choice.get("finish_reason")
     if finish == "stop" and any(block["type"] == "tool_use" for block in content):
         finish = "tool_calls"  # some providers finish a tool call with "stop"

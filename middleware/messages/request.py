@@ -8,8 +8,9 @@ chat requires); assistant turns keep their text, and their `tool_use` blocks
 become `tool_calls` with the `input` serialised as `arguments`. `thinking`
 blocks are dropped (chat providers take no reasoning input); `cache_control`
 is ignored wherever it appears. `tools` (`input_schema`) become function
-tools; `tool_choice` auto/any/tool/none becomes auto/required/the named
-function/none; `stop_sequences`, `max_tokens`, `temperature`, `top_p` and
+tools, a name over the 64 characters chat providers take shortened to a
+head and a hash (`provider_tool_name`; the reply maps it back); `tool_choice`
+auto/any/tool/none becomes auto/required/the named function/none; `stop_sequences`, `max_tokens`, `temperature`, `top_p` and
 `metadata.user_id` map onto `stop`, `max_completion_tokens`, `temperature`,
 `top_p` and `user`. `top_k`, `thinking` and `service_tier` have no chat
 equivalent every provider accepts and are not forwarded.
@@ -21,11 +22,38 @@ mapping safe without it (a 400 naming the field, never a crash).
 
 from __future__ import annotations
 
+import hashlib
 from typing import Any
 
 import orjson
 
 from proxy.core.errors import ApiError, invalid_request
+
+# Chat providers take function names of at most 64 characters (OpenAI refuses
+# longer ones); Anthropic allows 128, and Claude Code's MCP tools
+# (`mcp__<server>__<tool>`) often need more than 64.
+CHAT_NAME_LIMIT = 64
+_DIGEST = 8
+
+
+def provider_tool_name(name: str) -> str:
+    """`name` as a chat provider takes it: itself up to 64 characters, else a head and a hash of the whole.
+
+    The same for the same name in every request, so a tool keeps its provider
+    name across the turns of a conversation without any state.
+    """
+    if len(name) <= CHAT_NAME_LIMIT:
+        return name
+    digest = hashlib.sha256(name.encode()).hexdigest()[:_DIGEST]
+    return f"{name[: CHAT_NAME_LIMIT - _DIGEST - 1]}_{digest}"
+
+
+def renamed_tools(body: dict[str, Any]) -> dict[str, str]:
+    """Provider name → the client's, for each tool of `body` whose name `provider_tool_name` shortens."""
+    tools = body.get("tools")
+    names = (tool.get("name") for tool in tools if isinstance(tool, dict)) if isinstance(tools, list) else ()
+    return {provider_tool_name(name): name for name in names if isinstance(name, str) and len(name) > CHAT_NAME_LIMIT}
+
 
 # Block types refused with the codes the OpenAI routes use for the same media.
 _MEDIA_CODES = {"image": "unsupported_image_input", "document": "unsupported_file_input"}
@@ -129,7 +157,8 @@ def _assistant_turn(content: Any, param: str) -> dict[str, Any]:
                 if not isinstance(block.get(field), expected):
                     raise _bad(f"A tool_use block needs `{field}`.", f"{where}.{field}")
             arguments = orjson.dumps(block["input"]).decode()
-            calls.append({"id": block["id"], "type": "function", "function": {"name": block["name"], "arguments": arguments}})
+            function = {"name": provider_tool_name(block["name"]), "arguments": arguments}
+            calls.append({"id": block["id"], "type": "function", "function": function})
         elif kind in ("thinking", "redacted_thinking"):
             continue  # chat providers take no reasoning input
         else:
@@ -179,7 +208,7 @@ def chat_tools(tools: Any) -> list[dict[str, Any]]:
             raise _bad("A tool needs a `name`.", f"tools[{i}].name")
         if not isinstance(schema, dict):
             raise _bad("A tool needs an `input_schema` object.", f"tools[{i}].input_schema")
-        function: dict[str, Any] = {"name": name, "parameters": schema}
+        function: dict[str, Any] = {"name": provider_tool_name(name), "parameters": schema}
         if isinstance(tool.get("description"), str):
             function["description"] = tool["description"]
         chat.append({"type": "function", "function": function})
@@ -197,7 +226,7 @@ def chat_tool_choice(choice: Any) -> tuple[Any, bool | None]:
     if kind == "none":
         return "none", None
     if kind == "tool" and isinstance(choice.get("name"), str):
-        return {"type": "function", "function": {"name": choice["name"]}}, parallel
+        return {"type": "function", "function": {"name": provider_tool_name(choice["name"])}}, parallel
     raise _bad("`tool_choice.type` is auto, any, tool (with a `name`) or none.", "tool_choice.type")
 
 

@@ -23,7 +23,7 @@ from proxy.core.call import SSEEvent
 from proxy.core.chat_deltas import ChoiceDelta, ChunkTranslator
 from proxy.core.errors import UpstreamError
 
-from middleware.messages.reply import message_skeleton, stop_reason, usage_of
+from middleware.messages.reply import client_tool_name, message_skeleton, stop_reason, usage_of
 
 PING = SSEEvent.from_json({"type": "ping"}, event="ping")
 
@@ -43,8 +43,10 @@ class _Block:
 class StreamTranslator(ChunkTranslator):
     """Chat chunks in, Anthropic events out."""
 
-    def __init__(self, message_id: str, model: Any, stop_sequences: Any, input_estimate: int) -> None:
+    def __init__(self, message_id: str, model: Any, stop_sequences: Any, input_estimate: int,
+                 names: dict[str, str] | None = None) -> None:
         self.message_id = message_id
+        self.names = names  # shortened tool names → the client's (request.renamed_tools)
         self.model = model
         self.stop_sequences = stop_sequences
         self.input_estimate = input_estimate
@@ -106,7 +108,7 @@ class StreamTranslator(ChunkTranslator):
         block = self.calls.get(index)
         if block is None:
             start: dict[str, Any] = {"type": "tool_use", "id": call.get("id") or "toolu_" + os.urandom(12).hex(),
-                                      "name": function.get("name") or "", "input": {}}
+                                      "name": client_tool_name(function.get("name"), self.names), "input": {}}
             yield from self._start_block("tool_use", start)
             assert self.open is not None
             block = self.calls[index] = self.open

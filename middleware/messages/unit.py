@@ -32,7 +32,7 @@ from proxy.core.streams import EventStream, keepalive
 
 from middleware.messages import errors
 from middleware.messages.reply import new_message_id, to_message
-from middleware.messages.request import to_chat
+from middleware.messages.request import renamed_tools, to_chat
 from middleware.messages.stream import PING, StreamTranslator
 from middleware.metering.pricing import prompt_estimate
 
@@ -74,7 +74,7 @@ class MessagesUnit(Unit):
             return await next(call)
         body = call.body
         model, stop_sequences = body.get("model"), body.get("stop_sequences")
-        chat = to_chat(body)
+        chat, names = to_chat(body), renamed_tools(body)
         call.replace_body(chat)
         call.endpoint = CHAT  # from here on an ordinary chat call (sessions, metering, provider)
         message_id = new_message_id()
@@ -84,13 +84,13 @@ class MessagesUnit(Unit):
                 reply.set_json(errors.from_openai(reply.status, reply.body_bytes()))
             return reply
         if reply.events is not None:
-            translator = StreamTranslator(message_id, model, stop_sequences, self.estimate(chat))
+            translator = StreamTranslator(message_id, model, stop_sequences, self.estimate(chat), names)
             reply.events = EventStream(reply.events, transform=lambda chunks: self._translate(chunks, translator))
             reply.stream_error = errors.stream_event
             return reply
         completion = reply.json()
         if isinstance(completion, dict) and isinstance(completion.get("choices"), list):
-            reply.set_json(to_message(completion, message_id, model, stop_sequences))
+            reply.set_json(to_message(completion, message_id, model, stop_sequences, names))
         return reply
 
     async def _translate(self, chunks: AsyncIterator[SSEEvent], translator: StreamTranslator) -> AsyncIterator[SSEEvent]:

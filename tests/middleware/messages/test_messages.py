@@ -433,3 +433,32 @@ async def test_without_the_unit_the_route_is_not_served(passthrough, mock):
         async with session.post(passthrough.v1 + "/messages", json=body) as resp:
             assert resp.status == 404 and (await resp.json())["error"]["code"] == "not_found"
     assert mock.requests == []  # an Anthropic body never reaches a chat provider untranslated
+
+
+async def test_tool_names_over_64_characters_reach_the_provider_shortened_and_come_back_whole(setup, mock):
+    """Claude Code's MCP tools (`mcp__<server>__<tool>`) pass the 64 characters chat providers take."""
+    running, accounts, tenant, key, client = setup
+    long_name = "mcp__github-enterprise__" + "list_pull_request_review_comments_for_repository" * 2
+    other = "mcp__github-enterprise__" + "list_pull_request_review_comments_for_repository_" + "x" * 40
+    assert len(long_name) > 64 and len(other) > 64 and long_name[:55] == other[:55]
+    tools = [{**WEATHER, "name": long_name}, {**WEATHER, "name": other}]
+    question = {"role": "user", "content": "Comments?"}
+    first = await client.messages.create(model=MODEL, max_tokens=200, messages=[question], tools=tools,
+                                         tool_choice={"type": "tool", "name": long_name})
+    sent = mock.requests[-1]["body"]
+    provider_names = [tool["function"]["name"] for tool in sent["tools"]]
+    assert all(len(name) <= 64 for name in provider_names) and len(set(provider_names)) == 2  # distinct, though alike
+    assert sent["tool_choice"] == {"type": "function", "function": {"name": provider_names[0]}}
+    (call,) = [block for block in first.content if block.type == "tool_use"]
+    assert call.name == long_name  # the client's own name, not the provider's
+
+    async with client.messages.stream(model=MODEL, max_tokens=200, messages=[question], tools=tools) as stream:
+        final = await stream.get_final_message()
+    assert [block.name for block in final.content if block.type == "tool_use"] == [long_name, other]
+
+    # The next turn carries the call in its history: the provider sees the same short name again.
+    turns = [question, {"role": "assistant", "content": first.content},
+             {"role": "user", "content": [{"type": "tool_result", "tool_use_id": call.id, "content": "3 comments"}]}]
+    await client.messages.create(model=MODEL, max_tokens=200, messages=turns, tools=tools)
+    history = mock.requests[-1]["body"]["messages"]
+    assert history[1]["tool_calls"][0]["function"]["name"] == provider_names[0]

@@ -74,7 +74,7 @@ def stream_event(error: ApiError) -> bytes:
     return b"event: error\ndata: " + data + b"\n\n"
 
 
-def from_openai(status: int, body: bytes) -> dict[str, Any]:
+def from_openai(status: int, body: bytes, request_id: str | None = None) -> dict[str, Any]:
     """A provider's OpenAI-shaped error reply (relayed 4xx) in the Anthropic shape."""
     try:
         parsed = orjson.loads(body)
@@ -87,4 +87,4 @@ def from_openai(status: int, body: bytes) -> dict[str, Any]:
     param = error.get("param") if isinstance(error, dict) else None
     if isinstance(param, str) and param and param not in message:
         message = f"{param}: {message}"
-    return error_body(status, message)
+    return error_body(status, message, request_id)

@@ -64,6 +64,10 @@ class MessagesUnit(Unit):
     def error_renderers(self) -> dict[str, ErrorRenderer]:
         return {ROUTE_PREFIX: errors.render}
 
+    def request_id_headers(self) -> dict[str, str]:
+        # The Anthropic SDKs read `request-id` (`message._request_id`, `APIStatusError.request_id`).
+        return {ROUTE_PREFIX: "request-id"}
+
     def estimate(self, chat: dict[str, Any]) -> int:
         return prompt_estimate(len(orjson.dumps(chat)), len(chat["messages"]), self.chars_per_token)
 
@@ -81,7 +85,7 @@ class MessagesUnit(Unit):
         reply = await next(call)
         if reply.status >= 400:
             if reply.events is None:  # the provider's OpenAI-shaped 4xx, in Anthropic's shape
-                reply.set_json(errors.from_openai(reply.status, reply.body_bytes()))
+                reply.set_json(errors.from_openai(reply.status, reply.body_bytes(), call.request_id))
             return reply
         if reply.events is not None:
             translator = StreamTranslator(message_id, model, stop_sequences, self.estimate(chat), names)

@@ -76,6 +76,10 @@ class Gateway:
         self.error_renderers: dict[str, ErrorRenderer] = {
             prefix: render for unit in self.units for prefix, render in unit.error_renderers().items()
         }
+        # ... and the request id under the header name that protocol's SDKs read (Anthropic's `request-id`).
+        self.request_id_headers: dict[str, str] = {
+            prefix: header for unit in self.units for prefix, header in unit.request_id_headers().items()
+        }
         # 3. the pipeline: _entries[i] starts at unit i; the last one is the forwarder alone.
         self._entries: list[Next] = chain(self.units, Forwarder(self))
         self.handler: Next = self._entries[0]

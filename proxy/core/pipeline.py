@@ -82,6 +82,10 @@ class Unit:
         """Path prefix -> renderer, for a unit that serves another protocol whose errors have their own shape."""
         return {}
 
+    def request_id_headers(self) -> dict[str, str]:
+        """Path prefix -> a header that also carries the request id there (the name another protocol's SDKs read)."""
+        return {}
+
     async def startup(self) -> None:
         """Runs once the event loop and the store are up."""
 

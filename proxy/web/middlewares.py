@@ -48,6 +48,8 @@ PUBLIC_MODEL = web.RequestKey("public_model", str)
 STREAM_OUTCOME = web.RequestKey("stream_outcome", str)
 ERROR_CODE: web.RequestKey[str | None] = web.RequestKey("error_code", str)  # ApiError.code may be None
 TRACE_ID = web.RequestKey("trace_id", str)  # set by proxy.core.telemetry when tracing is on
+# (path prefix, header) pairs that also carry the request id on an app (Gateway.request_id_headers).
+REQUEST_ID_ALIASES = web.AppKey("request_id_aliases", tuple)
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _GATED_PREFIXES = ("/v1/", "/admin/")
 
@@ -96,6 +98,12 @@ async def stamp_request_id(request: web.Request, response: web.StreamResponse) -
     request_id = request.get(REQUEST_ID)
     if request_id is not None:
         headers[REQUEST_ID_HEADER] = request_id
+        aliases = request.app.get(REQUEST_ID_ALIASES)
+        if aliases:
+            path = request.path
+            for prefix, header in aliases:
+                if path.startswith(prefix):
+                    headers[header] = request_id
 
 
 @web.middleware

@@ -462,3 +462,25 @@ async def test_tool_names_over_64_characters_reach_the_provider_shortened_and_co
     await client.messages.create(model=MODEL, max_tokens=200, messages=turns, tools=tools)
     history = mock.requests[-1]["body"]["messages"]
     assert history[1]["tool_calls"][0]["function"]["name"] == provider_names[0]
+
+
+async def test_the_sdk_sees_the_request_id_of_replies_streams_and_errors(setup):
+    """Anthropic's SDKs read `request-id`; every answer on these routes carries it (and `x-request-id`)."""
+    running, accounts, tenant, key, client = setup
+    question = [{"role": "user", "content": "hi"}]
+    raw = await client.messages.with_raw_response.create(model=MODEL, max_tokens=20, messages=question)
+    message = await raw.parse()
+    assert message._request_id == raw.headers["x-request-id"] and message._request_id.startswith("req_")
+    async with client.messages.stream(model=MODEL, max_tokens=20, messages=question) as stream:
+        await stream.get_final_message()
+        assert stream.request_id and stream.request_id.startswith("req_")
+    with pytest.raises(anthropic.NotFoundError) as missing:  # the gateway's own error
+        await client.messages.create(model="no-such-model", max_tokens=20, messages=question)
+    assert missing.value.request_id == missing.value.body["request_id"]
+    with pytest.raises(anthropic.UnprocessableEntityError) as relayed:  # the provider's, relayed
+        await client.messages.create(model=MODEL, max_tokens=20, messages=question, extra_headers={"x-mock-fail-status": "422"})
+    assert relayed.value.request_id and relayed.value.body["request_id"] == relayed.value.request_id
+    # Other routes keep only X-Request-ID.
+    async with aiohttp.ClientSession() as http:
+        async with http.get(running.base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"}) as resp:
+            assert resp.headers["X-Request-ID"] and "request-id" not in resp.headers

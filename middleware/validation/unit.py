@@ -71,6 +71,7 @@ _EXPECTED = {
     "none_required": "null",
 }
 _MISSING = ("missing", MISSING_FIELD)
+_LENGTH = ("too_long", "too_short")
 MAX_DEPTH = 254  # orjson.dumps refuses deeper structures
 
 
@@ -141,6 +142,13 @@ def to_api_error(errors: Sequence[ErrorDetails], body: Any) -> ApiError:
     prefix = first["loc"][:union_at]
     # Errors of the same union as the first one, with their client-side paths.
     same = [(e, _error_path(e, body)) for e in errors if e["loc"][:union_at] == prefix]
+    # A branch whose one complaint is its length took every element as it was:
+    # it is the one the client meant (2,049 strings are too many strings, not
+    # strings where integers belong), although other branches failed deeper.
+    length = [(e, path) for e, path in same if e["type"] in _LENGTH and len(e["loc"]) == union_at + 1]
+    for error, path in length:
+        if sum(1 for e, _ in same if e["loc"][: union_at + 1] == error["loc"]) == 1:
+            return _describe(error, path)
     deepest = max(len(path) for _, path in same)
     target = next(path for _, path in same if len(path) == deepest)
     here = [e for e, path in same if path == target]

@@ -91,6 +91,13 @@ async def test_model_kinds_are_kept_apart(setup, mock):
     with pytest.raises(openai.BadRequestError) as bad_input:
         await client.embeddings.create(model=EMBEDDER, input=[], encoding_format="float")
     assert bad_input.value.body["param"] == "input"
+    for too_many in (["a"] * 2049, [[1]] * 2049):  # the error names the length, not a type the list never meant
+        with pytest.raises(openai.BadRequestError) as over:
+            await client.embeddings.create(model=EMBEDDER, input=too_many, encoding_format="float")
+        assert over.value.body["param"] == "input" and "at most 2048 items" in over.value.body["message"]
+    with pytest.raises(openai.BadRequestError) as mixed:  # a type error still names the element
+        await client.embeddings.create(model=EMBEDDER, input=["a", 1], encoding_format="float")  # type: ignore[list-item]
+    assert mixed.value.body["param"] == "input[1]"
     with pytest.raises(openai.BadRequestError) as bad_format:
         await client.embeddings.create(model=EMBEDDER, input="x", encoding_format="int8")  # type: ignore[arg-type]
     assert bad_format.value.body["param"] == "encoding_format"

@@ -47,6 +47,7 @@ def unauthorized(message: str) -> AuthenticationFailed:
 
 
 MISSING = "Missing API key. Send it as `Authorization: Bearer sk-sov-live-…`."
+MISSING_ANTHROPIC = "Missing API key. Send it as `x-api-key: sk-sov-live-…` or `Authorization: Bearer sk-sov-live-…`."
 MALFORMED = "Malformed API key. Sovereign keys look like `sk-sov-live-` followed by at least 32 letters and digits."
 INCORRECT = "Incorrect API key provided."
 REVOKED = "This API key has been revoked."
@@ -95,7 +96,7 @@ class AuthUnit(Unit):
         if not header and api_key_header and headers.get(API_KEY_HEADER):
             token = headers[API_KEY_HEADER].strip()
         elif not header or header[: len(BEARER)].lower() != BEARER:
-            raise unauthorized(MISSING)
+            raise unauthorized(MISSING_ANTHROPIC if api_key_header else MISSING)
         else:
             token = header[len(BEARER):].strip()
         # surrogateescape: aiohttp keeps non-UTF-8 header bytes as surrogates;

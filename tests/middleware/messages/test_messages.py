@@ -424,6 +424,11 @@ async def test_openai_routes_keep_the_openai_error_shape(setup):
         async with session.post(running.v1 + "/chat/completions", json={"model": MODEL, "messages": [{"role": "user", "content": "x"}]},
                                 headers={"x-api-key": key}) as resp:
             assert resp.status == 401 and (await resp.json())["error"]["code"] == "invalid_api_key"
+            assert "x-api-key" not in (await resp.json())["error"]["message"]
+        # ... while the Messages routes say they take it.
+        async with session.post(running.v1 + "/messages", json={"model": MODEL, "max_tokens": 5, "messages": [{"role": "user", "content": "x"}]}) as resp:
+            body = await resp.json()
+        assert resp.status == 401 and "x-api-key" in body["error"]["message"]
 
 
 

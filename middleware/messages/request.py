@@ -10,7 +10,8 @@ blocks are dropped (chat providers take no reasoning input); `cache_control`
 is ignored wherever it appears. `tools` (`input_schema`) become function
 tools, a name over the 64 characters chat providers take shortened to a
 head and a hash (`provider_tool_name`; the reply maps it back); `tool_choice`
-auto/any/tool/none becomes auto/required/the named function/none; `stop_sequences`, `max_tokens`, `temperature`, `top_p` and
+auto/any/tool/none becomes auto/required/the named function/none;
+`stop_sequences`, `max_tokens`, `temperature`, `top_p` and
 `metadata.user_id` map onto `stop`, `max_completion_tokens`, `temperature`,
 `top_p` and `user`. `top_k`, `thinking` and `service_tier` have no chat
 equivalent every provider accepts and are not forwarded.

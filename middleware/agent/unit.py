@@ -34,11 +34,11 @@ import time
 from collections.abc import AsyncGenerator, AsyncIterator
 from typing import TYPE_CHECKING, Any
 
-import orjson
 import structlog
 
 from middleware.agent import translate
 from middleware.agent.trace import AgentTrace, ToolRun
+from middleware.metering.unit import MeteringUnit
 from middleware.responses.mcp import MARKER
 from proxy.core.call import DONE_EVENT, RESPONSES, Call, Next, Reply, SSEEvent
 from proxy.core.chat_deltas import ChoiceDelta, ToolCall, ToolCalls
@@ -47,8 +47,6 @@ from proxy.core.ids import unique_id
 from proxy.core.pipeline import Unit, UnitSettings
 from proxy.core.streams import EventStream
 from proxy.core.settings import AgentSettings, ConfigError
-from proxy.store.accounts import now_ms
-from proxy.store.store import STORE_DOWN_ERRORS, Script
 
 if TYPE_CHECKING:
     from middleware.agent.tool_servers import ToolServers
@@ -56,10 +54,7 @@ if TYPE_CHECKING:
 
 log = structlog.get_logger("sovereign")
 
-HOLD_RESERVE = Script.load("middleware.metering", "hold_reserve")
-HOLD_SETTLE = Script.load("middleware.metering", "hold_settle")
-HOLD_RELEASE = Script.load("middleware.metering", "hold_release")
-TOOL_HOLD_MS = 10 * 60 * 1000
+TOOL_HOLD_SECONDS = 600.0  # a priced tool call's hold outlives any tool timeout
 # MCP's JSON-RPC codes, used for failures that never reached the tool.
 CONNECTION_CLOSED = -32000
 REQUEST_TIMEOUT = -32001
@@ -87,8 +82,6 @@ class AgentUnit(Unit):
                     "invalid configuration:\n  tool_servers: agent mode needs the MCP SDK: pip install 'sovereign-gateway[agent]'"
                 ) from None
             self.servers = ToolServers(gateway.settings.tool_servers)
-        # Tool calls are charged only where requests are (metering in the pipeline).
-        self.charges = "metering" in gateway.settings.pipeline
 
     async def startup(self) -> None:
         if self.servers is not None:
@@ -128,9 +121,12 @@ class AgentUnit(Unit):
         assert self.servers is not None
         server = self.servers[run.server_label]
         started = time.monotonic()
-        outcome = "ok"
+        # Until the call is known to have ended otherwise: a cancellation (the
+        # client left) anywhere below is neither an `ok` nor charged.
+        outcome = "cancelled"
         hold_id = ""
-        price = server.settings.price_per_call if self.charges else 0
+        metering = self._metering()
+        price = server.settings.price_per_call if metering is not None else 0
         arguments = translate.parse_arguments(run.arguments)
         try:
             if arguments is None:
@@ -138,10 +134,14 @@ class AgentUnit(Unit):
                 run.error = _protocol_error(INVALID_PARAMS, "the arguments are not a JSON object")
                 return translate.result_text(run.error["message"], True, server.settings.max_result_bytes)
             if price:
-                hold_id = await self._hold_tool_price(call, price)
-                if not hold_id:
+                assert metering is not None
+                # Named before the round trip, so a cancellation during it still releases the hold.
+                hold_id = unique_id(f"{call.request_id}:tool:", 32)
+                status = await metering.hold_extra(call, hold_id, price, TOOL_HOLD_SECONDS)
+                if status != 1:
                     outcome = "refused"
-                    run.error = _protocol_error(CONNECTION_CLOSED, "insufficient credits for this tool call")
+                    reason = "the key's budget is used up" if status == -2 else "insufficient credits"
+                    run.error = _protocol_error(CONNECTION_CLOSED, f"{reason} for this tool call")
                     return translate.result_text(run.error["message"], True, server.settings.max_result_bytes)
             from mcp.shared.exceptions import MCPError
 
@@ -166,6 +166,7 @@ class AgentUnit(Unit):
                     run.error = {"type": "mcp_tool_execution_error", "content": [{"type": "text", "text": content}]}
                 else:
                     run.output = content
+                    outcome = "ok"
                 return content
             return translate.result_text(run.error["message"], True, server.settings.max_result_bytes)
         finally:
@@ -178,42 +179,26 @@ class AgentUnit(Unit):
                 "tool_call", request_id=call.request_id, server=run.server_label, tool=run.name,
                 duration_ms=round(duration * 1000, 3), outcome=outcome,
             )
-            if hold_id:
+            if hold_id and metering is not None:
                 charged = outcome in ("ok", "error", "timeout")  # the server did the work
-                self.gateway.spawn(self._settle_tool_price(call, run, hold_id, price if charged else 0), "agent.tool_charge")
+                cost = price if charged else 0  # refused: nothing was held; otherwise the hold is released
+                self.gateway.spawn(metering.settle_extra(call, hold_id, cost, _tool_entry(call, run, cost)), "agent.tool_charge")
 
     # -- price_per_call -------------------------------------------------------------
-    def _keys(self, tenant: str) -> list[str]:
-        k = self.gateway.store.tenant_key
-        return [k(tenant, "tenant"), k(tenant, "holds"), k(tenant, "hold_amounts"), k(tenant, "ledger"), k(tenant, "ledger_ids")]
+    def _metering(self) -> MeteringUnit | None:
+        """The metering unit, which holds and charges priced tool calls; None when it is not in the pipeline."""
+        unit = self.gateway.unit("metering")
+        return unit if isinstance(unit, MeteringUnit) else None
 
-    async def _hold_tool_price(self, call: Call, price: int) -> str:
-        """Reserve a tool call's price like a request's hold; "" when the balance cannot cover it."""
-        hold_id = unique_id(f"{call.request_id}:tool:", 32)
-        now = now_ms()
-        status, _available = await self.gateway.store.run(
-            HOLD_RESERVE, self._keys(call.principal.tenant)[:3], [hold_id, price, now, now + TOOL_HOLD_MS]
-        )
-        return hold_id if int(status) == 1 else ""
 
-    async def _settle_tool_price(self, call: Call, run: ToolRun, hold_id: str, cost: int) -> None:
-        keys = self._keys(call.principal.tenant)
-        try:
-            if not cost:
-                await self.gateway.store.run(HOLD_RELEASE, keys[:3], [hold_id])
-                return
-            entry = orjson.dumps(
-                {
-                    "type": "charge", "request_id": call.request_id, "key_id": call.principal.key_id,
-                    "model": call.model, "input_tokens": 0, "output_tokens": 0, "credits": -cost,
-                    "usage_source": "tool_call", "kind": "tool_call", "tool": f"{run.server_label}/{run.name}",
-                    "created_at": int(time.time()),
-                }
-            ).decode()
-            await self.gateway.store.run(HOLD_SETTLE, keys, [hold_id, cost, f"req:{call.request_id}:{hold_id}", entry, now_ms()])
-        except STORE_DOWN_ERRORS as exc:
-            # The hold expires by itself; the call goes uncharged (like a failed request settlement).
-            log.error("agent.tool_charge_failed", request_id=call.request_id, tenant=call.principal.tenant, credits=cost, error=repr(exc))
+def _tool_entry(call: Call, run: ToolRun, cost: int) -> dict[str, Any]:
+    """The ledger entry of a priced tool call (without its id)."""
+    return {
+        "type": "charge", "request_id": call.request_id, "key_id": call.principal.key_id,
+        "model": call.model, "input_tokens": 0, "output_tokens": 0, "credits": -cost,
+        "usage_source": "tool_call", "kind": "tool_call", "tool": f"{run.server_label}/{run.name}",
+        "created_at": int(time.time()),
+    }
 
 
 def _protocol_error(code: int, message: str) -> dict[str, Any]:

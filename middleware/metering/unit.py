@@ -633,6 +633,43 @@ class MeteringUnit(Unit):
         )
         await self.settlements.write(settlement, deferred=not inline)
 
+    # -- charges beside a request's provider call (agent mode's priced tool calls) ------
+    async def hold_extra(self, call: Call, hold_id: str, amount: int, seconds: float) -> int:
+        """Reserve `amount` for a charge of `call` other than its provider call, for `seconds`.
+
+        The hold script's status: 1 held, 0 the balance cannot cover it, -2 the
+        key's budget is used up (the key's budget counts it like a request's hold).
+        """
+        principal = call.principal
+        budget_keys, budget_args = budget_tail(self.store, principal)
+        now = now_ms()
+        status, _available = await self.store.run(
+            HOLD_RESERVE, self._keys(principal.tenant)[:3] + budget_keys,
+            [hold_id, amount, now, now + int(seconds * 1000), *budget_args],
+        )
+        return int(status)
+
+    async def settle_extra(self, call: Call, hold_id: str, cost: int, entry: dict[str, Any]) -> None:
+        """Charge `cost` for what `hold_extra` reserved, or release it when `cost` is 0.
+
+        `entry` is the ledger entry without its id (a `created_at` and a `model`
+        in it). It goes through the settlement queue like a request's charge
+        (retried, spooled, replayed) and, like it, adds to the usage
+        aggregates, the key's budget spending and the tenant's events.
+        """
+        principal = call.principal
+        keys = self._keys(principal.tenant)
+        if not cost:
+            budget_keys, budget_args = budget_tail(self.store, principal)
+            settlement = Settlement(HOLD_RELEASE.name, keys[:3] + budget_keys, [hold_id, *budget_args],
+                                    call.request_id, principal.tenant, 0)
+        else:
+            tail_keys, tail_args = settle_tail(self.store, self.gateway.settings, principal, entry["model"], 0, 0, entry["created_at"])
+            args = [hold_id, cost, f"req:{call.request_id}:{hold_id}", orjson.dumps(entry).decode(), *tail_args]
+            settlement = Settlement(HOLD_SETTLE.name, keys + tail_keys, args, call.request_id, principal.tenant, cost,
+                                    now_at=SETTLE_NOW_ARG)
+        await self.settlements.write(settlement, deferred=True)
+
     # -- checkpoints -------------------------------------------------------
     async def checkpoint(self, ticket: Ticket, chunks: int, chars: int) -> None:
         """Record the output so far on the hold, with the entry to charge if this process dies before settling."""

@@ -18,7 +18,7 @@ from tests.middleware.agent.support import (
     text_completion,
     tool_call_completion,
 )
-from tests.support import REDIS_URL
+from tests.support import REDIS_URL, until
 
 PIPELINE = ["auth", "validation", "responses", "sessions", "legacy_functions", "agent", "metering"]
 # settings_data prices sovereign-alpha at 1 credit per input token and 2 per output token.
@@ -69,6 +69,62 @@ async def test_every_provider_call_and_priced_tool_call_is_charged_under_one_req
     # The balance moved by exactly the provider calls' costs plus the tool's price.
     assert 100_000 - view["balance"] == 2 * CALL_COST + 7 == -sum(e["credits"] for e in charges)
     assert view["reserved"] == 0
+
+
+async def test_a_priced_tool_call_counts_in_usage_and_the_keys_budget(mcp_http, agent_gateway, redis_prefix):
+    """The tool's price is charged like a request: the usage aggregates and the key's budget see it too."""
+    provider = ScriptedProvider(weather_then_answer)
+    async with provider.serve() as url:
+        running, accounts = await start(
+            agent_gateway, url, mcp_http, redis_prefix, servers={"tools": {"url": mcp_http.url, "price_per_call": 7}}
+        )
+        tenant = "t-" + uuid.uuid4().hex[:10]
+        await accounts.create_tenant(tenant, 100_000)
+        key, record = await accounts.create_key(tenant, budget_credits=2 * CALL_COST + 7, budget_period="day")
+        await running.openai(key).chat.completions.create(model=AGENT, messages=QUESTION)
+        await running.gateway.drain()
+        charged = -sum(e["credits"] for e in await accounts.ledger(tenant) if e["type"] == "charge")
+        assert charged == 2 * CALL_COST + 7
+        assert await accounts.key_spending(record) == {"spent": charged, "held": 0}  # the budget counted the tool call
+        async with aiohttp.ClientSession() as http:
+            async with http.get(running.v1 + "/usage", headers={"Authorization": f"Bearer {key}"}) as resp:
+                usage = await resp.json()
+        assert sum(row["credits"] for row in usage["data"]) == charged  # the aggregates equal the ledger
+        # The budget is used up exactly: the next request is refused before anything runs.
+        with pytest.raises(openai.APIStatusError) as refused:
+            await running.openai(key).chat.completions.create(model=AGENT, messages=QUESTION)
+        assert refused.value.status_code == 402 and refused.value.body["code"] == "key_budget_exceeded"
+
+
+async def test_a_priced_tool_call_the_client_left_during_is_not_charged(mcp_http, agent_gateway, redis_prefix):
+    """The client closes the stream while the (slow) tool runs: the call is cancelled, its hold released."""
+    def slow_tool(body, n):
+        return tool_call_completion([("call_s", "slow", {"seconds": 2.0})]) if n == 1 else text_completion("late")
+
+    provider = ScriptedProvider(slow_tool)
+    before = len(mcp_http.calls())
+    async with provider.serve() as url:
+        running, accounts = await start(
+            agent_gateway, url, mcp_http, redis_prefix, servers={"tools": {"url": mcp_http.url, "price_per_call": 5}}
+        )
+        tenant, key = await new_tenant(accounts, 100_000)
+        async with aiohttp.ClientSession() as http:
+            response = await http.post(running.v1 + "/chat/completions", headers={"Authorization": f"Bearer {key}"},
+                                       json={"model": AGENT, "messages": QUESTION, "stream": True})
+            async for line in response.content:
+                if b"tool_calls" in line:
+                    break
+            await until(lambda: len(mcp_http.calls()) > before, timeout=5)  # the tool is running
+            response.close()
+        await until(lambda: running.gateway.in_flight == 0, timeout=5)
+        await running.gateway.drain()
+        kinds = [e.get("kind") for e in await accounts.ledger(tenant) if e["type"] == "charge"]
+        view = await accounts.tenant(tenant)
+        outcomes = {s.labels["outcome"]: s.value for m in running.gateway.metrics.tool_calls.collect() for s in m.samples
+                    if s.name.endswith("_total")}
+    assert kinds == ["request"]  # the provider call that asked for the tool; not the tool itself
+    assert view["reserved"] == 0
+    assert outcomes.get("cancelled") == 1 and "ok" not in outcomes
 
 
 @pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])

@@ -298,6 +298,7 @@ class AgentLoop:
         self.shown = 0  # tool-call indexes used in the client's stream
         self.sent = False  # something reached the client's stream
         self.error_reply: Reply | None = None
+        self.failed = False  # a provider call of the stream ended in an error event
         self.headers: dict[str, str] = {}
         self.template: dict[str, Any] | None = None  # id/object/created/model of the client's chunks
         self.content: str | None = None  # text of the current provider call (for its assistant message)
@@ -401,6 +402,12 @@ class AgentLoop:
                     if out is not None:
                         self.sent = True
                         yield out
+                    if self.failed:
+                        break
+            if self.failed:
+                # The provider's error event has gone out: the stream ends as a plain
+                # model's would, without running this broken turn's calls or a [DONE].
+                return
             server = slots.server_calls()
             if not server or len(server) < len(slots) or last:
                 break
@@ -443,6 +450,9 @@ class AgentLoop:
             self.usage = translate.add_usage(self.usage, usage)
         choices = chunk.get("choices")
         if not choices:
+            if "error" in chunk:
+                self.failed = True  # the provider's in-band error (vLLM and others): relayed, and the loop ends
+                return event
             return None if usage or "usage" in chunk else event  # usage goes out once, summed, at the end
         if "usage" in chunk:
             chunk = {k: v for k, v in chunk.items() if k != "usage"}

@@ -260,3 +260,19 @@ async def test_through_the_simulated_provider(mock, mcp_http, agent_gateway, str
         assert reply.choices[0].finish_reason == "stop"
     assert text
     assert sorted(c["tool"] for c in mcp_http.calls()[before:]) == ["add", "weather"]
+
+
+@pytest.mark.parametrize("after", [1, 4], ids=["inside the tool call", "after its arguments"])
+async def test_a_providers_error_event_ends_the_loop_like_a_plain_stream(mock, mcp_http, agent_gateway, after):
+    """One `data: {"error"}` event and the stream ends: no tool runs on a broken turn, no second call, no [DONE]."""
+    servers = {"tools": {"url": mcp_http.url, "tools": ["weather"]}}
+    running = await agent_gateway(mock.url, pipeline=PIPELINE, **agent_config(servers, max_iterations=3))
+    before_tools, before_calls = len(mcp_http.calls()), len(mock.requests)
+    async with aiohttp.ClientSession() as http:
+        async with http.post(running.v1 + "/chat/completions", headers={"x-mock-error-after": str(after)},
+                             json={"model": AGENT, "messages": QUESTION, "stream": True}) as response:
+            body = (await response.read()).decode()
+    events = [line[6:] for line in body.splitlines() if line.startswith("data: ")]
+    assert [e for e in events if '"error"' in e] == events[-1:]  # one error event, the last one
+    assert "[DONE]" not in events
+    assert len(mock.requests) - before_calls == 1 and len(mcp_http.calls()) == before_tools

@@ -20,7 +20,8 @@ and the stream ends with the final answer's ``finish_reason`` and one
 ``[DONE]``. Until the client has been sent something, a failure (a refused
 credit hold: 402) is an HTTP error; after that it is an in-band error event.
 For the Responses API the unit emits marker chunks instead of tool-call deltas,
-which the responses unit turns into ``mcp_call`` items (middleware/responses/mcp.py).
+which the responses unit turns into ``mcp_call`` items (middleware/responses/mcp.py);
+on the Messages API it shows none (a `tool_use` block would ask the client to run it).
 JSON replies carry only the final message (usage summed over the loop).
 
 Requests to other models pass straight through (`await next(call)`).
@@ -40,7 +41,7 @@ from middleware.agent import translate
 from middleware.agent.trace import AgentTrace, ToolRun
 from middleware.metering.unit import MeteringUnit
 from middleware.responses.mcp import MARKER
-from proxy.core.call import DONE_EVENT, RESPONSES, Call, Next, Reply, SSEEvent
+from proxy.core.call import DONE_EVENT, MESSAGES, RESPONSES, Call, Next, Reply, SSEEvent
 from proxy.core.chat_deltas import ChoiceDelta, ToolCall, ToolCalls
 from proxy.core.errors import ApiError, UpstreamError, invalid_request
 from proxy.core.ids import unique_id
@@ -265,6 +266,9 @@ class AgentLoop:
         self.agent = agent
         self.trace = call.agent = AgentTrace(agent.keep_tool_messages)
         self.responses = call.endpoint == RESPONSES
+        # Chat clients may see the server's calls as `delta.tool_calls`; an Anthropic
+        # client would take such a chunk (a `tool_use` block) as its own tool to run.
+        self.show_tool_calls = agent.show_tool_calls and call.route != MESSAGES
         body = call.body
         n = body.get("n")
         if n is not None and n != 1:
@@ -417,7 +421,7 @@ class AgentLoop:
             if self.responses:
                 for run in runs:
                     yield SSEEvent.from_json({"choices": [], MARKER: {"phase": "started", "run": run}})
-            elif self.agent.show_tool_calls:
+            elif self.show_tool_calls:
                 for call_id, name, arguments in calls:
                     yield SSEEvent.from_json(translate.tool_call_chunk(self._template(), self.shown, call_id, name, arguments))
                     self.shown += 1

@@ -118,6 +118,7 @@ class Call:
 
     __slots__ = (
         "endpoint",
+        "route",
         "body",
         "raw",
         "headers",
@@ -147,6 +148,9 @@ class Call:
         started_at: float = 0.0,
     ) -> None:
         self.endpoint = endpoint
+        # The endpoint the client called: a translating unit changes `endpoint`
+        # (the messages unit makes it CHAT), never this.
+        self.route = endpoint
         self.body = body
         # The original bytes; dropped as soon as a unit changes the body.
         self.raw = raw

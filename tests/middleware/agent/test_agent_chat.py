@@ -10,6 +10,7 @@ import asyncio
 import json
 
 import aiohttp
+import anthropic
 import pytest
 
 from tests.middleware.agent.support import (
@@ -276,3 +277,19 @@ async def test_a_providers_error_event_ends_the_loop_like_a_plain_stream(mock, m
     assert [e for e in events if '"error"' in e] == events[-1:]  # one error event, the last one
     assert "[DONE]" not in events
     assert len(mock.requests) - before_calls == 1 and len(mcp_http.calls()) == before_tools
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_on_the_messages_api_the_servers_calls_are_not_shown_as_the_clients_tool_use(mock, mcp_http, agent_gateway, stream):
+    """An Anthropic client takes every `tool_use` block as its own to run: the server's calls stay hidden."""
+    servers = {"tools": {"url": mcp_http.url, "tools": ["weather"]}}
+    running = await agent_gateway(mock.url, pipeline=["messages", *PIPELINE], **agent_config(servers, max_iterations=2))
+    before = len(mcp_http.calls())
+    async with anthropic.AsyncAnthropic(base_url=running.base_url, api_key="sk-sov-live-none", max_retries=0) as client:
+        if stream:
+            async with client.messages.stream(model=AGENT, max_tokens=200, messages=QUESTION) as events:
+                message = await events.get_final_message()
+        else:
+            message = await client.messages.create(model=AGENT, max_tokens=200, messages=QUESTION)
+    assert [block.type for block in message.content] == ["text"] and message.stop_reason == "end_turn"
+    assert [c["tool"] for c in mcp_http.calls()[before:]] == ["weather"]  # the server ran it

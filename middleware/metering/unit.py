@@ -76,7 +76,7 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Coroutine
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
@@ -343,7 +343,9 @@ class MeteringUnit(Unit):
         usage, reported, chars = _reply_usage(call, reply)
         # Off the critical path: the reply does not wait for the ledger write,
         # and shutdown waits for it (gateway.drain), so it is never lost.
-        self.gateway.spawn(self._settle(ticket, usage, reported, 0, chars, inline=False), "metering.settle")
+        write = self._settle(ticket, usage, reported, 0, chars, inline=False)
+        if write is not None:
+            self.gateway.spawn(write, "metering.settle")
         return reply
 
     async def _leased(self, call: Call, next: Next, ticket: Ticket, lease: Lease, hold: int) -> Reply:
@@ -364,7 +366,9 @@ class MeteringUnit(Unit):
             ticket.done = True
             return reply
         usage, reported, chars = _reply_usage(call, reply)
-        await self._settle(ticket, usage, reported, 0, chars, inline=False)  # no I/O: the charge joins the lease's next batch
+        write = self._settle(ticket, usage, reported, 0, chars, inline=False)  # the charge joins the lease's next batch
+        if write is not None:
+            await write  # (nothing produced: the hold goes back to the lease, no I/O either)
         return reply
 
     def _book(self) -> LeaseBook:
@@ -531,15 +535,19 @@ class MeteringUnit(Unit):
         return room
 
     # -- settlement ----------------------------------------------------------
-    async def _settle(
+    def _settle(
         self, ticket: Ticket, usage: Any, reported: tuple[int, int, int] | None, chunks: int, chars: int, inline: bool
-    ) -> None:
-        """Work out the charge, fill the call's usage fields, and write it to the store.
+    ) -> Coroutine[Any, Any, None] | None:
+        """Work out the charge and fill the call's usage fields now; the store write it needs, for the caller to run.
 
-        `reported` is `_reported(usage)`, which the caller has already worked out.
+        Now, because the access log line and the metrics read those fields as
+        soon as the reply is out, before a spawned write would run. None when
+        nothing is left to write (already settled, or a leased charge, which
+        joins the lease's next batch). `reported` is `_reported(usage)`, which
+        the caller has already worked out.
         """
         if ticket.done:
-            return
+            return None
         ticket.done = True
         call, pricing = ticket.call, ticket.pricing
         if reported is not None:
@@ -556,8 +564,7 @@ class MeteringUnit(Unit):
                 "total_tokens": input_tokens + output_tokens,
             }
         else:
-            await self._release(ticket, inline)  # nothing produced: nothing charged
-            return
+            return self._release(ticket, inline)  # nothing produced: nothing charged
         cost = pricing.cost(input_tokens, output_tokens, cached)
         call.credits, call.usage_source = cost, source
         created = int(time.time())
@@ -583,9 +590,9 @@ class MeteringUnit(Unit):
             charge = Charge(ticket.hold_id, f"req:{call.request_id}", cost, entry, f"{principal.key_id}|{ticket.model}|",
                             input_tokens, output_tokens, created, ticket.model, source)
             self._book().charge(ticket.lease, ticket.hold, charge)
-            return
+            return None
         args = [ticket.hold_id, cost, f"req:{call.request_id}", entry]
-        await self._write(ticket, HOLD_SETTLE, ticket.keys, args, cost, inline)
+        return self._write(ticket, HOLD_SETTLE, ticket.keys, args, cost, inline)
 
     def _count(self, model: str, source: str, input_tokens: int, output_tokens: int, cost: int) -> None:
         metrics = self.gateway.metrics
@@ -745,7 +752,9 @@ class StreamMeter:
 
     def closed(self, completed: bool) -> None:
         """Finished, failed mid-stream (the relay reports it) or cut by the client: settle what was produced."""
-        self.unit.gateway.spawn(self._settle(), "metering.settle")
+        write = self._charge()
+        if write is not None:
+            self.unit.gateway.spawn(write, "metering.settle")
 
     def abandoned(self, rest: AsyncIterator[SSEEvent]) -> None:
         self.unit.gateway.spawn(self._drain(rest), "metering.drain")
@@ -759,10 +768,12 @@ class StreamMeter:
             pass  # cut off: the estimate from what was produced applies
         finally:
             await rest.aclose()  # type: ignore[attr-defined]  # an async generator (EventStream._resume)
-            await self._settle()
+            write = self._charge()
+            if write is not None:
+                await write
 
-    async def _settle(self) -> None:
-        await self.unit._settle(self.ticket, self.usage, _reported(self.usage), self.chunks, self.chars, inline=False)
+    def _charge(self) -> Coroutine[Any, Any, None] | None:
+        return self.unit._settle(self.ticket, self.usage, _reported(self.usage), self.chunks, self.chars, inline=False)
 
     def _checkpoint(self) -> None:
         """Record the output so far on the hold, in the background (one checkpoint in flight at a time)."""

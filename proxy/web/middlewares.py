@@ -6,11 +6,13 @@ included: `stamp_request_id` runs as each response is prepared), every
 failure has the OpenAI error shape (never a traceback), a compressed body is
 decoded (`proxy.web.body`) before any unit runs, a draining process refuses
 new work, and one JSON log line per request is written after the response has
-been sent (aiohttp's access-logger hook, off the hot path).
+been sent (aiohttp's access-logger hook, off the hot path), or when its client
+left (`gateway_middleware`, since aiohttp logs nothing for a cancelled handler).
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
 import time
 from typing import Any
@@ -38,6 +40,7 @@ from proxy.core.pipeline import ErrorRenderer
 log = structlog.get_logger("sovereign")
 
 REQUEST_ID_HEADER = "X-Request-ID"
+CLIENT_CLOSED = 499  # the status logged for a request whose client left before its response (nginx's)
 SERVER_NAME = "sovereign"  # the Server header of every response (see stamp_request_id)
 
 # Per-request storage, typed (aiohttp warns about plain string keys).
@@ -121,6 +124,15 @@ async def gateway_middleware(request: web.Request, handler: Any) -> web.StreamRe
             # decompress is a 400 on every route (the result is cached).
             await read_body(request, gateway)
         response = await handler(request)
+    except asyncio.CancelledError:
+        # aiohttp cancels the handler when the client goes away, and then writes
+        # no access line: the request is logged and counted here instead, with
+        # the status the client got (a stream's 200) or 499, nginx's "client
+        # closed request".
+        streamed = request.get(STREAM_OUTCOME) == "client_disconnected"
+        request[STREAM_OUTCOME] = "client_disconnected"
+        record_request(request, 200 if streamed else CLIENT_CLOSED, time.monotonic() - request[STARTED])
+        raise
     except ApiError as error:
         request[ERROR_CODE] = error.code
         _count_refusal(gateway, error)
@@ -156,58 +168,64 @@ def _count_refusal(gateway: Any, error: ApiError) -> None:
 
 
 class AccessLogger(AbstractAccessLogger):
-    """One structured line and the request metrics, after the response is sent."""
+    """One structured line and the request metrics, after the response is sent (see `record_request`)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_taken: float) -> None:
-        app = getattr(request, "match_info", None)
-        app = app.apps[0] if app is not None and app.apps else None
-        gateway = app.get(GATEWAY) if app is not None else None
-        if gateway is None:
-            return
-        call = request.get(CALL)
-        route = _route_name(request)
-        public_model = request.get(PUBLIC_MODEL) or ("other" if call is not None else "")
-        status = response.status
-        metrics = gateway.metrics
-        labels = [route, public_model, str(status)]
-        if metrics.tenant_labels:
-            labels.append(call.principal.tenant if call is not None else "")
-        metrics.child(metrics.requests, *labels).inc()
-        metrics.child(metrics.duration, route).observe(time_taken)
-        if call is not None and call.upstream is not None and call.upstream_latency is not None:
-            metrics.child(metrics.upstream_latency, call.upstream).observe(call.upstream_latency)
-        if gateway.settings.logging.access_log:
-            self._line(request, status, time_taken, call, public_model)
+        record_request(request, response.status, time_taken)
 
-    @staticmethod
-    def _line(request: web.BaseRequest, status: int, time_taken: float, call: Any, model: str) -> None:
-        fields: dict[str, Any] = {
-            "request_id": request.get(REQUEST_ID),
-            "method": request.method,
-            "path": request.path,
-            "status": status,
-            "duration_ms": round(time_taken * 1000, 3),
-        }
-        if request.get(ERROR_CODE):
-            fields["error_code"] = request[ERROR_CODE]
-        if request.get(TRACE_ID):
-            fields["trace_id"] = request[TRACE_ID]
-        if call is not None:
-            usage = call.usage or {}
-            fields.update(
-                tenant=call.principal.tenant,
-                key_id=call.principal.key_id,
-                model=model,
-                stream=call.stream,
-                upstream=call.upstream,
-                upstream_latency_ms=round(call.upstream_latency * 1000, 3) if call.upstream_latency else None,
-                input_tokens=usage.get("prompt_tokens"),
-                output_tokens=usage.get("completion_tokens"),
-                credits=call.credits,
-                usage_source=call.usage_source,
-                outcome=request.get(STREAM_OUTCOME),
-            )
-        log.info("request", **fields)
+
+def record_request(request: web.BaseRequest, status: int, time_taken: float) -> None:
+    """The request metrics and, with `logging.access_log`, its line: by aiohttp's
+    access logger once a response is sent, by `gateway_middleware` for a
+    request whose client left (aiohttp logs none then)."""
+    app = getattr(request, "match_info", None)
+    app = app.apps[0] if app is not None and app.apps else None
+    gateway = app.get(GATEWAY) if app is not None else None
+    if gateway is None:
+        return
+    call = request.get(CALL)
+    route = _route_name(request)
+    public_model = request.get(PUBLIC_MODEL) or ("other" if call is not None else "")
+    metrics = gateway.metrics
+    labels = [route, public_model, str(status)]
+    if metrics.tenant_labels:
+        labels.append(call.principal.tenant if call is not None else "")
+    metrics.child(metrics.requests, *labels).inc()
+    metrics.child(metrics.duration, route).observe(time_taken)
+    if call is not None and call.upstream is not None and call.upstream_latency is not None:
+        metrics.child(metrics.upstream_latency, call.upstream).observe(call.upstream_latency)
+    if gateway.settings.logging.access_log:
+        _line(request, status, time_taken, call, public_model)
+
+
+def _line(request: web.BaseRequest, status: int, time_taken: float, call: Any, model: str) -> None:
+    fields: dict[str, Any] = {
+        "request_id": request.get(REQUEST_ID),
+        "method": request.method,
+        "path": request.path,
+        "status": status,
+        "duration_ms": round(time_taken * 1000, 3),
+    }
+    if request.get(ERROR_CODE):
+        fields["error_code"] = request[ERROR_CODE]
+    if request.get(TRACE_ID):
+        fields["trace_id"] = request[TRACE_ID]
+    if call is not None:
+        usage = call.usage or {}
+        fields.update(
+            tenant=call.principal.tenant,
+            key_id=call.principal.key_id,
+            model=model,
+            stream=call.stream,
+            upstream=call.upstream,
+            upstream_latency_ms=round(call.upstream_latency * 1000, 3) if call.upstream_latency else None,
+            input_tokens=usage.get("prompt_tokens"),
+            output_tokens=usage.get("completion_tokens"),
+            credits=call.credits,
+            usage_source=call.usage_source,
+            outcome=request.get(STREAM_OUTCOME),
+        )
+    log.info("request", **fields)
 
 
 def _route_name(request: web.BaseRequest) -> str:

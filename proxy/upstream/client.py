@@ -505,6 +505,15 @@ class ConnectionPool:
             conn.transport.write(head)
             conn.transport.write(body)  # no copy of a large body
         await response._wait_headers()
+        if response.status == 407 and self.proxy is not None:
+            # Only a proxy answers 407: in absolute form (an http:// provider) the
+            # refusal comes as a response, which is the way failing, not the
+            # provider (a 502 naming the proxy, and failover), as with CONNECT.
+            response.close()
+            raise UpstreamSetupError(
+                f"the egress proxy {self.proxy.host}:{self.proxy.port} refused the request to {self.host_header} "
+                "(HTTP 407 Proxy Authentication Required)"
+            )
         return response
 
     async def close(self) -> None:

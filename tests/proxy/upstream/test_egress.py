@@ -164,6 +164,26 @@ async def test_a_proxy_refusing_the_tunnel_is_an_upstream_error_naming_it_withou
     assert provider.requests == []
 
 
+async def test_a_proxy_refusing_a_plain_http_request_is_an_upstream_error_and_fails_over(mock, gateway_factory):
+    """In absolute form (an http:// provider) the proxy's 407 is a response, not the provider's: 502 naming it."""
+    with ForwardProxy(credentials="egress:right") as proxy:
+        upstreams = {"viaproxy": {"url": mock.url + "/v1", "proxy": f"http://egress:wrong-s3cret@127.0.0.1:{proxy.port}"},
+                     "default": {}}
+        alone = await gateway_factory(make_settings(
+            mock.url, admin_token=None, routing={"attempts": 1}, upstreams=upstreams,
+            models={"sovereign-alpha": {"upstream": "viaproxy", "free": True}}))
+        status, body = await post(alone.v1)
+        assert status == 502 and body["error"]["code"] == "upstream_error"
+        message = body["error"]["message"]
+        assert f"egress proxy 127.0.0.1:{proxy.port} refused" in message and "407" in message
+        assert "wrong-s3cret" not in message
+        failover = await gateway_factory(make_settings(
+            mock.url, admin_token=None, routing={"attempts": 2, "backoff_ms": 0}, upstreams=upstreams,
+            models={"sovereign-alpha": {"upstream": ["viaproxy", "default"], "free": True}}))
+        status, _ = await post(failover.v1)
+    assert status == 200 and len(mock.requests) == 1  # the next target served it
+
+
 async def test_failover_passes_a_refusing_proxy_and_a_dead_one(mock, gateway_factory):
     dead = free_port()
     with ForwardProxy(refuse=503) as refusing:

@@ -50,7 +50,8 @@ async def test_every_request_has_one_line_with_its_charge_a_client_that_left_inc
             if len(ledger) == 3:
                 break
             await asyncio.sleep(0.05)
-        lines = {line["request_id"]: line for line in map(json.loads, (l for l in proc.output().splitlines() if l.startswith("{")))
+        logged = [json.loads(text) for text in proc.output().splitlines() if text.startswith("{")]
+        lines = {line["request_id"]: line for line in logged
                  if line.get("event") == "request" and line.get("request_id", "").startswith("log-")}
     finally:
         proc.stop()
@@ -63,6 +64,6 @@ async def test_every_request_has_one_line_with_its_charge_a_client_that_left_inc
             entry["input_tokens"], entry["output_tokens"], -entry["credits"], entry["usage_source"]), request_id
     assert (lines["log-left"]["status"], lines["log-left"]["outcome"]) == (200, "client_disconnected")
     assert lines["log-left"]["usage_source"] == "estimated" and lines["log-stream"]["outcome"] == "completed"
-    counted = [l for l in exposition.splitlines() if l.startswith("sovereign_requests_total{") and '/v1/chat/completions' in l
-               and 'status="200"' in l]
+    counted = [sample for sample in exposition.splitlines() if sample.startswith("sovereign_requests_total{")
+               and "/v1/chat/completions" in sample and 'status="200"' in sample]
     assert len(counted) == 1 and float(counted[0].rsplit(" ", 1)[1]) == 3.0  # the one that left is counted too

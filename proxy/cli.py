@@ -47,7 +47,11 @@ def cmd_serve(args: argparse.Namespace) -> int:
     if args.worker_index is not None:
         role = WorkerRole(args.worker_index, args.worker_ready_fd)
         become_worker(role)
-    serve(settings, worker=role)
+    try:
+        serve(settings, worker=role)
+    except ConfigError as exc:  # found while building the gateway (a unit's resources, e.g. store.spool_dir)
+        print(f"sovereign: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

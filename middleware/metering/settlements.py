@@ -39,6 +39,7 @@ import orjson
 import structlog
 
 from proxy.core.errors import StoreUnavailable
+from proxy.core.settings import ConfigError
 from proxy.store.accounts import now_ms
 from proxy.store.store import Script, Store
 
@@ -102,6 +103,19 @@ class SettlementSpool:
         self.path = self.directory / f"settlements-{os.getpid()}-{secrets.token_hex(4)}.jsonl"
         self._file: Any = None
         self.lines = 0  # lines in this process' file (pending settlements)
+        self._check()
+
+    def _check(self) -> None:
+        """Refuse a directory this process cannot write (at start-up, not at the exit that needs it)."""
+        probe = self.directory / f".probe-{os.getpid()}-{secrets.token_hex(4)}"
+        try:
+            self.directory.mkdir(parents=True, exist_ok=True)
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise ConfigError(
+                f"invalid configuration:\n  store.spool_dir: cannot write to {self.directory} ({exc.strerror or exc})"
+            ) from None
 
     def append(self, settlements: list[Settlement]) -> None:
         """Append and fsync (blocking: run it in a thread from the event loop; the caller counts `lines`)."""
@@ -217,13 +231,18 @@ class SettlementQueue:
             await self._flush() and await self._replay()
         left = list(self.pending)
         self.pending.clear()
+        lost = "no store.spool_dir: not written to disk" if self.spool is None else ""
         if left and self.spool is not None:
-            await asyncio.to_thread(self.spool.append, left)
-            self.spool.lines += len(left)
-            log.warning("metering.settlements_spooled", count=len(left), file=str(self.spool.path))
+            try:
+                await asyncio.to_thread(self.spool.append, left)
+            except OSError as exc:  # the volume went away, filled up or turned read-only since start-up
+                lost = f"the spool could not be written ({exc.strerror or exc})"
+            else:
+                self.spool.lines += len(left)
+                log.warning("metering.settlements_spooled", count=len(left), file=str(self.spool.path))
         for settlement in left:
-            if self.spool is None:
-                _log_lost(settlement, "no store.spool_dir: not written to disk")
+            if lost:
+                _log_lost(settlement, lost)
             settlement.finish()
         self._update_gauge()
         if self.spool is not None:
@@ -310,6 +329,12 @@ class SettlementQueue:
         try:
             await asyncio.to_thread(self.spool.append, moved)
             self.spool.lines += len(moved)
+        except OSError as exc:
+            # Kept in memory instead (retried as before); the memory bound is exceeded, not a settlement lost.
+            self.pending.extendleft(reversed(moved))
+            self._update_gauge()
+            log.error("metering.spool_failed", count=len(moved), file=str(self.spool.path), error=exc.strerror or str(exc))
+            return
         finally:
             self._in_transit = 0
         for settlement in moved:

@@ -11,6 +11,8 @@ from __future__ import annotations
 import asyncio
 import shutil
 import signal
+import subprocess
+import sys
 import time
 import uuid
 from collections import Counter
@@ -20,6 +22,7 @@ from pathlib import Path
 import aiohttp
 import orjson
 import pytest
+import yaml
 
 from middleware.metering.pricing import output_estimate
 from middleware.metering.sweeper import SHARDS
@@ -101,6 +104,45 @@ async def assert_each_served_charged_once(accounts: Accounts, tenant: str, serve
     view = await assert_ledger_matches(accounts, tenant)
     assert view["reserved"] == 0
     return charges
+
+
+async def test_a_spool_dir_that_cannot_be_written_is_refused_at_start_up(mock, tmp_path):
+    """Found at start-up, with the field named, rather than at the exit that needs the spool."""
+    taken = tmp_path / "a-file"
+    taken.write_text("not a directory")
+    data = settings_data(mock.url, store_url=REDIS_URL, pipeline=PIPELINE, admin_token=None, store={"spool_dir": str(taken)})
+    config = tmp_path / "bad-spool.yaml"
+    config.write_text(yaml.safe_dump(data))
+    for command in ("serve", "check-config"):
+        proc = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "proxy", command, "--config", str(config)],
+                                       capture_output=True, text=True, timeout=30)
+        assert proc.returncode == 2, (command, proc.stderr)
+        assert f"store.spool_dir: cannot write to {taken}" in proc.stderr and "Traceback" not in proc.stderr
+
+
+@needs_redis_server
+async def test_a_spool_lost_after_start_up_logs_each_settlement_lost_and_still_exits_cleanly(mock, tmp_path):
+    """The volume went away meanwhile: SIGTERM during an outage names every uncharged request and exits 0."""
+    redis, spool, data, store = await _spooling_setup(mock, tmp_path)
+    first = None
+    try:
+        first, base = await spawn_gateway(data, tmp_path, "first")
+        await store.connect()
+        tenant, key = await new_tenant(Accounts(store), 1_000_000)
+        async with aiohttp.ClientSession() as http:
+            results = await _streams_through_an_outage(http, base, key, redis, 3)
+        shutil.rmtree(spool, ignore_errors=True)
+        spool.write_text("the mount is gone")  # a directory can no longer be made there
+        first.signal(signal.SIGTERM)
+        assert await asyncio.to_thread(first.wait, 20) == 0
+        lost = [line for line in first.output().splitlines() if '"metering.settle_failed"' in line]
+        assert sorted(orjson.loads(line)["request_id"] for line in lost) == sorted(r.request_id for r in results)
+        assert "Traceback" not in first.output()
+    finally:
+        if first is not None:
+            first.stop()
+        await store.close()
+        redis.kill()
 
 
 @needs_redis_server

@@ -204,7 +204,10 @@ class UpstreamRouter:
             # The proxy or TLS failed: say which, so the operator can act (no credentials are in it).
             message = f"Could not reach the upstream provider: {exc}."
             raise _Retryable(UpstreamError(message, upstream=upstream.name)) from None
-        except UpstreamConnectionError:
+        except UpstreamConnectionError as exc:
+            # The client learns only that the provider could not be reached; the
+            # operator's log says why (refused, reset, a TLS alert such as a missing client certificate).
+            log.warning("upstream.unreachable", upstream=upstream.name, error=str(exc))
             raise _Retryable(UpstreamError("Could not reach the upstream provider.", upstream=upstream.name)) from None
 
         status = response.status

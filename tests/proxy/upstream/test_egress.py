@@ -228,11 +228,16 @@ async def test_mtls_the_provider_accepts_the_configured_client_certificate_and_r
         assert len(provider.requests) == 1
 
         anonymous = await gateway_factory(make_settings(url, admin_token=None, **one_try(url, tls={"ca_file": str(ca.ca_file)})))
-        status, body = await post(anonymous.v1)
+        with capture_logs() as logs:
+            status, body = await post(anonymous.v1)
     # Under TLS 1.3 the refusal comes after the client's handshake is done: the provider just closes.
     assert status == 502
     assert body["error"]["code"] == "upstream_error"
     assert len(provider.requests) == 1
+    # The operator's log says what happened, and where; the client's message does not.
+    (why,) = [entry for entry in logs if entry["event"] == "upstream.unreachable"]
+    assert why["upstream"] == "default" and why["error"] == "the provider closed the connection"
+    assert body["error"]["message"] == "Could not reach the upstream provider."
 
 
 async def test_server_name_is_sent_and_verified_instead_of_the_url_host(pki, gateway_factory):

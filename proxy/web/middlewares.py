@@ -171,7 +171,10 @@ class AccessLogger(AbstractAccessLogger):
     """One structured line and the request metrics, after the response is sent (see `record_request`)."""
 
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time_taken: float) -> None:
-        record_request(request, response.status, time_taken)
+        # aiohttp's time_taken comes from the loop's clock, which under uvloop
+        # counts whole milliseconds; the gateway's own start time is finer.
+        started = request.get(STARTED)
+        record_request(request, response.status, time.monotonic() - started if started is not None else time_taken)
 
 
 def record_request(request: web.BaseRequest, status: int, time_taken: float) -> None:

@@ -62,6 +62,8 @@ async def test_every_request_has_one_line_with_its_charge_a_client_that_left_inc
         # The line carries the charge the ledger has: it was worked out before the line was written.
         assert (line["input_tokens"], line["output_tokens"], line["credits"], line["usage_source"]) == (
             entry["input_tokens"], entry["output_tokens"], -entry["credits"], entry["usage_source"]), request_id
+    # Durations finer than uvloop's millisecond clock (two whole-millisecond ones would be a coincidence).
+    assert any(lines[request_id]["duration_ms"] != round(lines[request_id]["duration_ms"]) for request_id in ("log-json", "log-stream"))
     assert (lines["log-left"]["status"], lines["log-left"]["outcome"]) == (200, "client_disconnected")
     assert lines["log-left"]["usage_source"] == "estimated" and lines["log-stream"]["outcome"] == "completed"
     counted = [sample for sample in exposition.splitlines() if sample.startswith("sovereign_requests_total{")

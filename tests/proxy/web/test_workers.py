@@ -83,6 +83,13 @@ async def scrape(base: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], flo
     }
 
 
+async def _counted(base: str, requests: int, timeout: float = 10.0) -> None:
+    """Until /metrics counts `requests` chat requests (or the timeout; the caller asserts)."""
+    deadline = time.monotonic() + timeout
+    while chat_requests(await scrape(base)) < requests and time.monotonic() < deadline:
+        await asyncio.sleep(0.05)
+
+
 def chat_requests(metrics: dict[tuple[str, tuple[tuple[str, str], ...]], float], status: str = "200") -> float:
     labels = (("model", "sovereign-alpha"), ("route", "/v1/chat/completions"), ("status", status))
     return metrics.get(("sovereign_requests_total", labels), 0.0)
@@ -192,6 +199,9 @@ async def test_a_worker_that_dies_is_reported_and_replaced_on_a_port_picked_once
     try:
         first = await served_by(base + "/v1/chat/completions", 16, json=BODY)
         assert len(set(first)) == 2
+        # A request is counted just after its response is written: wait until all 16 are,
+        # or the kill could land between a reply and its count.
+        await _counted(base, 16)
         victim = int(first[0])
         os.kill(victim, signal.SIGKILL)
         await until(lambda: '"worker.restarted"' in proc.output(), timeout=60)
@@ -201,9 +211,7 @@ async def test_a_worker_that_dies_is_reported_and_replaced_on_a_port_picked_once
         assert len(set(after)) == 2 and str(victim) not in after
         assert {parent_of(int(pid)) for pid in after} == {proc.proc.pid}
         # Counters keep what the dead worker counted; the sum covers all 32 requests.
-        deadline = time.monotonic() + 10
-        while chat_requests(await scrape(base)) < 32 and time.monotonic() < deadline:
-            await asyncio.sleep(0.05)
+        await _counted(base, 32)
         assert chat_requests(await scrape(base)) == 32
         proc.signal(signal.SIGTERM)
         assert await asyncio.to_thread(proc.wait, 30) == 0

@@ -140,7 +140,7 @@ class AgentUnit(Unit):
                 hold_id = unique_id(f"{call.request_id}:tool:", 32)
                 status = await metering.hold_extra(call, hold_id, price, TOOL_HOLD_SECONDS)
                 if status != 1:
-                    outcome = "refused"
+                    outcome, hold_id = "refused", ""  # nothing was held: nothing to release
                     reason = "the key's budget is used up" if status == -2 else "insufficient credits"
                     run.error = _protocol_error(CONNECTION_CLOSED, f"{reason} for this tool call")
                     return translate.result_text(run.error["message"], True, server.settings.max_result_bytes)
@@ -170,6 +170,9 @@ class AgentUnit(Unit):
                     outcome = "ok"
                 return content
             return translate.result_text(run.error["message"], True, server.settings.max_result_bytes)
+        except Exception:
+            outcome = "internal_error"  # the gateway's failure, not the tool's: not charged
+            raise
         finally:
             duration = time.monotonic() - started
             metrics = self.gateway.metrics
@@ -182,7 +185,7 @@ class AgentUnit(Unit):
             )
             if hold_id and metering is not None:
                 charged = outcome in ("ok", "error", "timeout")  # the server did the work
-                cost = price if charged else 0  # refused: nothing was held; otherwise the hold is released
+                cost = price if charged else 0  # 0: the hold is released
                 self.gateway.spawn(metering.settle_extra(call, hold_id, cost, _tool_entry(call, run, cost)), "agent.tool_charge")
 
     # -- price_per_call -------------------------------------------------------------

@@ -51,7 +51,8 @@ class Forwarder:
         if (public in self._embeddings) != embeddings:
             raise wrong_model_kind(public, embeddings)
         entry = self.settings.models[public]
-        call.apply_model_defaults(entry.defaults, entry.system_prompt)
+        if entry.defaults or entry.system_prompt:
+            call.apply_model_defaults(entry.defaults, entry.system_prompt)  # once: metering may have
         resolved = self.settings.resolve_model(public)
         assert resolved is not None
         target = resolved[1]

@@ -5,7 +5,7 @@ from __future__ import annotations
 from aiohttp import web
 
 from proxy.core.gateway import GATEWAY, Gateway
-from proxy.web.middlewares import REQUEST_ID_ALIASES, gateway_middleware, stamp_request_id
+from proxy.web.middlewares import gateway_middleware, stamp_request_id, stamp_request_id_with
 from proxy.web.routes import core_routes
 from proxy.core.settings import Settings
 from proxy.store.store import Store
@@ -23,9 +23,9 @@ def create_app(settings: Settings, store: Store | None = None) -> web.Applicatio
         middlewares.insert(0, tracing_middleware(gateway.tracing))  # outermost: the span covers error rendering too
     app = web.Application(middlewares=middlewares, client_max_size=settings.server.max_body_bytes)
     app[GATEWAY] = gateway
-    if gateway.request_id_headers:
-        app[REQUEST_ID_ALIASES] = tuple(gateway.request_id_headers.items())
-    app.on_response_prepare.append(stamp_request_id)
+    app.on_response_prepare.append(
+        stamp_request_id_with(gateway.request_id_headers) if gateway.request_id_headers else stamp_request_id
+    )
     app.add_routes(core_routes(gateway))
     for unit in gateway.units:
         app.add_routes(unit.routes())

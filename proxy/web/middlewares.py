@@ -15,6 +15,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 import structlog
@@ -51,8 +52,6 @@ PUBLIC_MODEL = web.RequestKey("public_model", str)
 STREAM_OUTCOME = web.RequestKey("stream_outcome", str)
 ERROR_CODE: web.RequestKey[str | None] = web.RequestKey("error_code", str)  # ApiError.code may be None
 TRACE_ID = web.RequestKey("trace_id", str)  # set by proxy.core.telemetry when tracing is on
-# (path prefix, header) pairs that also carry the request id on an app (Gateway.request_id_headers).
-REQUEST_ID_ALIASES = web.AppKey("request_id_aliases", tuple)
 _SAFE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _GATED_PREFIXES = ("/v1/", "/admin/")
 
@@ -101,12 +100,23 @@ async def stamp_request_id(request: web.Request, response: web.StreamResponse) -
     request_id = request.get(REQUEST_ID)
     if request_id is not None:
         headers[REQUEST_ID_HEADER] = request_id
-        aliases = request.app.get(REQUEST_ID_ALIASES)
-        if aliases:
+
+
+def stamp_request_id_with(aliases: dict[str, str]) -> Callable[[web.Request, web.StreamResponse], Awaitable[None]]:
+    """`stamp_request_id`, also setting each (path prefix -> header) alias of the request id
+    (Gateway.request_id_headers); chosen at start-up, so an app without aliases pays nothing for them."""
+    pairs = tuple(aliases.items())
+
+    async def stamp(request: web.Request, response: web.StreamResponse) -> None:
+        await stamp_request_id(request, response)
+        request_id = request.get(REQUEST_ID)
+        if request_id is not None:
             path = request.path
-            for prefix, header in aliases:
+            for prefix, header in pairs:
                 if path.startswith(prefix):
-                    headers[header] = request_id
+                    response.headers[header] = request_id
+
+    return stamp
 
 
 @web.middleware

@@ -268,7 +268,7 @@ class Accounts:
         not shift them; a retention fold (`fold_ledger`) does.
         """
         await self.tenant(tenant)  # 404 for an unknown tenant
-        if cursor is not None and not (cursor.isdigit() and len(cursor) < 16):
+        if cursor is not None and not (cursor.isascii() and cursor.isdigit() and len(cursor) < 16):
             raise invalid_request("`cursor` is the `next_cursor` of a previous page.", param="cursor")
         _, ledger_key, _ = self.tenant_keys(tenant)
         length, first, rows = await self.store.run(LEDGER_PAGE, [ledger_key], [cursor or "", limit])

@@ -54,7 +54,10 @@ def parse_time(value: str | None, param: str, default: int) -> int:
     """Unix seconds from a query parameter: an integer, or an ISO 8601 date or date-time."""
     if value is None or value == "":
         return default
-    if value.lstrip("-").isdigit():
+    digits = value.removeprefix("-")
+    # ASCII only: str.isdigit accepts "¹" and other digits int() refuses. At most
+    # 12 digits (unix seconds up to the year 33658); longer is not a time.
+    if digits.isascii() and digits.isdigit() and len(digits) <= 12:
         return int(value)
     try:
         parsed = datetime.fromisoformat(value.replace("Z", "+00:00"))

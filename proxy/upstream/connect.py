@@ -190,7 +190,7 @@ class Connector:
             raise ProxyError(exc.errno, f"{exc.strerror or exc} (talking to the egress proxy {where})") from None
         status_line = head.partition(b"\r\n")[0]
         parts = status_line.split(None, 2)
-        status = int(parts[1]) if len(parts) >= 2 and parts[1].isdigit() else 0
+        status = int(parts[1]) if len(parts) >= 2 and parts[1].isascii() and parts[1].isdigit() else 0
         if not 200 <= status < 300:
             reason = f" {parts[2].decode('latin-1', 'replace')}" if len(parts) > 2 else ""
             raise ProxyError(f"the egress proxy {where} refused the tunnel to {self.tunnel[0]}:{self.tunnel[1]} (HTTP {status}{reason})")

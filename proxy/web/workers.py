@@ -362,7 +362,7 @@ def _sweep_stale_metrics(parent: Path) -> None:
     """Remove the metrics directories of supervisors that are gone (killed with SIGKILL, they could not clean up)."""
     for directory in parent.glob(f"{_METRICS_PREFIX}*-*"):
         owner = directory.name.removeprefix(_METRICS_PREFIX).partition("-")[0]
-        if not owner.isdigit():
+        if not (owner.isascii() and owner.isdigit()):
             continue
         try:
             os.kill(int(owner), 0)

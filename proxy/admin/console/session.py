@@ -75,7 +75,7 @@ class Sessions:
             return None
         payload, _, signature = value.rpartition(".")
         got_kind, subject, expires = payload.split(".")
-        if got_kind != kind or (kind == "admin" and self.admin_bind is None) or not expires.isdigit() or int(expires) < time.time():
+        if got_kind != kind or (kind == "admin" and self.admin_bind is None) or not _unix_seconds(expires) or int(expires) < time.time():
             return None
         if not hmac.compare_digest(signature, self._sign(await self.secret(), payload, kind)):
             return None
@@ -98,3 +98,8 @@ def same_origin(request: web.Request) -> bool:
     if origin is None or origin == "null":
         return origin is None
     return origin.split("://", 1)[-1] == request.host
+
+
+def _unix_seconds(text: str) -> bool:
+    """Whether `text` is what `int()` reads as unix seconds: ASCII digits (str.isdigit also takes "¹"), at most 12."""
+    return text.isascii() and text.isdigit() and len(text) <= 12

@@ -217,3 +217,14 @@ async def test_405_names_the_allowed_methods(full, method, path, allow):
             body = await resp.json()
     assert resp.status == 405 and body["error"]["code"] == "method_not_allowed"
     assert resp.headers["Allow"] == allow
+
+
+@pytest.mark.parametrize("cookie", ["sov_admin", "sov_tenant"])
+@pytest.mark.parametrize("expires", ["\u00b9", "\u0663\u0663", "9" * 5000])
+async def test_a_forged_console_cookie_with_odd_digits_is_no_session_not_a_crash(full, cookie, expires):
+    """`str.isdigit` accepts "¹" and Arabic-Indic digits, which int() refuses: the cookie is simply not a session."""
+    kind = cookie.removeprefix("sov_")
+    async with aiohttp.ClientSession(cookies={cookie: f"{kind}.acme.{expires}.forged"}) as session:
+        for path in ("/console/", "/console/tenant"):
+            async with session.get(full.base_url + path, allow_redirects=False) as resp:
+                assert resp.status < 500, (path, resp.status, await resp.text())

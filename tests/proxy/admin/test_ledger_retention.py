@@ -123,5 +123,6 @@ async def test_cursor_paging_is_stable_while_entries_arrive(mock, gateway_factor
             if cursor is None:
                 break
         assert seen == [f"topup:inv-{i}" for i in reversed(range(10))] + ["grant:acme"]
-        async with admin.get("/admin/tenants/acme/ledger", params={"cursor": "x"}) as resp:
-            assert resp.status == 400 and (await resp.json())["error"]["param"] == "cursor"
+        for bad in ("x", "\u00b9", "\u0663"):  # "¹" and Arabic-Indic digits pass str.isdigit
+            async with admin.get("/admin/tenants/acme/ledger", params={"cursor": bad}) as resp:
+                assert resp.status == 400 and (await resp.json())["error"]["param"] == "cursor", bad

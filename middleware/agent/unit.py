@@ -83,8 +83,12 @@ class AgentUnit(Unit):
                     "invalid configuration:\n  tool_servers: agent mode needs the MCP SDK: pip install 'sovereign-gateway[agent]'"
                 ) from None
             self.servers = ToolServers(gateway.settings.tool_servers)
+        # The unit that holds and charges priced tool calls; found at start-up (it is built after this one).
+        self.metering: MeteringUnit | None = None
 
     async def startup(self) -> None:
+        unit = self.gateway.unit("metering")
+        self.metering = unit if isinstance(unit, MeteringUnit) else None
         if self.servers is not None:
             self.servers.start()  # connects in the background: start-up never waits for a tool server
 
@@ -126,7 +130,7 @@ class AgentUnit(Unit):
         # client left) anywhere below is neither an `ok` nor charged.
         outcome = "cancelled"
         hold_id = ""
-        metering = self._metering()
+        metering = self.metering
         price = server.settings.price_per_call if metering is not None else 0
         arguments = translate.parse_arguments(run.arguments)
         try:
@@ -187,12 +191,6 @@ class AgentUnit(Unit):
                 charged = outcome in ("ok", "error", "timeout")  # the server did the work
                 cost = price if charged else 0  # 0: the hold is released
                 self.gateway.spawn(metering.settle_extra(call, hold_id, cost, _tool_entry(call, run, cost)), "agent.tool_charge")
-
-    # -- price_per_call -------------------------------------------------------------
-    def _metering(self) -> MeteringUnit | None:
-        """The metering unit, which holds and charges priced tool calls; None when it is not in the pipeline."""
-        unit = self.gateway.unit("metering")
-        return unit if isinstance(unit, MeteringUnit) else None
 
 
 def _tool_entry(call: Call, run: ToolRun, cost: int) -> dict[str, Any]:

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import time
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING
 
 from aiohttp import web
@@ -54,6 +55,33 @@ REVOKED = "This API key has been revoked."
 EXPIRED = "This API key has expired."
 
 
+def _token(headers: CIMultiDictProxy[str], api_key_header: bool) -> str:
+    """The presented key (Bearer, else on the Anthropic routes `x-api-key`); 401 when there is none."""
+    header = headers.get("Authorization")
+    if not header and api_key_header and headers.get(API_KEY_HEADER):
+        return headers[API_KEY_HEADER].strip()
+    if not header or header[: len(BEARER)].lower() != BEARER:
+        raise unauthorized(MISSING_ANTHROPIC if api_key_header else MISSING)
+    return header[len(BEARER):].strip()
+
+
+def _digest(token: str) -> str:
+    # surrogateescape: aiohttp keeps non-UTF-8 header bytes as surrogates;
+    # such a token is malformed (401), not a crash.
+    return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+
+
+def _checked(record: KeyRecord | None, principal: Principal | None) -> Principal:
+    """The key's principal if the key is known, not revoked and not expired; else 401."""
+    if record is None or principal is None:
+        raise unauthorized(INCORRECT)
+    if record.revoked_at is not None:
+        raise unauthorized(REVOKED)
+    if record.expires_at is not None and time.time() >= record.expires_at:
+        raise unauthorized(EXPIRED)
+    return principal
+
+
 class AuthUnit(Unit):
     name = "auth"
 
@@ -77,13 +105,25 @@ class AuthUnit(Unit):
     def authenticator(self) -> Authenticator:
         return self.authenticate
 
-    async def __call__(self, call: Call, next: Next) -> Reply:
-        principal = await self.authenticate(call.headers, call.endpoint in API_KEY_ENDPOINTS)
+    def __call__(self, call: Call, next: Next) -> Awaitable[Reply]:
+        # A plain function (see Unit.__call__): with the key's record cached, the
+        # common case, the unit adds no coroutine frame to the request's await chain.
+        token = _token(call.headers, call.endpoint in API_KEY_ENDPOINTS)
+        digest = _digest(token)
+        hit = self._fresh(digest)
+        if hit is None:
+            return self._look_up_then(call, next, token, digest)
+        return self._admit(call, next, _checked(hit[0], hit[1]))
+
+    async def _look_up_then(self, call: Call, next: Next, token: str, digest: str) -> Reply:
+        return await self._admit(call, next, _checked(*await self._look_up(token, digest)))
+
+    def _admit(self, call: Call, next: Next, principal: Principal) -> Awaitable[Reply]:
         call.principal = principal
         model = call.body.get("model")
         if isinstance(model, str) and not principal.may_use(model):
             raise model_not_found(model)
-        return await next(call)
+        return next(call)
 
     # -- authentication ------------------------------------------------------
     async def authenticate(self, headers: CIMultiDictProxy[str], api_key_header: bool = False) -> Principal:
@@ -92,34 +132,26 @@ class AuthUnit(Unit):
         With `api_key_header` (the Anthropic routes) the key may also come as
         ``x-api-key``, as the Anthropic SDKs send it; a Bearer header wins.
         """
-        header = headers.get("Authorization")
-        if not header and api_key_header and headers.get(API_KEY_HEADER):
-            token = headers[API_KEY_HEADER].strip()
-        elif not header or header[: len(BEARER)].lower() != BEARER:
-            raise unauthorized(MISSING_ANTHROPIC if api_key_header else MISSING)
-        else:
-            token = header[len(BEARER):].strip()
-        # surrogateescape: aiohttp keeps non-UTF-8 header bytes as surrogates;
-        # such a token is malformed (401), not a crash.
-        digest = hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+        token = _token(headers, api_key_header)
+        digest = _digest(token)
+        hit = self._fresh(digest)
+        if hit is not None:
+            return _checked(hit[0], hit[1])
+        return _checked(*await self._look_up(token, digest))
+
+    def _fresh(self, digest: str) -> tuple[KeyRecord | None, Principal | None, float] | None:
+        """The cached lookup of this key, if still within `cache_seconds`."""
         hit = self._cache.get(digest)
-        if hit is not None and time.monotonic() - hit[2] < self.settings.cache_seconds:
-            # Only well-formed keys are ever looked up, so a cached digest is one.
-            record, principal = hit[0], hit[1]
-        elif not looks_like_key(token):
+        return hit if hit is not None and time.monotonic() - hit[2] < self.settings.cache_seconds else None
+
+    async def _look_up(self, token: str, digest: str) -> tuple[KeyRecord | None, Principal | None]:
+        """The record of a key that is not in the cache (the caller looked)."""
+        # Only well-formed keys are ever looked up, so a cached digest is one.
+        if not looks_like_key(token):
             raise unauthorized(MALFORMED)
-        else:
-            record, principal = await self._record(digest)
-        if record is None or principal is None:
-            raise unauthorized(INCORRECT)
-        if record.revoked_at is not None:
-            raise unauthorized(REVOKED)
-        if record.expires_at is not None and time.time() >= record.expires_at:
-            raise unauthorized(EXPIRED)
-        return principal
+        return await self._record(digest)
 
     async def _record(self, digest: str) -> tuple[KeyRecord | None, Principal | None]:
-        """Read a key record that is not in the cache (the caller looked)."""
         ttl = self.settings.cache_seconds
         now = time.monotonic()
         # Single flight: a burst of requests with the same uncached key shares

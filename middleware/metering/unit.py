@@ -76,7 +76,7 @@ import asyncio
 import math
 import time
 from dataclasses import dataclass
-from collections.abc import AsyncIterator, Coroutine
+from collections.abc import AsyncIterator, Awaitable, Coroutine
 from typing import TYPE_CHECKING, Any, Literal
 
 import orjson
@@ -307,19 +307,23 @@ class MeteringUnit(Unit):
         return ["settlements_pending"] if self.settlements.count else []
 
     # -- request path ------------------------------------------------------
-    async def __call__(self, call: Call, next: Next) -> Reply:
+    def __call__(self, call: Call, next: Next) -> Awaitable[Reply]:
+        # A plain function that sizes the call and returns the coroutine that
+        # serves it: one coroutine frame per request (see Unit.__call__).
         model = call.model
         pricing = self.pricing.get(model) if isinstance(model, str) else None
         if pricing is None:
-            return await next(call)  # the forwarder answers unknown models
+            return next(call)  # the forwarder answers unknown models
         if self.model_defaults and model in self.model_defaults:
             call.apply_model_defaults(*self.model_defaults[model])
         ticket = self._size(call, model, pricing)
         hold = 0 if pricing.free else pricing.cost(ticket.prompt, ticket.output_limit)
         if hold and self.leases is not None and not call.stream and not ticket.budget[0]:
-            lease = self.leases.take(call.principal.tenant, hold)
-            if lease is not None:
-                return await self._leased(call, next, ticket, lease, hold)
+            return self._leased(call, next, ticket, hold)
+        return self._metered(call, next, ticket, hold)
+
+    async def _metered(self, call: Call, next: Next, ticket: Ticket, hold: int) -> Reply:
+        """A request with a hold of its own (or none: a free model): reserved before, settled after."""
         try:
             if hold and self._speculate(call.principal.tenant, hold):
                 reply = await self._forward_speculatively(call, next, ticket, hold)
@@ -348,12 +352,21 @@ class MeteringUnit(Unit):
             self.gateway.spawn(write, "metering.settle")
         return reply
 
-    async def _leased(self, call: Call, next: Next, ticket: Ticket, lease: Lease, hold: int) -> Reply:
-        """A JSON request whose hold comes from the tenant's lease: no store round trip before or after."""
+    async def _leased(self, call: Call, next: Next, ticket: Ticket, hold: int) -> Reply:
+        """A JSON request whose hold comes from the tenant's lease: no store round trip before or after.
+
+        The lease is taken here, in the coroutine, not by `__call__`: a
+        coroutine that never runs (a task cancelled before its first step)
+        then takes nothing it could not give back. Without a usable lease the
+        request holds on its own.
+        """
+        book = self._book()
+        lease = book.take(call.principal.tenant, hold)
+        if lease is None:
+            return await self._metered(call, next, ticket, hold)
         ticket.lease, ticket.hold = lease, hold
         # The charge's marker: tells apart requests that reuse a client-supplied request id.
         ticket.hold_id = unique_id(f"{call.request_id}:", 32)
-        book = self._book()
         call.response_headers["x-sovereign-credits-remaining"] = str(book.remaining(lease))
         try:
             reply = await next(call)

@@ -24,7 +24,7 @@ by `proxy.web.routes.read_json_body` before the pipeline runs.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Awaitable, Sequence
 from typing import Any
 
 import orjson
@@ -86,14 +86,15 @@ class ValidationUnit(Unit):
         self._models = frozenset(settings.models)
         self._embeddings = frozenset(name for name in settings.models if settings.model_kind(name) == "embeddings")
 
-    async def __call__(self, call: Call, next: Next) -> Reply:
+    def __call__(self, call: Call, next: Next) -> Awaitable[Reply]:
+        # A plain function: it only checks (see Unit.__call__).
         validate_body(call.endpoint, call.body, call.raw)
         model = call.body["model"]
         if model not in self._models or not call.principal.may_use(model):
             raise model_not_found(model)
         if (model in self._embeddings) != (call.endpoint == EMBEDDINGS):
             raise wrong_model_kind(model, call.endpoint == EMBEDDINGS)
-        return await next(call)
+        return next(call)
 
     def openapi_schemas(self) -> dict[str, type[BaseModel]]:
         # The request bodies this unit checks: /openapi.json describes them with the very models.

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Coroutine
 from typing import Any
 
 import structlog
@@ -147,9 +147,9 @@ class Gateway:
             return ANONYMOUS
         return await self.authenticator(headers)
 
-    async def handle(self, call: Call) -> Reply:
-        """Serve a client's call through the whole pipeline."""
-        return await self.handler(call)
+    def handle(self, call: Call) -> Awaitable[Reply]:
+        """Serve a client's call through the whole pipeline (the caller awaits it)."""
+        return self.handler(call)
 
     def forwards_directly(self, unit: Unit) -> bool:
         """True when `unit` hands its calls straight to the forwarder: no unit after it acts on them."""

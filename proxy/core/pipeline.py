@@ -1,7 +1,9 @@
 """The unit pipeline: registration by name, per-unit settings, and chaining.
 
-A unit is a class with a ``name``, a pydantic ``Settings`` model and an async
-``__call__(call, next) -> Reply``. Every unit, built-in or third-party, is
+A unit is a class with a ``name``, a pydantic ``Settings`` model and a
+``__call__(call, next)`` that returns an awaitable `Reply`: a coroutine
+function, or a plain function that does its work and returns ``next(call)``
+(see `Unit.__call__`). Every unit, built-in or third-party, is
 registered by name under the entry-point group ``sovereign.middleware`` (the
 built-ins in setup.cfg: that is their one list). The pipeline's order and each
 unit's settings come from the config (the default order is
@@ -63,8 +65,16 @@ class Unit:
         self.settings = settings
         self.gateway = gateway
 
-    async def __call__(self, call: Call, next: Next) -> Reply:
-        return await next(call)
+    def __call__(self, call: Call, next: Next) -> Awaitable[Reply]:
+        """Serve `call`, handing it on with `next(call)`; an exception is the client's error.
+
+        Usually ``async def``. A unit that only checks or changes the call on
+        its way in (auth, validation) may be a plain function that returns
+        ``next(call)`` itself: it then adds no coroutine frame to the request,
+        which every suspension of the request walks through. Either way the
+        caller only awaits what it returns.
+        """
+        return next(call)
 
     def routes(self) -> list[web.RouteDef]:
         """Extra HTTP routes this unit serves (mounted at the root app)."""

@@ -35,6 +35,7 @@ from .profiles import (
     REDIS_URL,
     REPO,
     Proc,
+    Profile,
     Tenant,
     free_port,
     gateway_config,
@@ -91,14 +92,20 @@ class CallgrindProc(Proc):
         self.pid = self.popen.pid
 
 
-async def measure(name: str, upstream: str, tenant: Tenant, work: Path, requests: int, connections: int) -> tuple[int, int]:
-    """(instructions per request, requests answered 200) of one profile."""
+def gateway_profile(name: str, upstream: str, tenant: Tenant, work: Path) -> tuple[Profile, int, Path]:
+    """A gateway profile by name, a free port for it and its config file, written in `work`."""
     profile = next(p for p in PROFILES if p.name == name)
     if profile.pipeline is None:
         raise SystemExit(f"{name}: not a gateway profile")
     port = free_port()
     config = work / f"{name}.yaml"
     config.write_text(yaml.safe_dump(gateway_config(port, upstream, profile.pipeline, REDIS_URL, tenant.prefix, profile.units)))
+    return profile, port, config
+
+
+async def measure(name: str, upstream: str, tenant: Tenant, work: Path, requests: int, connections: int) -> tuple[int, int]:
+    """(instructions per request, requests answered 200) of one profile."""
+    profile, port, config = gateway_profile(name, upstream, tenant, work)
     out_dir = work / f"cg-{name}"
     out_dir.mkdir()
     proc = CallgrindProc(name, ["-m", "proxy", "serve", "--config", str(config)], out_dir, work)

@@ -1,21 +1,26 @@
-"""The bench's own Redis and the profile tool work on the real things: a redis-server, py-spy on a live process.
+"""The bench's own Redis and the profile tools work on the real things: a redis-server, py-spy and the opcode trace on a live process.
 
-No timing assertions: these prove that what `bench.run` and `bench.profile`
-read (the store's answers and CPU time, py-spy's samples) is read correctly.
+No timing assertions: these prove that what `bench.run`, `bench.profile` and
+`bench.opcodes` read (the store's answers and CPU time, py-spy's samples, the
+traced counts) is read correctly.
 """
 
 from __future__ import annotations
 
 import asyncio
+import pickle
 import shutil
+import signal
 import subprocess
 import sys
 from collections import Counter
 
+import aiohttp
 import pytest
 
+from bench.opcodes import difference
 from bench.profile import Samples, by_module, difference_table, own_samples, py_spy
-from bench.profiles import Proc, start_store, wait_store
+from bench.profiles import Proc, free_port, start_store, wait_http, wait_store
 
 # A process that spends its time in one function of its own, then sleeps.
 BUSY = """
@@ -90,3 +95,50 @@ def test_difference_table_turns_samples_into_microseconds_per_request():
     modules = difference_table(base, other, rows=5, modules=True)
     assert [line.split()[-1] for line in modules[1:-1]] == ["b.py", "a.py"]
     assert modules[2].split()[:3] == ["600.00", "500.00", "-100.00"]
+
+
+async def test_opcode_trace_of_a_live_cli_counts_only_between_its_signals(tmp_path):
+    # The traced entry point runs any `sovereign` subcommand; the simulated provider is the smallest.
+    port = free_port()
+    out = tmp_path / "counts"
+    proc = Proc("mock", ["-m", "bench.opcodes", "--trace-into", str(out), "--", "mock-upstream", "--port", str(port)], None, tmp_path)
+    base = f"http://127.0.0.1:{port}"
+    body = {"model": "m", "messages": [{"role": "user", "content": "hi"}]}
+
+    async def chat(client: aiohttp.ClientSession, times: int) -> None:
+        for _ in range(times):
+            async with client.post(base + "/v1/chat/completions", json=body) as resp:
+                assert resp.status == 200
+                await resp.read()
+
+    try:
+        await wait_http(base + "/v1/models", proc)
+        async with aiohttp.ClientSession() as client:
+            await chat(client, 5)  # before counting: not in the counts
+            proc.popen.send_signal(signal.SIGUSR1)
+            await asyncio.sleep(0.3)
+            await chat(client, 7)
+            await asyncio.sleep(0.3)
+            proc.popen.send_signal(signal.SIGUSR2)
+            for _ in range(50):
+                if out.exists() and out.stat().st_size:
+                    break
+                await asyncio.sleep(0.1)
+            await chat(client, 3)  # after: not either
+    finally:
+        proc.stop()
+    opcodes, calls = pickle.loads(out.read_bytes())
+    handler = next(key for key in calls if key[1] == "_chat_completions")
+    assert handler[0].endswith("proxy/devtools/mock_upstream.py")
+    assert calls[handler] == 7  # the seven requests between the signals, none of the eight others
+    assert opcodes[handler] > 7 * 10
+
+
+def test_opcode_difference_is_per_request_largest_first():
+    base = ({("a.py", "shared"): 1000, ("a.py", "old"): 100}, {("a.py", "shared"): 10, ("a.py", "old"): 10})
+    other = ({("a.py", "shared"): 1000, ("b.py", "unit"): 3000, ("b.py", "small"): 500}, {("a.py", "shared"): 10, ("b.py", "unit"): 10, ("b.py", "small"): 10})
+    lines = difference(base, other, requests=10, rows=4)
+    assert lines[1].split() == ["+300.0", "+1.00", "b.py:unit"]
+    assert lines[2].split() == ["+50.0", "+1.00", "b.py:small"]
+    assert "a.py:shared" not in "\n".join(lines)  # unchanged: not shown
+    assert lines[-2:] == ["  (fewer)", "    -10.0   -1.00  a.py:old"]

@@ -44,13 +44,27 @@ if system ~= '' then
   message_budget = message_budget - 1
   token_budget = token_budget - estimate(system)
 end
--- Drop whole turns, oldest first: a turn runs from one message up to the next user message,
--- so an assistant's tool calls are never separated from their tool results. The turn just
--- appended is never dropped, even when it alone exceeds the bounds.
-while (len > message_budget or tokens > token_budget) and len > added do
+-- Drop whole turns, oldest first: a turn runs from one user message up to the next, so an
+-- assistant's tool calls are never separated from their tool results. The latest turn is never
+-- dropped, even when it alone exceeds the bounds: the messages just appended and, when they
+-- start with tool results (the client answering the last turn's tool calls), the rest of that
+-- turn back to its user message. With no user message before them, nothing is dropped.
+local function is_user(message) return string.sub(message, 1, 14) == '{"role":"user"' end
+local kept = added
+if (len > message_budget or tokens > token_budget) and not is_user(ARGV[first_message]) then
+  kept = len
+  local older = redis.call('LRANGE', list, 0, len - added - 1)
+  for i = #older, 1, -1 do
+    if is_user(older[i]) then
+      kept = len - i + 1
+      break
+    end
+  end
+end
+while (len > message_budget or tokens > token_budget) and len > kept do
   tokens = tokens - estimate(redis.call('LPOP', list))
   len = len - 1
-  while len > added and string.sub(redis.call('LINDEX', list, 0), 1, 14) ~= '{"role":"user"' do
+  while len > kept and not is_user(redis.call('LINDEX', list, 0)) do
     tokens = tokens - estimate(redis.call('LPOP', list))
     len = len - 1
   end

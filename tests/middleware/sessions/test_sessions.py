@@ -219,6 +219,30 @@ async def test_token_bound_trims_oldest_turns(mock, gateway_factory, redis_prefi
     assert all(m["role"] == "assistant" for m in messages[2::2])
 
 
+@pytest.mark.parametrize("bound", [{"max_tokens": 200}, {"max_messages": 3}], ids=["tokens", "messages"])
+async def test_a_turn_of_tool_results_keeps_the_tool_calls_it_answers(mock, gateway_factory, store_url, redis_prefix, bound):
+    """Trimming never leaves a tool result without the assistant message whose call it answers.
+
+    The client's second request holds only the tool result: the turn it continues
+    (the user's question and the assistant's tool calls) stays with it, even over the
+    bound, and goes at the next user turn. Before, it was dropped and every later turn
+    of the session was refused by the provider (a `tool` message without its call).
+    """
+    running = await start(mock, gateway_factory, store_url, redis_prefix, units=bound)
+    client = running.openai()
+    ask = {"role": "user", "content": "read the file"}
+    _, call_reply = await turn(client, "tool-trim", [ask], tools=TOOLS)
+    result = {"role": "tool", "tool_call_id": call_reply["tool_calls"][0]["id"], "content": "x" * 2000}
+    _, answer = await turn(client, "tool-trim", [result])
+    _, body = await api(running, "GET", "/sessions/tool-trim")
+    assert body["messages"] == [ask, call_reply, result, answer]  # over the bound, whole
+    follow_up = {"role": "user", "content": "thanks"}
+    _, last = await turn(client, "tool-trim", [follow_up])
+    assert mock.requests[-1]["body"]["messages"] == [ask, call_reply, result, answer, follow_up]
+    _, body = await api(running, "GET", "/sessions/tool-trim")
+    assert body["messages"] == [follow_up, last]  # the old turn went whole
+
+
 async def test_nothing_stored_on_error_or_broken_stream(mock, gateway_factory, redis_prefix):
     running = await start(mock, gateway_factory, REDIS_URL, redis_prefix, routing={"attempts": 1})
     client = running.openai()

@@ -11,11 +11,13 @@ document, so every reader fetches only what it needs:
 
 Every item of a stored response (its output items and its input items) is
 also indexed for `item_reference` inputs: key
-``<prefix>:{<tenant>}:response_item:<item id>`` holds ``"<response id> <item
+``<prefix>:{<tenant>}:response_item:<item id>`` holds ``"<owners> <item
 JSON>"``, written by the same script as the hash and with the same expiry. A
 reference is then one MGET for all ids of a request, without reading any
-response. The hash's ``item_ids`` field lists the indexed ids, so a delete
-removes them too (those another response has re-indexed since are kept).
+response. The owners are the stored responses that carry the item (a client
+re-sends earlier output as input, and each such response renews the entry):
+the hash's ``item_ids`` field lists the indexed ids, and a delete takes the
+response off their owners, removing an entry only with its last stored owner.
 
 Keys expire after the configured TTL (``store_ttl_seconds``). Tenants
 are isolated by the key itself: another tenant's id is simply not found.
@@ -107,5 +109,12 @@ class ResponseStore:
         key = self._key(tenant, response_id)
         # Records written before the item index have no `item_ids`: nothing more to delete.
         item_ids = orjson.loads(await self.store.redis.hget(key, "item_ids") or "[]")
-        keys = [key, *(self._item_key(tenant, item_id) for item_id in item_ids)]
-        return bool(await self.store.run(RESPONSE_DELETE, keys, [response_id]))
+        item_keys = [self._item_key(tenant, item_id) for item_id in item_ids]
+        # The entries' other owners, whose hashes the script checks (it may only touch keys it is given).
+        entries = await self.store.redis.mget(item_keys) if item_keys else []
+        others = sorted({
+            owner for entry in entries if entry is not None
+            for owner in entry.partition(" ")[0].split(",") if owner != response_id and RESPONSE_ID.fullmatch(owner)
+        })
+        keys = [key, *item_keys, *(self._key(tenant, owner) for owner in others)]
+        return bool(await self.store.run(RESPONSE_DELETE, keys, [response_id, len(item_keys), *others]))

@@ -160,3 +160,33 @@ async def test_delete_keeps_items_a_later_response_reindexed(tenants, mock):
         await client.responses.delete(response.id)
     with pytest.raises(openai.BadRequestError):
         await client.responses.create(model=MODEL, input=[{"type": "item_reference", "id": call.id}])
+
+
+@pytest.mark.parametrize("resend", ["in_full", "by_reference"])
+async def test_deleting_a_later_response_keeps_the_items_an_earlier_one_still_holds(running, tenants, mock, resend):
+    """An item stays referenceable while a stored response carries it; it goes with the last one.
+
+    Before, the later response (the Agents SDK re-sends items in full, the Vercel AI
+    SDK by reference) took the index entry over, and deleting it broke references to
+    the first response's items although that response was still stored.
+    """
+    client, _ = tenants
+    first = await first_turn(client)
+    call = first.output[1]
+    again = ({"type": "function_call", "id": call.id, "call_id": call.call_id, "name": call.name, "arguments": call.arguments}
+             if resend == "in_full" else {"type": "item_reference", "id": call.id})
+    second = await client.responses.create(model=MODEL, input=[
+        {"role": "user", "content": "weather in Paris?"}, again,
+        {"type": "function_call_output", "call_id": call.call_id, "output": "rain"},
+    ])
+    await client.responses.delete(second.id)
+    third = await client.responses.create(model=MODEL, input=[{"type": "item_reference", "id": call.id}])
+    assert mock.requests[-1]["body"]["messages"][0]["tool_calls"][0]["id"] == call.call_id
+    # An owner whose record is gone (expired) does not keep the entry once the others are deleted.
+    store = running.gateway.store
+    await store.redis.delete(store.tenant_key("tenant-a", "response", first.id))
+    await client.responses.delete(third.id)
+    assert await store.redis.get(store.tenant_key("tenant-a", "response_item", call.id)) is None
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.create(model=MODEL, input=[{"type": "item_reference", "id": call.id}])
+    assert info.value.body["code"] == "item_not_found"

@@ -2,8 +2,9 @@
 
 `to_message` turns a `chat.completion` (first choice) into a Message:
 content blocks in order `thinking` (the provider's `reasoning_content` /
-`reasoning`), `text`, `tool_use` (the provider's call id, its arguments
-parsed as `input`); `stop_reason` from the finish reason; `usage` from the
+`reasoning`), `text` (also the provider's `refusal`, with stop reason
+`refusal`), `tool_use` (the provider's call id, its arguments parsed as
+`input`); `stop_reason` from the finish reason; `usage` from the
 provider's usage (Anthropic counts cache reads apart from `input_tokens`).
 """
 
@@ -89,9 +90,12 @@ def to_message(
     reasoning = reasoning_of(message)
     if isinstance(reasoning, str) and reasoning:
         content.append({"type": "thinking", "thinking": reasoning, "signature": ""})
-    text = message.get("content")
+    text, refusal = message.get("content"), message.get("refusal")
     if isinstance(text, str) and text:
         content.append({"type": "text", "text": text})
+    refused = isinstance(refusal, str) and bool(refusal)
+    if refused:
+        content.append({"type": "text", "text": refusal})
     calls = message.get("tool_calls")
     for call in calls if isinstance(calls, list) else ():
         function = call.get("function") if isinstance(call, dict) else None
@@ -104,5 +108,7 @@ def to_message(
         finish = "tool_calls"  # some providers finish a tool call with "stop"
     result = message_skeleton(message_id, model, usage_of(completion.get("usage")))
     result["content"] = content
-    result["stop_reason"], result["stop_sequence"] = stop_reason(finish, choice.get("stop_reason"), stop_sequences)
+    result["stop_reason"], result["stop_sequence"] = (
+        ("refusal", None) if refused else stop_reason(finish, choice.get("stop_reason"), stop_sequences)
+    )
     return result

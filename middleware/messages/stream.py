@@ -7,6 +7,8 @@ are numbered densely in the order they open: `thinking` (reasoning deltas as
 `thinking_delta`), `text` (`text_delta`), `tool_use` (one per provider tool
 call, its argument fragments as `input_json_delta`). A block is stopped when
 the next one starts, so at most one is open at a time, as Anthropic streams them.
+The provider's `refusal` text (structured outputs send it instead of content)
+is a `text` block, and the stop reason is then `refusal`.
 
 A provider failure (an in-band error chunk, or a stream that ends with neither
 a finish reason nor `[DONE]`) raises `UpstreamError`; the relay writes it as
@@ -57,6 +59,7 @@ class StreamTranslator(ChunkTranslator):
         self.matched: Any = None  # the provider's `stop_reason` (vLLM: the stop string hit)
         self.usage: Any = None
         self.saw_done = False
+        self.refused = False
 
     @property
     def talking(self) -> bool:
@@ -75,6 +78,10 @@ class StreamTranslator(ChunkTranslator):
         return self._text("thinking", text)
 
     def on_content(self, text: str) -> Iterator[SSEEvent]:
+        return self._text("text", text)
+
+    def on_refusal(self, text: str) -> Iterator[SSEEvent]:
+        self.refused = True
         return self._text("text", text)
 
     def on_finish(self, part: ChoiceDelta) -> None:
@@ -126,6 +133,8 @@ class StreamTranslator(ChunkTranslator):
         if finish in (None, "stop") and self.calls:
             finish = "tool_calls"  # some providers finish a tool call with "stop"
         reason, sequence = stop_reason(finish or "stop", self.matched, self.stop_sequences)
+        if self.refused:
+            reason, sequence = "refusal", None
         usage = usage_of(self.usage)
         if self.usage is None:
             usage["input_tokens"] = self.input_estimate  # nothing better was reported

@@ -7,8 +7,10 @@ fills it from a `chat.completion` body; `StreamTranslator` turns a stream of
 and dense `output_index` in the order items are announced.
 
 Output items, in order of appearance: `reasoning` (from the provider's
-`reasoning_content` / `reasoning`), `message` (assistant `output_text`),
-`function_call` (`fc_…` ids, `call_id` = the provider's tool-call id).
+`reasoning_content` / `reasoning`), `message` (assistant `output_text`; the
+provider's `refusal`, which structured outputs send instead of content, as a
+`refusal` part, streamed as `response.refusal.*` events), `function_call`
+(`fc_…` ids, `call_id` = the provider's tool-call id).
 
 A reasoning item's text goes where the `reasoning` mode says: `summary` (one
 `summary_text` part; `response.reasoning_summary_part.*` and
@@ -31,7 +33,8 @@ from proxy.core.ids import new_id
 
 # finish_reason → incomplete_details.reason; anything else counts as completed.
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
-_ID_PREFIX = {"message": "msg_", "reasoning": "rs_", "function_call": "fc_"}
+# Item kinds while streaming; a "refusal" is a message item whose one part is a refusal.
+_ID_PREFIX = {"message": "msg_", "refusal": "msg_", "reasoning": "rs_", "function_call": "fc_"}
 # The `reasoning` unit setting: summary, text or both.
 ReasoningMode = Literal["summary", "text", "both"]
 
@@ -94,9 +97,16 @@ def _finish(response: dict[str, Any], finish_reason: Any, usage: Any) -> None:
     response["completed_at"] = int(time.time())
 
 
-def _message_item(item_id: str, text: str, status: str) -> dict[str, Any]:
-    content = [{"type": "output_text", "text": text, "annotations": []}]
-    return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": content}
+def _text_part(text: str) -> dict[str, Any]:
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+
+
+def _refusal_part(text: str) -> dict[str, Any]:
+    return {"type": "refusal", "refusal": text}
+
+
+def _message_item(item_id: str, parts: list[dict[str, Any]], status: str) -> dict[str, Any]:
+    return {"id": item_id, "type": "message", "role": "assistant", "status": status, "content": parts}
 
 
 def _reasoning_item(item_id: str, text: str, status: str, mode: ReasoningMode) -> dict[str, Any]:
@@ -124,9 +134,12 @@ def complete(response: dict[str, Any], completion: dict[str, Any], reasoning_mod
     reasoning = reasoning_of(message)
     if isinstance(reasoning, str) and reasoning:
         output.append(_reasoning_item(new_id("rs_"), reasoning, "completed", reasoning_mode))
-    content = message.get("content")
-    if isinstance(content, str) and content:
-        output.append(_message_item(new_id("msg_"), content, "completed"))
+    content, refusal = message.get("content"), message.get("refusal")
+    parts = [_text_part(content)] if isinstance(content, str) and content else []
+    if isinstance(refusal, str) and refusal:
+        parts.append(_refusal_part(refusal))
+    if parts:
+        output.append(_message_item(new_id("msg_"), parts, "completed"))
     for call in message.get("tool_calls") or []:
         function = call.get("function") or {}
         output.append(_call_item(new_id("fc_"), call.get("id") or new_id("call_"), function.get("name") or "",
@@ -139,8 +152,12 @@ def complete(response: dict[str, Any], completion: dict[str, Any], reasoning_mod
 
 
 def assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
-    """The Response's output as one chat assistant message (for previous_response_id)."""
-    text = "".join(part["text"] for item in output if item["type"] == "message" for part in item["content"])
+    """The Response's output as one chat assistant message (for previous_response_id).
+
+    A refusal is the assistant's text of that turn: every provider reads it as content.
+    """
+    text = "".join(part["text"] if part["type"] == "output_text" else part["refusal"]
+                   for item in output if item["type"] == "message" for part in item["content"])
     calls = [
         {"id": item["call_id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
         for item in output
@@ -171,7 +188,9 @@ class _Item:
     def item(self, status: str) -> dict[str, Any]:
         text = "".join(self.parts)
         if self.kind == "message":
-            return _message_item(self.id, text, status)
+            return _message_item(self.id, [_text_part(text)], status)
+        if self.kind == "refusal":
+            return _message_item(self.id, [_refusal_part(text)], status)
         if self.kind == "reasoning":
             return _reasoning_item(self.id, text, status, self.mode)
         return _call_item(self.id, self.call_id, self.name, text, status)
@@ -179,7 +198,7 @@ class _Item:
     def announced(self) -> dict[str, Any]:
         """The item as `response.output_item.added` shows it (no content yet)."""
         item = self.item("in_progress")
-        if self.kind == "message" or "content" in item:
+        if "content" in item:
             item["content"] = []
         if self.kind == "reasoning":
             item["summary"] = []
@@ -216,6 +235,9 @@ class StreamTranslator(ChunkTranslator):
     def on_content(self, text: str) -> Iterator[SSEEvent]:
         return self._text("message", text)
 
+    def on_refusal(self, text: str) -> Iterator[SSEEvent]:
+        return self._text("refusal", text)
+
     def on_finish(self, part: ChoiceDelta) -> None:
         self.finish_reason = part.finish_reason
 
@@ -230,7 +252,10 @@ class StreamTranslator(ChunkTranslator):
             head = {"item_id": item.id, "output_index": item.index}
             if kind == "message":
                 yield self._event({"type": "response.content_part.added", **head, "content_index": 0,
-                                   "part": {"type": "output_text", "text": "", "annotations": []}})
+                                   "part": _text_part("")})
+            elif kind == "refusal":
+                yield self._event({"type": "response.content_part.added", **head, "content_index": 0,
+                                   "part": _refusal_part("")})
             if self._summary(item):
                 yield self._event({"type": "response.reasoning_summary_part.added", **head, "summary_index": 0,
                                    "part": {"type": "summary_text", "text": ""}})
@@ -242,6 +267,8 @@ class StreamTranslator(ChunkTranslator):
         if kind == "message":
             yield self._event({"type": "response.output_text.delta", **head, "content_index": 0, "delta": delta,
                                "logprobs": []})
+        elif kind == "refusal":
+            yield self._event({"type": "response.refusal.delta", **head, "content_index": 0, "delta": delta})
         if self._summary(item):
             yield self._event({"type": "response.reasoning_summary_text.delta", **head, "summary_index": 0,
                                "delta": delta})
@@ -292,6 +319,10 @@ class StreamTranslator(ChunkTranslator):
             part = done["content"][0]
             yield self._event({"type": "response.output_text.done", **head, "content_index": 0,
                                "text": part["text"], "logprobs": []})
+            yield self._event({"type": "response.content_part.done", **head, "content_index": 0, "part": part})
+        elif item.kind == "refusal":
+            part = done["content"][0]
+            yield self._event({"type": "response.refusal.done", **head, "content_index": 0, "refusal": part["refusal"]})
             yield self._event({"type": "response.content_part.done", **head, "content_index": 0, "part": part})
         else:
             if self._summary(item):

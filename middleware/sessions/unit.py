@@ -325,6 +325,8 @@ class _StreamedMessage:
             part = ChoiceDelta(choice)
             if part.content is not None:
                 self.content.append(part.content)
+            if part.refusal:  # a refusal is the assistant's text of the turn (see _assistant_from_json)
+                self.content.append(part.refusal)
             for fragment in part.tool_calls:
                 self.tool_calls.add(fragment)
             if part.function_call is not None:
@@ -358,7 +360,10 @@ def _assistant_from_json(body: Any) -> dict[str, Any] | None:
     message = choices[0].get("message")
     if not isinstance(message, dict):
         return None
-    stored: dict[str, Any] = {"role": "assistant", "content": message.get("content")}
+    content, refusal = message.get("content"), message.get("refusal")
+    # A refusal (structured outputs send it instead of content) is what the assistant said
+    # that turn; kept as content, which every provider reads back.
+    stored: dict[str, Any] = {"role": "assistant", "content": refusal if content is None and isinstance(refusal, str) else content}
     for field in ("tool_calls", "function_call"):
         if message.get(field):
             stored[field] = message[field]

@@ -6,7 +6,9 @@ content text, tool-call fragments, a legacy ``function_call`` fragment) and a
 Responses, Messages) read them here:
 
 - `ChoiceDelta(choice)`: the parts of one choice's delta (`ChoiceDelta`),
-  each None/empty when absent or not of the expected type;
+  each None/empty when absent or not of the expected type (``refusal``: the
+  text of a model that declined, which structured outputs send instead of
+  content);
 - `first_choice(chunk)`: the same for ``choices[0]`` when it is choice 0 (the
   translators' reading: a Response or a Message has one output, extra choices
   of ``n > 1`` are dropped), after the provider's in-band error event, which
@@ -44,11 +46,12 @@ def reasoning_of(part: dict[str, Any]) -> Any:
 class ChoiceDelta:
     """The parts of one streamed choice: each None (or no fragments) when absent or of the wrong type."""
 
-    __slots__ = ("choice", "reasoning", "content", "tool_calls", "function_call", "finish_reason")
+    __slots__ = ("choice", "reasoning", "content", "refusal", "tool_calls", "function_call", "finish_reason")
 
     choice: dict[str, Any]
     reasoning: str | None
     content: str | None
+    refusal: str | None
     tool_calls: Sequence[dict[str, Any]]  # the fragments that are objects, in order
     function_call: dict[str, Any] | None  # a legacy `function_call` fragment
     finish_reason: Any
@@ -58,13 +61,15 @@ class ChoiceDelta:
         self.finish_reason = choice.get("finish_reason")
         delta = choice.get("delta")
         if not isinstance(delta, dict):
-            self.reasoning = self.content = self.function_call = None
+            self.reasoning = self.content = self.refusal = self.function_call = None
             self.tool_calls = _NO_FRAGMENTS
             return
         reasoning = reasoning_of(delta)
         self.reasoning = reasoning if isinstance(reasoning, str) else None
         content = delta.get("content")
         self.content = content if isinstance(content, str) else None
+        refusal = delta.get("refusal")
+        self.refusal = refusal if isinstance(refusal, str) else None
         fragments = delta.get("tool_calls")
         self.tool_calls = (
             [f for f in fragments if isinstance(f, dict)] if isinstance(fragments, list) and fragments else _NO_FRAGMENTS
@@ -95,8 +100,8 @@ class ChunkTranslator(ABC):
 
     `chunk` remembers the chunk's usage, raises the provider's in-band error
     and hands the parts of choice 0 (`first_choice`) to the hooks, in order:
-    reasoning text, content text (each when not empty), each tool-call
-    fragment, then the finish reason, after the events of the chunk's text
+    reasoning text, content text, refusal text (each when not empty), each
+    tool-call fragment, then the finish reason, after the events of the chunk's text
     (an item closed by that text takes its status from the reason before it).
     """
 
@@ -113,6 +118,8 @@ class ChunkTranslator(ABC):
             yield from self.on_reasoning(part.reasoning)
         if part.content:
             yield from self.on_content(part.content)
+        if part.refusal:
+            yield from self.on_refusal(part.refusal)
         for fragment in part.tool_calls:
             yield from self.on_tool_call(fragment)
         if part.finish_reason:
@@ -123,6 +130,9 @@ class ChunkTranslator(ABC):
 
     @abstractmethod
     def on_content(self, text: str) -> Iterator[SSEEvent]: ...
+
+    @abstractmethod
+    def on_refusal(self, text: str) -> Iterator[SSEEvent]: ...
 
     @abstractmethod
     def on_tool_call(self, fragment: dict[str, Any]) -> Iterator[SSEEvent]: ...

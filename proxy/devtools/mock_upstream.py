@@ -46,6 +46,7 @@ _OVERRIDES: dict[str, tuple[str, Callable[[str], Any]]] = {
     "x-mock-fail-status": ("fail_status", int),
     "x-mock-cut-after": ("cut_after", int),
     "x-mock-error-after": ("error_after", int),
+    "x-mock-refuse": ("refuse", str),
 }
 _SCHEMA_SAMPLES: dict[str | None, Any] = {"string": "value", "integer": 1, "number": 1, "boolean": True}
 _MAX_TOOL_CALLS = 3
@@ -62,6 +63,7 @@ class MockOptions:
     fail_status: int = 0
     cut_after: int = -1
     error_after: int = -1  # an in-band `data: {"error": …}` event after this many content chunks, as vLLM sends
+    refuse: str = ""  # decline with this text: `refusal` instead of content, as OpenAI's structured outputs do
     report_usage: bool = True
     api_key: str | None = None
 
@@ -76,6 +78,7 @@ class _Reply:
     finish_reason: str
     # Per tool call, the argument fragments it streams (they join to its arguments).
     tool_fragments: list[list[str]] = dataclasses.field(default_factory=list)
+    refused: bool = False  # the content chunks are a refusal
 
     @property
     def completion_tokens(self) -> int:
@@ -88,7 +91,7 @@ class _Reply:
         for text in self.reasoning:
             yield {"reasoning_content": text}, False
         for text in self.content:
-            yield {"content": text}, True
+            yield {"refusal" if self.refused else "content": text}, True
         for k, (call, fragments) in enumerate(zip(self.tool_calls, self.tool_fragments, strict=True)):
             fn = call["function"]
             head = {"index": k, "id": call["id"], "type": "function", "function": {"name": fn["name"], "arguments": ""}}
@@ -391,7 +394,9 @@ class MockUpstream:
                 content, finish = content[:cap], "length"
             if echo:  # prefix rather than insert, so the chunk count stays as configured
                 content[:1] = [echo + (content[0] if content else "")]
-        reply = _Reply(["think "] * opts.reasoning_chunks, content, tool_calls, finish, fragments)
+        if opts.refuse and not tool_calls:
+            content = [f"{word} " for word in opts.refuse.split()]
+        reply = _Reply(["think "] * opts.reasoning_chunks, content, tool_calls, finish, fragments, bool(opts.refuse))
 
         n = body.get("n") or 1
         usage = None
@@ -416,7 +421,9 @@ class MockUpstream:
             include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
             return await self._stream(request, opts, reply, head, n, usage if include_usage else None)
 
-        message: dict[str, Any] = {"role": "assistant", "content": None if tool_calls else "".join(content), "refusal": None}
+        text = None if tool_calls else "".join(content)
+        message: dict[str, Any] = {"role": "assistant", "content": None if reply.refused else text,
+                                   "refusal": text if reply.refused else None}
         if reply.reasoning:
             message["reasoning_content"] = "".join(reply.reasoning)
         if tool_calls:

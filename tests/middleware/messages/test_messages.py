@@ -489,3 +489,18 @@ async def test_the_sdk_sees_the_request_id_of_replies_streams_and_errors(setup):
     async with aiohttp.ClientSession() as http:
         async with http.get(running.base_url + "/v1/models", headers={"Authorization": f"Bearer {key}"}) as resp:
             assert resp.headers["X-Request-ID"] and "request-id" not in resp.headers
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_provider_refusal_is_text_with_stop_reason_refusal(setup, stream):
+    """Anthropic has no refusal block: the provider's `refusal` text is a text block, and `stop_reason` says why."""
+    *_, client = setup
+    kwargs = {"model": MODEL, "max_tokens": 100, "messages": [{"role": "user", "content": "where?"}],
+              "extra_headers": {"x-mock-refuse": "I cannot help with that."}}
+    if stream:
+        async with client.messages.stream(**kwargs) as events:
+            message = await events.get_final_message()
+    else:
+        message = await client.messages.create(**kwargs)
+    assert [(block.type, block.text) for block in message.content] == [("text", "I cannot help with that. ")]
+    assert message.stop_reason == "refusal"

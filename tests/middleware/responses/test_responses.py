@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 
 import openai
+import pydantic
 import pytest
 
 from tests.support import make_settings
@@ -261,3 +262,33 @@ async def test_odd_values_are_a_400_even_without_the_validation_unit(mock, gatew
             assert resp.status == 400
             assert (await resp.json())["error"]["type"] == "invalid_request_error"
     assert mock.requests == []
+
+
+class Answer(pydantic.BaseModel):
+    city: str
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_refusal_is_a_refusal_part_the_sdk_reports(client, mock, stream):
+    """A provider's `refusal` (structured outputs send it instead of content) reaches the client.
+
+    Before, the output was empty with `status: completed`, so `responses.parse`
+    found neither a parsed answer nor a refusal (the Agents SDK retried until its
+    max_turns, LangChain raised on a reply with neither).
+    """
+    headers = {"x-mock-refuse": "I cannot help with that."}
+    if stream:
+        async with client.responses.stream(model=MODEL, input="where?", text_format=Answer, extra_headers=headers) as events:
+            kinds = [event.type async for event in events]
+            response = await events.get_final_response()
+        assert kinds.count("response.refusal.delta") == 5  # one per provider chunk
+        assert "response.refusal.done" in kinds and "response.output_text.delta" not in kinds
+    else:
+        response = await client.responses.parse(model=MODEL, input="where?", text_format=Answer, extra_headers=headers)
+    assert response.status == "completed" and response.output_parsed is None
+    (message,) = response.output
+    assert message.type == "message" and [part.type for part in message.content] == ["refusal"]
+    assert message.content[0].refusal == "I cannot help with that. "
+    # The chained turn reads the refusal as what the assistant said.
+    await client.responses.create(model=MODEL, input="why?", previous_response_id=response.id)
+    assert mock.requests[-1]["body"]["messages"][1] == {"role": "assistant", "content": "I cannot help with that. "}

@@ -549,3 +549,13 @@ def test_a_streamed_reply_of_reasoning_only_is_assembled_with_empty_content():
     builder.feed({"choices": [{"index": 0, "delta": {"reasoning_content": " ok"}, "finish_reason": "length"}]})
     assert builder.finished
     assert builder.message() == {"role": "assistant", "content": ""}
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_refusal_is_stored_as_what_the_assistant_said(mock, gateway_factory, redis_prefix, stream):
+    running = await start(mock, gateway_factory, REDIS_URL, redis_prefix)
+    client = running.openai()
+    ask = {"role": "user", "content": "where?"}
+    await turn(client, "refused", [ask], stream=stream, extra_headers={"x-mock-refuse": "No thanks."})
+    _, body = await api(running, "GET", "/sessions/refused")
+    assert body["messages"] == [ask, {"role": "assistant", "content": "No thanks. "}]

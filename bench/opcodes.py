@@ -105,7 +105,8 @@ async def measure(name: str, upstream: str, tenant: Tenant, work: Path, requests
 
 def _where(key: tuple[str, str]) -> str:
     path, function = key
-    for prefix in (f"{REPO}/.venv/lib/python3.11/site-packages/", f"{REPO}/", sys.prefix + "/"):
+    version = f"python{sys.version_info.major}.{sys.version_info.minor}"
+    for prefix in (f"{REPO}/.venv/lib/{version}/site-packages/", f"{REPO}/", f"{sys.base_prefix}/lib/{version}/"):
         path = path.removeprefix(prefix)
     return f"{path}:{function}"
 

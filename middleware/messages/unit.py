@@ -27,6 +27,7 @@ import orjson
 from pydantic import Field
 
 from proxy.core.call import CHAT, MESSAGES, MESSAGES_COUNT_TOKENS, Call, Next, Reply, SSEEvent
+from proxy.core.chat_deltas import not_a_completion
 from proxy.core.pipeline import ErrorRenderer, Unit, UnitSettings
 from proxy.core.streams import EventStream, keepalive
 
@@ -93,8 +94,9 @@ class MessagesUnit(Unit):
             reply.stream_error = errors.stream_event
             return reply
         completion = reply.json()
-        if isinstance(completion, dict) and isinstance(completion.get("choices"), list):
-            reply.set_json(to_message(completion, message_id, model, stop_sequences, names))
+        if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
+            raise not_a_completion(completion)
+        reply.set_json(to_message(completion, message_id, model, stop_sequences, names))
         return reply
 
     async def _translate(self, chunks: AsyncIterator[SSEEvent], translator: StreamTranslator) -> AsyncIterator[SSEEvent]:

@@ -185,7 +185,13 @@ def input_messages(
         kind = item.get("type", "message")  # EasyInputMessage has no type
         if kind == "message":
             message, stored = _message(item, param)
-            messages.append(message)
+            last = messages[-1] if messages else None
+            if message["role"] == "assistant" and last is not None and last["role"] == "assistant" and last.get("tool_calls"):
+                # Text streamed after the turn's tool calls (a Response lists the items as they
+                # came): still the same assistant turn, or its tool results would not follow it.
+                last["content"] = (last["content"] or "") + message["content"]
+            else:
+                messages.append(message)
         elif kind == "function_call":
             call, stored = _function_call(item, param)
             last = messages[-1] if messages else None
@@ -242,9 +248,31 @@ def chat_tools(tools: Any) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
 def chat_tool_choice(choice: Any) -> Any:
     if choice in ("auto", "none", "required"):
         return choice
-    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("name"), str):
+    kind = choice.get("type") if isinstance(choice, dict) else None
+    if kind == "function" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": choice["name"]}}
-    raise _bad("`tool_choice` is auto, none, required or {\"type\": \"function\", \"name\": ...}.", "tool_choice")
+    if kind == "allowed_tools":
+        return _allowed_tools(choice)
+    raise _bad("`tool_choice` is auto, none, required, {\"type\": \"function\", \"name\": ...} or "
+               "{\"type\": \"allowed_tools\", ...}.", "tool_choice")
+
+
+def _allowed_tools(choice: dict[str, Any]) -> dict[str, Any]:
+    """`{"type": "allowed_tools", "mode", "tools": [{"type": "function", "name"}]}` → chat's `allowed_tools` choice."""
+    mode = choice.get("mode")
+    if mode not in ("auto", "required"):
+        raise _bad("`tool_choice.mode` is auto or required.", "tool_choice.mode")
+    tools = choice.get("tools")
+    if not isinstance(tools, list) or not tools:
+        raise _bad("`tool_choice.tools` is a non-empty list of tools.", "tool_choice.tools")
+    names = []
+    for i, tool in enumerate(tools):
+        if not isinstance(tool, dict) or tool.get("type") != "function" or not isinstance(tool.get("name"), str):
+            raise _bad("Only function tools ({\"type\": \"function\", \"name\": ...}) can be allowed here.",
+                       f"tool_choice.tools[{i}]")
+        names.append(tool["name"])
+    return {"type": "allowed_tools", "allowed_tools": {
+        "mode": mode, "tools": [{"type": "function", "function": {"name": name}} for name in names]}}
 
 
 def chat_response_format(text: Any) -> tuple[dict[str, Any] | None, str | None]:

@@ -5,7 +5,9 @@ On the way in, a Responses body becomes a chat body (`responses_request`);
 way back, the chat completion becomes a Response object, or the chat chunk
 stream becomes the Responses event stream (`responses_stream`); a provider
 failure mid-stream becomes `error` + `response.failed`. Provider errors before
-any output (4xx replies, raised ApiErrors) pass through unchanged.
+any output (4xx replies, raised ApiErrors) pass through unchanged; a 200 reply
+that is no completion (an `{"error": …}` body) is a 502. A provider that
+answers a streamed request with JSON still gives the client the events.
 
 With `store` (default true) the response, its input items and the
 conversation so far are kept per tenant (`responses_store`), which serves
@@ -44,7 +46,8 @@ from middleware.responses import mcp
 from middleware.responses.request import item_not_found, referenced_ids, to_chat
 from proxy.core.ids import new_id
 from middleware.responses.store import ResponseStore
-from middleware.responses.stream import StreamTranslator, assistant_message, complete, skeleton
+from middleware.responses.stream import StreamTranslator, as_chunk, assistant_message, complete, skeleton
+from proxy.core.chat_deltas import not_a_completion
 
 log = structlog.get_logger("sovereign")
 
@@ -95,6 +98,13 @@ class ResponsesUnit(Unit):
             return reply
         completion = reply.json()
         if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
+            raise not_a_completion(completion)
+        if body.get("stream") is True:
+            # A provider that ignored `stream`: the client still gets the event sequence.
+            reply.events = EventStream(
+                _one_chunk(completion),
+                transform=lambda events: self._translate(events, response, tenant, conversation, input_items),
+            )
             return reply
         complete(response, completion, self.settings.reasoning)
         mcp.add_items(response, call.agent)  # agent models: the MCP tool calls they ran
@@ -218,3 +228,7 @@ class ResponsesUnit(Unit):
         }
         return web.Response(body=orjson.dumps(listing), headers=_JSON)
 
+
+
+async def _one_chunk(completion: dict[str, Any]) -> AsyncIterator[SSEEvent]:
+    yield SSEEvent.from_json(as_chunk(completion))

@@ -14,6 +14,8 @@ Responses, Messages) read them here:
   of ``n > 1`` are dropped), after the provider's in-band error event, which
   it raises as `UpstreamError`;
 - `reasoning_of(part)`: reasoning text under either name providers use;
+- `not_a_completion(body)`: the 502 for a 200 reply that holds no completion
+  (OpenRouter-style ``{"error": …}`` bodies), for the units that translate it;
 - `ChunkTranslator`: the chunk reading of the translators into another
   API's events (Responses, Messages): each part of choice 0 to a hook;
 - `ToolCalls`: tool-call fragments assembled by their ``index`` (ids, names
@@ -41,6 +43,15 @@ def reasoning_of(part: dict[str, Any]) -> Any:
     # DeepSeek/vLLM call it reasoning_content; OpenRouter and newer vLLM call it reasoning.
     value = part.get("reasoning_content")
     return value if value is not None else part.get("reasoning")
+
+
+def not_a_completion(body: Any) -> UpstreamError:
+    """The error for a provider's 200 reply that is not a chat completion, naming the provider's message if any."""
+    error = body.get("error") if isinstance(body, dict) else None
+    message = error.get("message") if isinstance(error, dict) else None
+    if isinstance(message, str) and message:
+        return UpstreamError(f"The upstream provider answered without a completion: {message[:500]}")
+    return UpstreamError("The upstream provider answered without a completion.")
 
 
 class ChoiceDelta:

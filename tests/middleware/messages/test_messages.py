@@ -504,3 +504,18 @@ async def test_a_provider_refusal_is_text_with_stop_reason_refusal(setup, stream
         message = await client.messages.create(**kwargs)
     assert [(block.type, block.text) for block in message.content] == [("text", "I cannot help with that. ")]
     assert message.stop_reason == "refusal"
+
+
+async def test_a_200_error_body_from_the_provider_is_an_anthropic_502(gateway_factory, redis_prefix):
+    async def failing(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"error": {"message": "Provider returned error", "code": 502}})
+
+    async with provider(failing) as url:
+        running, accounts = await gateway(gateway_factory, url, redis_prefix)
+        _, key = await tenant_key(accounts)
+        async with anthropic.AsyncAnthropic(base_url=running.base_url, api_key=key, max_retries=0) as client:
+            with pytest.raises(anthropic.InternalServerError) as info:
+                await client.messages.create(model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "x"}])
+    assert info.value.status_code == 502
+    assert info.value.body["type"] == "error" and "Provider returned error" in info.value.body["error"]["message"]

@@ -6,13 +6,16 @@ provider records what reached it, so the chat mapping is checked there.
 
 from __future__ import annotations
 
+import contextlib
 import json
+from typing import Any
 
 import openai
 import pydantic
 import pytest
+from aiohttp import web
 
-from tests.support import make_settings
+from tests.support import make_settings, provider
 
 MODEL = "sovereign-alpha"
 
@@ -292,3 +295,80 @@ async def test_a_refusal_is_a_refusal_part_the_sdk_reports(client, mock, stream)
     # The chained turn reads the refusal as what the assistant said.
     await client.responses.create(model=MODEL, input="why?", previous_response_id=response.id)
     assert mock.requests[-1]["body"]["messages"][1] == {"role": "assistant", "content": "I cannot help with that. "}
+
+
+def _scripted(reply: dict) -> Any:
+    """A provider that answers every request with `reply` as JSON, status 200, streamed or not."""
+    async def handler(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response(reply)
+    return handler
+
+
+COMPLETION = {
+    "id": "chatcmpl-1", "object": "chat.completion", "created": 1, "model": "mock-model",
+    "choices": [{"index": 0, "finish_reason": "tool_calls", "message": {
+        "role": "assistant", "content": "Let me look.",
+        "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]}}],
+    "usage": {"prompt_tokens": 5, "completion_tokens": 7, "total_tokens": 12},
+}
+
+
+async def _scripted_client(gateway_factory, redis_prefix, reply: dict):
+    stack = contextlib.AsyncExitStack()
+    url = await stack.enter_async_context(provider(_scripted(reply)))
+    running = await gateway_factory(make_settings(url, store_url="memory://", prefix=redis_prefix, pipeline=["responses"]))
+    return stack, running.openai(_strict_response_validation=True)
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_a_200_error_body_from_the_provider_is_a_502(gateway_factory, redis_prefix, stream):
+    """OpenRouter-style providers answer some failures with 200 and `{"error": …}`; the SDK used to crash on it."""
+    stack, client = await _scripted_client(gateway_factory, redis_prefix, {"error": {"message": "Provider returned error", "code": 502}})
+    async with stack:
+        with pytest.raises(openai.InternalServerError) as info:
+            await client.responses.create(model=MODEL, input="x", stream=stream)
+    assert info.value.status_code == 502
+    assert info.value.body["code"] == "upstream_error" and "Provider returned error" in info.value.body["message"]
+
+
+async def test_a_provider_that_ignores_stream_still_gives_the_event_sequence(gateway_factory, redis_prefix):
+    stack, client = await _scripted_client(gateway_factory, redis_prefix, COMPLETION)
+    async with stack:
+        async with client.responses.stream(model=MODEL, input="weather?", tools=[WEATHER_TOOL]) as events:
+            kinds = [event.type async for event in events]
+            final = await events.get_final_response()
+    assert kinds[:2] == ["response.created", "response.in_progress"] and kinds[-1] == "response.completed"
+    assert "response.output_text.delta" in kinds and "response.function_call_arguments.delta" in kinds
+    message, call = final.output
+    assert final.output_text == "Let me look."
+    assert (call.type, call.call_id, call.name, call.arguments) == ("function_call", "call_1", "get_weather", '{"city":"Paris"}')
+    assert final.usage.output_tokens == 7
+
+
+async def test_assistant_text_after_its_tool_calls_stays_in_their_turn(client, mock):
+    """A streamed turn lists its function calls before the text that followed them; the tool results must still follow the calls."""
+    await client.responses.create(model=MODEL, input=[
+        {"role": "user", "content": "weather?"},
+        {"type": "function_call", "call_id": "c1", "name": "get_weather", "arguments": "{}"},
+        {"type": "message", "role": "assistant", "content": [{"type": "output_text", "text": "I called it."}]},
+        {"type": "function_call_output", "call_id": "c1", "output": "sunny"},
+    ], tools=[WEATHER_TOOL])
+    assert mock.requests[-1]["body"]["messages"] == [
+        {"role": "user", "content": "weather?"},
+        {"role": "assistant", "content": "I called it.", "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "get_weather", "arguments": "{}"}}]},
+        {"role": "tool", "tool_call_id": "c1", "content": "sunny"},
+    ]
+
+
+async def test_allowed_tools_choice_maps_to_chat(client, mock):
+    choice = {"type": "allowed_tools", "mode": "required", "tools": [{"type": "function", "name": "get_weather"}]}
+    response = await client.responses.create(model=MODEL, input="weather?", tools=[WEATHER_TOOL], tool_choice=choice)
+    assert mock.requests[-1]["body"]["tool_choice"] == {"type": "allowed_tools", "allowed_tools": {
+        "mode": "required", "tools": [{"type": "function", "function": {"name": "get_weather"}}]}}
+    assert response.tool_choice.type == "allowed_tools"
+    with pytest.raises(openai.BadRequestError) as info:
+        await client.responses.create(model=MODEL, input="x", tools=[WEATHER_TOOL],
+                                      tool_choice={**choice, "tools": [{"type": "web_search"}]})
+    assert info.value.body["param"] == "tool_choice.tools[0]"

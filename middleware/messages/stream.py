@@ -18,7 +18,7 @@ the Anthropic `error` event.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 from proxy.core.call import SSEEvent
@@ -77,7 +77,7 @@ class StreamTranslator(ChunkTranslator):
     def on_reasoning(self, text: str) -> Iterator[SSEEvent]:
         return self._text("thinking", text)
 
-    def on_content(self, text: str) -> Iterator[SSEEvent]:
+    def on_content(self, text: str, logprobs: Sequence[dict[str, Any]]) -> Iterator[SSEEvent]:  # (Anthropic has none)
         return self._text("text", text)
 
     def on_refusal(self, text: str) -> Iterator[SSEEvent]:

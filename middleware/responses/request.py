@@ -26,6 +26,8 @@ from proxy.core.errors import ApiError, invalid_request
 _ROLES = {"user": "user", "assistant": "assistant", "system": "system", "developer": "system"}
 _TEXT_PARTS = frozenset({"input_text", "output_text", "text", "refusal"})
 _REASONING_EFFORTS = frozenset({"none", "minimal", "low", "medium", "high", "xhigh"})
+# The `include` value that asks for the output text's token logprobs.
+LOGPROBS = "message.output_text.logprobs"
 # Numeric fields echoed into the Response: (name, minimum, maximum).
 _NUMBERS = (("temperature", 0, 2), ("top_p", 0, 1))
 # Responses features that have no chat equivalent; refused instead of ignored.
@@ -307,6 +309,9 @@ def _check_fields(body: dict[str, Any]) -> None:
         value = body.get(field)
         if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or not low <= value <= high):
             raise _bad(f"`{field}` is a number from {low} to {high}.", field)
+    top = body.get("top_logprobs")
+    if top is not None and (isinstance(top, bool) or not isinstance(top, int) or not 0 <= top <= 20):
+        raise _bad("`top_logprobs` is an integer from 0 to 20.", "top_logprobs")
     max_output = body.get("max_output_tokens")
     if max_output is not None and (isinstance(max_output, bool) or not isinstance(max_output, int) or max_output < 1):
         raise _bad("`max_output_tokens` is a positive integer.", "max_output_tokens")
@@ -343,6 +348,11 @@ def to_chat(
     for key in ("temperature", "top_p", "metadata", "user", "service_tier", "prompt_cache_key", "safety_identifier"):
         if body.get(key) is not None:
             chat[key] = body[key]
+    include = body.get("include")
+    if body.get("top_logprobs") is not None or (isinstance(include, list) and LOGPROBS in include):
+        chat["logprobs"] = True  # the provider's token logprobs land on the output_text parts
+        if body.get("top_logprobs") is not None:
+            chat["top_logprobs"] = body["top_logprobs"]
     if body.get("text") is not None:
         response_format, verbosity = chat_response_format(body["text"])
         if response_format is not None:

@@ -23,11 +23,11 @@ events) or `both` (each event pair, summary first).
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any, Literal
 
 from proxy.core.call import SSEEvent
-from proxy.core.chat_deltas import ChoiceDelta, ChunkTranslator, reasoning_of
+from proxy.core.chat_deltas import ChoiceDelta, ChunkTranslator, reasoning_of, token_logprobs
 from proxy.core.errors import ApiError, UpstreamError
 
 from proxy.core.ids import new_id
@@ -66,6 +66,7 @@ def skeleton(
         "tool_choice": body.get("tool_choice", "auto"),
         "tools": tools,
         "top_p": body.get("top_p", 1.0),
+        "top_logprobs": body.get("top_logprobs"),
         "truncation": "disabled",
         "usage": None,
         "user": body.get("user"),
@@ -98,8 +99,9 @@ def _finish(response: dict[str, Any], finish_reason: Any, usage: Any) -> None:
     response["completed_at"] = int(time.time())
 
 
-def _text_part(text: str) -> dict[str, Any]:
-    return {"type": "output_text", "text": text, "annotations": [], "logprobs": []}
+def _text_part(text: str, logprobs: Sequence[dict[str, Any]] = ()) -> dict[str, Any]:
+    # The chat token logprobs have the Responses shape already (token, logprob, bytes, top_logprobs).
+    return {"type": "output_text", "text": text, "annotations": [], "logprobs": list(logprobs)}
 
 
 def _refusal_part(text: str) -> dict[str, Any]:
@@ -136,7 +138,7 @@ def complete(response: dict[str, Any], completion: dict[str, Any], reasoning_mod
     if isinstance(reasoning, str) and reasoning:
         output.append(_reasoning_item(new_id("rs_"), reasoning, "completed", reasoning_mode))
     content, refusal = message.get("content"), message.get("refusal")
-    parts = [_text_part(content)] if isinstance(content, str) and content else []
+    parts = [_text_part(content, token_logprobs(choice.get("logprobs")))] if isinstance(content, str) and content else []
     if isinstance(refusal, str) and refusal:
         parts.append(_refusal_part(refusal))
     if parts:
@@ -186,7 +188,7 @@ def assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
 class _Item:
     """One output item being streamed: its position, id and accumulated text/arguments."""
 
-    __slots__ = ("index", "kind", "id", "parts", "call_id", "name", "status", "mode")
+    __slots__ = ("index", "kind", "id", "parts", "logprobs", "call_id", "name", "status", "mode")
 
     def __init__(self, index: int, kind: str, call_id: str = "", name: str = "",
                  mode: ReasoningMode = "summary") -> None:
@@ -195,6 +197,7 @@ class _Item:
         self.mode = mode
         self.id = new_id(_ID_PREFIX[kind])
         self.parts: list[str] = []
+        self.logprobs: list[dict[str, Any]] = []  # a message's token logprobs, when asked for
         self.call_id = call_id
         self.name = name
         self.status: str | None = None  # set when the item is closed
@@ -202,7 +205,7 @@ class _Item:
     def item(self, status: str) -> dict[str, Any]:
         text = "".join(self.parts)
         if self.kind == "message":
-            return _message_item(self.id, [_text_part(text)], status)
+            return _message_item(self.id, [_text_part(text, self.logprobs)], status)
         if self.kind == "refusal":
             return _message_item(self.id, [_refusal_part(text)], status)
         if self.kind == "reasoning":
@@ -246,8 +249,8 @@ class StreamTranslator(ChunkTranslator):
     def on_reasoning(self, text: str) -> Iterator[SSEEvent]:
         return self._text("reasoning", text)
 
-    def on_content(self, text: str) -> Iterator[SSEEvent]:
-        return self._text("message", text)
+    def on_content(self, text: str, logprobs: Sequence[dict[str, Any]]) -> Iterator[SSEEvent]:
+        return self._text("message", text, logprobs)
 
     def on_refusal(self, text: str) -> Iterator[SSEEvent]:
         return self._text("refusal", text)
@@ -255,7 +258,7 @@ class StreamTranslator(ChunkTranslator):
     def on_finish(self, part: ChoiceDelta) -> None:
         self.finish_reason = part.finish_reason
 
-    def _text(self, kind: str, delta: str) -> Iterator[SSEEvent]:
+    def _text(self, kind: str, delta: str, logprobs: Sequence[dict[str, Any]] = ()) -> Iterator[SSEEvent]:
         item = self.text
         if item is None or item.kind != kind:
             if item is not None:
@@ -277,10 +280,11 @@ class StreamTranslator(ChunkTranslator):
                 yield self._event({"type": "response.content_part.added", **head, "content_index": 0,
                                    "part": {"type": "reasoning_text", "text": ""}})
         item.parts.append(delta)
+        item.logprobs.extend(logprobs)
         head = {"item_id": item.id, "output_index": item.index}
         if kind == "message":
             yield self._event({"type": "response.output_text.delta", **head, "content_index": 0, "delta": delta,
-                               "logprobs": []})
+                               "logprobs": list(logprobs)})
         elif kind == "refusal":
             yield self._event({"type": "response.refusal.delta", **head, "content_index": 0, "delta": delta})
         if self._summary(item):
@@ -332,7 +336,7 @@ class StreamTranslator(ChunkTranslator):
         elif item.kind == "message":
             part = done["content"][0]
             yield self._event({"type": "response.output_text.done", **head, "content_index": 0,
-                               "text": part["text"], "logprobs": []})
+                               "text": part["text"], "logprobs": part["logprobs"]})
             yield self._event({"type": "response.content_part.done", **head, "content_index": 0, "part": part})
         elif item.kind == "refusal":
             part = done["content"][0]

@@ -488,6 +488,7 @@ class ResponsesRequest(Strict):
     parallel_tool_calls: bool | None = None
     user: str | None = None
     include: list[str] | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=20)] | None = None
 
 
 # ---------------------------------------------------------------- Anthropic Messages

@@ -14,6 +14,7 @@ Responses, Messages) read them here:
   of ``n > 1`` are dropped), after the provider's in-band error event, which
   it raises as `UpstreamError`;
 - `reasoning_of(part)`: reasoning text under either name providers use;
+- `token_logprobs(logprobs)`: a choice's content logprobs, when asked for;
 - `not_a_completion(body)`: the 502 for a 200 reply that holds no completion
   (OpenRouter-style ``{"error": …}`` bodies), for the units that translate it;
 - `ChunkTranslator`: the chunk reading of the translators into another
@@ -54,14 +55,21 @@ def not_a_completion(body: Any) -> UpstreamError:
     return UpstreamError("The upstream provider answered without a completion.")
 
 
+def token_logprobs(logprobs: Any) -> Sequence[dict[str, Any]]:
+    """The token entries of a choice's `logprobs.content` (a message's or a chunk's), those that are objects."""
+    content = logprobs.get("content") if isinstance(logprobs, dict) else None
+    return [entry for entry in content if isinstance(entry, dict)] if isinstance(content, list) else _NO_FRAGMENTS
+
+
 class ChoiceDelta:
     """The parts of one streamed choice: each None (or no fragments) when absent or of the wrong type."""
 
-    __slots__ = ("choice", "reasoning", "content", "refusal", "tool_calls", "function_call", "finish_reason")
+    __slots__ = ("choice", "reasoning", "content", "logprobs", "refusal", "tool_calls", "function_call", "finish_reason")
 
     choice: dict[str, Any]
     reasoning: str | None
     content: str | None
+    logprobs: Sequence[dict[str, Any]]  # the content's token logprobs (`logprobs.content`), when asked for
     refusal: str | None
     tool_calls: Sequence[dict[str, Any]]  # the fragments that are objects, in order
     function_call: dict[str, Any] | None  # a legacy `function_call` fragment
@@ -73,12 +81,13 @@ class ChoiceDelta:
         delta = choice.get("delta")
         if not isinstance(delta, dict):
             self.reasoning = self.content = self.refusal = self.function_call = None
-            self.tool_calls = _NO_FRAGMENTS
+            self.tool_calls = self.logprobs = _NO_FRAGMENTS
             return
         reasoning = reasoning_of(delta)
         self.reasoning = reasoning if isinstance(reasoning, str) else None
         content = delta.get("content")
         self.content = content if isinstance(content, str) else None
+        self.logprobs = token_logprobs(choice.get("logprobs"))
         refusal = delta.get("refusal")
         self.refusal = refusal if isinstance(refusal, str) else None
         fragments = delta.get("tool_calls")
@@ -128,7 +137,7 @@ class ChunkTranslator(ABC):
         if part.reasoning:
             yield from self.on_reasoning(part.reasoning)
         if part.content:
-            yield from self.on_content(part.content)
+            yield from self.on_content(part.content, part.logprobs)
         if part.refusal:
             yield from self.on_refusal(part.refusal)
         for fragment in part.tool_calls:
@@ -140,7 +149,7 @@ class ChunkTranslator(ABC):
     def on_reasoning(self, text: str) -> Iterator[SSEEvent]: ...
 
     @abstractmethod
-    def on_content(self, text: str) -> Iterator[SSEEvent]: ...
+    def on_content(self, text: str, logprobs: Sequence[dict[str, Any]]) -> Iterator[SSEEvent]: ...
 
     @abstractmethod
     def on_refusal(self, text: str) -> Iterator[SSEEvent]: ...

@@ -100,6 +100,14 @@ class _Reply:
                 yield {"tool_calls": [{"index": k, "function": {"arguments": part}}]}, True
 
 
+def _token_logprobs(token: str, top: int) -> dict[str, Any]:
+    """One content chunk's entry in `logprobs.content` (fixed values: the shape is what matters)."""
+    def entry(text: str, logprob: float) -> dict[str, Any]:
+        return {"token": text, "logprob": logprob, "bytes": list(text.encode())}
+    alternatives = [entry(token, -0.25)] + [entry(f"alt{k}", -2.0 - k) for k in range(1, top)]
+    return {**entry(token, -0.25), "top_logprobs": alternatives[:top]}
+
+
 def _fragments(arguments: str) -> list[str]:
     """Split a JSON arguments string into 2-3 pieces, as OpenAI streams them."""
     step = max(1, -(-len(arguments) // 3))
@@ -416,10 +424,13 @@ class MockUpstream:
             "model": body["model"],
             "system_fingerprint": "fp_mock",
         }
+        # Asked for (`logprobs: true`): one entry per content chunk, `top_logprobs` alternatives each.
+        want_logprobs = body.get("logprobs") is True and not reply.refused
+        top = body.get("top_logprobs") if type(body.get("top_logprobs")) is int else 0
         if body.get("stream") is True:
             stream_options = body.get("stream_options")
             include_usage = isinstance(stream_options, dict) and stream_options.get("include_usage") is True
-            return await self._stream(request, opts, reply, head, n, usage if include_usage else None)
+            return await self._stream(request, opts, reply, head, n, usage if include_usage else None, top if want_logprobs else None)
 
         text = None if tool_calls else "".join(content)
         message: dict[str, Any] = {"role": "assistant", "content": None if reply.refused else text,
@@ -428,7 +439,8 @@ class MockUpstream:
             message["reasoning_content"] = "".join(reply.reasoning)
         if tool_calls:
             message["tool_calls"] = tool_calls
-        choice = {"message": message, "logprobs": None, "finish_reason": finish}
+        logprobs = {"content": [_token_logprobs(text, top) for text in content], "refusal": None} if want_logprobs else None
+        choice = {"message": message, "logprobs": logprobs, "finish_reason": finish}
         head["choices"] = [{"index": i, **choice} for i in range(n)]
         if usage is not None:
             head["usage"] = usage
@@ -475,6 +487,7 @@ class MockUpstream:
         head: dict[str, Any],
         n: int,
         usage: dict[str, Any] | None,
+        top_logprobs: int | None = None,
     ) -> web.StreamResponse:
         """Send the reply as SSE, honouring delay/cut_after/error_after, and count disconnects."""
         head["object"], head["choices"] = "chat.completion.chunk", []
@@ -503,8 +516,12 @@ class MockUpstream:
                     return resp
                 sent_content += is_content
                 finish = None if delta else reply.finish_reason  # only the final delta is empty
+                text = delta.get("content")
+                logprobs = (
+                    {"content": [_token_logprobs(text, top_logprobs)]} if top_logprobs is not None and isinstance(text, str) and text else None
+                )
                 for i in range(n):
-                    head["choices"] = [{"index": i, "delta": delta, "logprobs": None, "finish_reason": finish}]
+                    head["choices"] = [{"index": i, "delta": delta, "logprobs": logprobs, "finish_reason": finish}]
                     await resp.write(b"data: " + orjson.dumps(head) + b"\n\n")
             if usage is not None:
                 if delay > 0:

@@ -372,3 +372,24 @@ async def test_allowed_tools_choice_maps_to_chat(client, mock):
         await client.responses.create(model=MODEL, input="x", tools=[WEATHER_TOOL],
                                       tool_choice={**choice, "tools": [{"type": "web_search"}]})
     assert info.value.body["param"] == "tool_choice.tools[0]"
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_top_logprobs_reach_the_provider_and_come_back_on_the_text(client, mock, stream):
+    """`top_logprobs` with `include: ["message.output_text.logprobs"]`, as the Agents SDK sends it; both used to be dropped."""
+    kwargs = {"model": MODEL, "input": "two words", "top_logprobs": 2, "include": ["message.output_text.logprobs"]}
+    if stream:
+        async with client.responses.stream(**kwargs) as events:
+            deltas = [event async for event in events if event.type == "response.output_text.delta"]
+            response = await events.get_final_response()
+        assert [len(delta.logprobs) for delta in deltas] == [1] * 8  # one token per provider chunk
+    else:
+        response = await client.responses.create(**kwargs)
+    sent = mock.requests[-1]["body"]
+    assert sent["logprobs"] is True and sent["top_logprobs"] == 2 and "include" not in sent
+    assert response.top_logprobs == 2
+    logprobs = response.output[0].content[0].logprobs
+    assert [entry.token for entry in logprobs] == ["two ", "words "] * 4
+    assert [alt.token for alt in logprobs[0].top_logprobs] == ["two ", "alt1"]
+    plain = await client.responses.create(model=MODEL, input="two words")
+    assert plain.output[0].content[0].logprobs == [] and "logprobs" not in mock.requests[-1]["body"]

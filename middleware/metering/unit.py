@@ -50,7 +50,12 @@ Balance bound: the charge is the actual usage, so the balance can go below
 zero only when the provider's prompt tokens exceed the prompt estimate — at
 most ``(1 − 1/chars_per_token) × request bytes × input price`` per request
 in flight (zero with ``chars_per_token: 1``). Output cannot exceed the hold:
-the cap is always on the request.
+the cap is always on the request. A provider that reports more than that
+(more output tokens than the cap, more prompt tokens than the request has
+bytes: no tokenizer makes a token of less than a byte) is charged at the
+bound, logged (``metering.usage_clamped``) and counted
+(``sovereign_usage_clamped_total``), so neither bound depends on the
+provider's honesty.
 
 Holds expire after ``hold_ttl_seconds`` (keep it above the upstreams'
 ``timeouts.total``, or a long stream's hold could expire before it settles):
@@ -159,6 +164,7 @@ class Ticket:
     hold: int
     prompt: int  # prompt-token estimate
     output_limit: int  # output tokens the hold covers (cap × n)
+    input_limit: int  # prompt tokens the request can hold at most (a token is at least one byte)
     added_usage: bool  # the gateway turned on stream_options.include_usage
     done: bool = False
     # Trailing script arguments (middleware/metering/budgets.py): the key's
@@ -204,7 +210,7 @@ class MeteringUnit(Unit):
             5.0, gt=0, description="Longest pause between retries of settlements the store could not take (never given up)."
         )
         pending_settlements_limit: int = Field(
-            10_000, ge=1, description="Pending settlements kept in memory; beyond it they go to the spool (`store.spool_dir`)."
+            10_000, ge=1, description="Without `store.spool_dir`: pending settlements kept in memory before a warning (with one they go to the spool at once)."
         )
         leases: bool = Field(
             True,
@@ -395,7 +401,7 @@ class MeteringUnit(Unit):
         size = len(call.body_bytes())  # the original bytes when no unit changed the body
         if call.endpoint == EMBEDDINGS:  # no output: the hold covers the input alone
             prompt = prompt_estimate(size, 0, self.settings.chars_per_token)
-            return Ticket(call, pricing, model, self._keys(call.principal.tenant), "", 0, prompt, 0, False)
+            return Ticket(call, pricing, model, self._keys(call.principal.tenant), "", 0, prompt, 0, size, False)
         messages = body.get("messages")
         prompt = prompt_estimate(size, len(messages) if isinstance(messages, list) else 0, self.settings.chars_per_token)
         n = choices(body)
@@ -410,7 +416,8 @@ class MeteringUnit(Unit):
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 call.set("stream_options", {**(options if isinstance(options, dict) else {}), "include_usage": True})
                 added_usage = True
-        ticket = Ticket(call, pricing, model, self._keys(call.principal.tenant), "", 0, prompt, cap * n, added_usage)
+        input_limit = prompt_estimate(size, len(messages) if isinstance(messages, list) else 0, 1)
+        ticket = Ticket(call, pricing, model, self._keys(call.principal.tenant), "", 0, prompt, cap * n, input_limit, added_usage)
         ticket.budget = budget_tail(self.store, call.principal)
         return ticket
 
@@ -567,6 +574,8 @@ class MeteringUnit(Unit):
             source = "reported"
             input_tokens, output_tokens, cached = reported
             call.usage = usage
+            if output_tokens > ticket.output_limit or input_tokens > ticket.input_limit:
+                input_tokens, output_tokens = self._clamped(ticket, input_tokens, output_tokens)
         elif chunks or chars:
             source = "estimated"
             input_tokens, cached = ticket.prompt, 0
@@ -606,6 +615,20 @@ class MeteringUnit(Unit):
             return None
         args = [ticket.hold_id, cost, f"req:{call.request_id}", entry]
         return self._write(ticket, HOLD_SETTLE, ticket.keys, args, cost, inline)
+
+    def _clamped(self, ticket: Ticket, input_tokens: int, output_tokens: int) -> tuple[int, int]:
+        """Reported tokens beyond what the request could use, brought to that bound (see the module docstring)."""
+        call, metrics = ticket.call, self.gateway.metrics
+        log.warning(
+            "metering.usage_clamped", request_id=call.request_id, upstream=call.upstream, model=ticket.model,
+            reported_input=input_tokens, input_limit=ticket.input_limit,
+            reported_output=output_tokens, output_limit=ticket.output_limit,
+        )
+        if output_tokens > ticket.output_limit:
+            metrics.child(metrics.usage_clamped, "output", ticket.model).inc()
+        if input_tokens > ticket.input_limit:
+            metrics.child(metrics.usage_clamped, "input", ticket.model).inc()
+        return min(input_tokens, ticket.input_limit), min(output_tokens, ticket.output_limit)
 
     def _count(self, model: str, source: str, input_tokens: int, output_tokens: int, cost: int) -> None:
         metrics = self.gateway.metrics

@@ -67,6 +67,12 @@ class Metrics:
             registry=r,
             multiprocess_mode="livesum",
         )
+        self.usage_clamped = Counter(
+            "sovereign_usage_clamped",
+            "Charges whose reported tokens exceeded what the request could use (output: its held cap; input: its bytes), charged at that bound; by direction and model.",
+            ["direction", "model"],
+            registry=r,
+        )
         self.insufficient_credits = Counter("sovereign_insufficient_credits", "Requests refused with 402.", registry=r)
         self.rate_limited = Counter("sovereign_rate_limited", "Requests refused with 429 by the gateway's limits.", registry=r)
         self.store_errors = Counter("sovereign_store_errors", "Store operations that failed (unreachable or timed out).", registry=r)

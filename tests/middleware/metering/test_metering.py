@@ -11,9 +11,10 @@ import aiohttp
 import openai
 import orjson
 import pytest
+from aiohttp import web
 
 from proxy.store.accounts import Accounts
-from tests.support import REDIS_URL, make_settings, settings_data
+from tests.support import REDIS_URL, make_settings, provider, settings_data
 
 PIPELINE = ["auth", "metering"]
 
@@ -385,3 +386,46 @@ async def test_defaults_of_a_model_that_is_not_an_alias_apply_too(mock, gateway_
     assert sent["messages"] == [{"role": "system", "content": "House rules."}, *MESSAGES]
     await running.openai(key).chat.completions.create(model="sovereign-alpha", messages=MESSAGES, temperature=0.9)
     assert mock.requests[-1]["body"]["temperature"] == 0.9
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_usage_above_what_the_request_could_use_is_charged_at_the_bound(gateway_factory, redis_prefix, stream):
+    """A provider reporting 100,000 tokens for a 5-token cap and a short prompt: charged the cap and the prompt's bytes.
+
+    Before, the report was charged as given, and a balance of 1,000 went to -299,000.
+    """
+    usage = {"prompt_tokens": 100_000, "completion_tokens": 100_000, "total_tokens": 200_000}
+
+    async def overreporting(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        message = {"role": "assistant", "content": "hi"}
+        if not body.get("stream"):
+            return web.json_response({"id": "c", "object": "chat.completion", "created": 1, "model": "m", "usage": usage,
+                                      "choices": [{"index": 0, "message": message, "finish_reason": "stop"}]})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        head = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        for choices, extra in (([{"index": 0, "delta": message, "finish_reason": "stop"}], {}), ([], {"usage": usage})):
+            await response.write(b"data: " + orjson.dumps({**head, "choices": choices, **extra}) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async with provider(overreporting) as url:
+        settings = make_settings(url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=PIPELINE, admin_token=None)
+        running = await gateway_factory(settings)
+        accounts = Accounts(running.gateway.store)
+        tenant, key = await new_tenant(accounts, 1000)
+        client = running.openai(key)
+        reply = await client.chat.completions.create(model="sovereign-alpha", messages=MESSAGES, max_tokens=5, stream=stream)
+        if stream:
+            async for _ in reply:
+                pass
+        await running.gateway.drain()
+    (entry,) = [e for e in await accounts.ledger(tenant) if e["type"] == "charge"]
+    assert entry["output_tokens"] == 5  # the held cap
+    assert 0 < entry["input_tokens"] < 200  # the request's bytes (+8 per message), not 100,000
+    view = await assert_ledger_matches(accounts, tenant)
+    assert view["balance"] == 1000 - entry["input_tokens"] - 5 * 2 and view["reserved"] == 0
+    clamped = running.gateway.metrics.usage_clamped
+    assert clamped.labels("output", "sovereign-alpha")._value.get() == 1
+    assert clamped.labels("input", "sovereign-alpha")._value.get() == 1

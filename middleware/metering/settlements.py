@@ -9,9 +9,11 @@ recorded once per request id (``ledger_ids``), a release of a gone hold is a
 no-op, so a settlement written twice (a timeout whose write had landed, a
 replayed spool line) changes nothing the second time.
 
-Settlements leave memory for the spool (`SettlementSpool`, one JSON line each,
-fsynced) when more than `memory_limit` are pending, and at shutdown when the
-store still does not answer. The spool is replayed whenever the store answers
+With a spool directory, a settlement the store could not take goes to the
+spool (`SettlementSpool`, one JSON line each, fsynced) at once, in the
+background: a replica killed outright during a Redis outage then loses only
+the settlements of that moment, not every one of the outage. Without one they
+wait in memory, and leave it only at shutdown. The spool is replayed whenever the store answers
 again and at start-up — including the files of processes that died or exited
 with settlements spooled (a file is another process' only while that process
 holds its lock) — then truncated or deleted. A line that cannot be parsed (a
@@ -200,7 +202,9 @@ class SettlementQueue:
         self.memory_limit = memory_limit
         self.retry_max_seconds = retry_max_seconds
         self.pending: collections.deque[Settlement] = collections.deque()
-        self._in_transit = 0  # taken from `pending` by the loop: being retried or spooled
+        self._in_transit = 0  # taken from `pending`: being retried or spooled
+        self._spooling: asyncio.Task[None] | None = None  # moving what is pending to the spool
+        self._spool_lock = asyncio.Lock()  # one user of this process' spool file at a time
         self._wake = asyncio.Event()
         self._stop = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -227,6 +231,8 @@ class SettlementQueue:
             self._wake.set()
             await self._task
             self._task = None
+        if self._spooling is not None:
+            await self._spooling
         if self.count and await self.store.ping():
             await self._flush() and await self._replay()
         left = list(self.pending)
@@ -234,7 +240,8 @@ class SettlementQueue:
         lost = "no store.spool_dir: not written to disk" if self.spool is None else ""
         if left and self.spool is not None:
             try:
-                await asyncio.to_thread(self.spool.append, left)
+                async with self._spool_lock:
+                    await asyncio.to_thread(self.spool.append, left)
             except OSError as exc:  # the volume went away, filled up or turned read-only since start-up
                 lost = f"the spool could not be written ({exc.strerror or exc})"
             else:
@@ -258,6 +265,9 @@ class SettlementQueue:
         self.pending.append(settlement)
         self._update_gauge()
         self._wake.set()
+        if self.spool is not None and (self._spooling is None or self._spooling.done()):
+            # The store just failed it: on disk before anything else (one fsync for all that piled up).
+            self._spooling = asyncio.get_running_loop().create_task(self._spool_pending("store unavailable"))
 
     async def _send(self, settlement: Settlement, deferred: bool = False) -> bool:
         """One attempt; True when done (written, or failed in a way no retry can fix), False when the store is down."""
@@ -294,8 +304,8 @@ class SettlementQueue:
             self._wake.set()  # keep trying
             if self._stop.is_set():
                 return
-            if self.spool is not None and len(self.pending) > self.memory_limit:
-                await self._spool_pending()
+            if self.spool is not None and self.pending:
+                await self._spool_pending("store unavailable")
             elif len(self.pending) > self.memory_limit and not self._warned_memory:
                 self._warned_memory = True
                 log.warning("metering.settlements_over_memory_bound", pending=len(self.pending),
@@ -308,11 +318,11 @@ class SettlementQueue:
         """Send what is pending, oldest first, in batches; False at the first batch that met a store error."""
         while self.pending:
             batch = [self.pending.popleft() for _ in range(min(BATCH, len(self.pending)))]
-            self._in_transit = len(batch)
+            self._in_transit += len(batch)
             try:
                 results = await asyncio.gather(*(self._send(s) for s in batch))
             finally:
-                self._in_transit = 0
+                self._in_transit -= len(batch)
             failed = [s for s, ok in zip(batch, results, strict=True) if not ok]
             if failed:
                 self.pending.extendleft(reversed(failed))
@@ -321,35 +331,39 @@ class SettlementQueue:
         self._update_gauge()
         return True
 
-    async def _spool_pending(self) -> None:
+    async def _spool_pending(self, reason: str) -> None:
         assert self.spool is not None
         moved = list(self.pending)
         self.pending.clear()
-        self._in_transit = len(moved)
+        if not moved:
+            return
+        self._in_transit += len(moved)
         try:
-            await asyncio.to_thread(self.spool.append, moved)
-            self.spool.lines += len(moved)
+            async with self._spool_lock:
+                await asyncio.to_thread(self.spool.append, moved)
+                self.spool.lines += len(moved)
         except OSError as exc:
-            # Kept in memory instead (retried as before); the memory bound is exceeded, not a settlement lost.
+            # Kept in memory instead (retried as before), not a settlement lost.
+            self._in_transit -= len(moved)
             self.pending.extendleft(reversed(moved))
             self._update_gauge()
             log.error("metering.spool_failed", count=len(moved), file=str(self.spool.path), error=exc.strerror or str(exc))
             return
-        finally:
-            self._in_transit = 0
+        self._in_transit -= len(moved)
         for settlement in moved:
             settlement.finish()
         self._update_gauge()
-        log.warning("metering.settlements_spooled", count=len(moved), file=str(self.spool.path), reason="memory bound")
+        log.warning("metering.settlements_spooled", count=len(moved), file=str(self.spool.path), reason=reason)
 
     async def _replay(self) -> bool:
         """Write this process' spool and the spool files of gone processes; False when the store went away meanwhile."""
         if self.spool is None:
             return True
         if self.spool.lines:
-            if not await self._replay_lines(self.spool.read_own(), str(self.spool.path)):
-                return False
-            await asyncio.to_thread(self.spool.truncate_own)
+            async with self._spool_lock:  # no line appended between the read and the truncation
+                if not await self._replay_lines(self.spool.read_own(), str(self.spool.path)):
+                    return False
+                await asyncio.to_thread(self.spool.truncate_own)
             self._update_gauge()
         for path in self.spool.orphans():
             if not await self._replay_orphan(path):

@@ -129,10 +129,10 @@ async def test_a_spool_lost_after_start_up_logs_each_settlement_lost_and_still_e
         first, base = await spawn_gateway(data, tmp_path, "first")
         await store.connect()
         tenant, key = await new_tenant(Accounts(store), 1_000_000)
-        async with aiohttp.ClientSession() as http:
-            results = await _streams_through_an_outage(http, base, key, redis, 3)
         shutil.rmtree(spool, ignore_errors=True)
         spool.write_text("the mount is gone")  # a directory can no longer be made there
+        async with aiohttp.ClientSession() as http:
+            results = await _streams_through_an_outage(http, base, key, redis, 3)
         first.signal(signal.SIGTERM)
         assert await asyncio.to_thread(first.wait, 20) == 0
         lost = [line for line in first.output().splitlines() if '"metering.settle_failed"' in line]
@@ -270,6 +270,43 @@ async def test_sigterm_during_an_outage_spools_pending_settlements_and_the_next_
         await until(lambda: not list(spool.glob("*.jsonl")), timeout=15)
         await assert_each_served_charged_once(accounts, tenant, [r.request_id for r in results])
         assert "metering.spool_line_skipped" in second.output()
+    finally:
+        for proc in (first, second):
+            if proc is not None:
+                proc.stop()
+        await store.close()
+        redis.kill()
+
+
+@needs_redis_server
+async def test_a_replica_sigkilled_during_an_outage_has_spooled_its_settlements_and_the_next_process_writes_them(mock, tmp_path):
+    """With a spool, a settlement the store could not take is on disk at once, not only at SIGTERM.
+
+    Before, they waited in memory until the memory bound or the shutdown, and a
+    replica killed outright lost every one of the outage: served, never billed.
+    """
+    redis, spool, data, store = await _spooling_setup(mock, tmp_path)
+    first = second = None
+    try:
+        first, base = await spawn_gateway(data, tmp_path, "first")
+        await store.connect()
+        accounts = Accounts(store)
+        tenant, key = await new_tenant(accounts, 1_000_000)
+        async with aiohttp.ClientSession() as http:
+            results = await _streams_through_an_outage(http, base, key, redis, 10)
+
+        def spooled() -> list[str]:
+            return [orjson.loads(line)["request_id"] for path in spool.glob("settlements-*.jsonl")
+                    for line in path.read_bytes().splitlines()]
+
+        await until(lambda: len(spooled()) == len(results), timeout=10)
+        first.signal(signal.SIGKILL)
+        await asyncio.to_thread(first.wait, 10)
+        assert sorted(spooled()) == sorted(r.request_id for r in results)
+        await asyncio.to_thread(redis.start)
+        second, _ = await spawn_gateway(data, tmp_path, "second")
+        await until(lambda: not list(spool.glob("*.jsonl")), timeout=15)
+        await assert_each_served_charged_once(accounts, tenant, [r.request_id for r in results])
     finally:
         for proc in (first, second):
             if proc is not None:

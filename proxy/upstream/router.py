@@ -226,14 +226,25 @@ class UpstreamRouter:
         try:
             data = await response.read()
         except (UpstreamConnectionError, TimeoutError) as exc:
-            raise UpstreamError(
+            # Nothing has reached the client yet: the next target may still serve it.
+            upstream.breaker.failure(time.monotonic())
+            raise _Retryable(UpstreamError(
                 "The upstream provider failed while sending its response.",
                 timeout=isinstance(exc, TimeoutError),
                 upstream=upstream.name,
-            ) from None
+            )) from None
         finally:
             response.release()
-        return Reply(status=status, headers=passthrough, body=upstream.redact(data))
+        data = upstream.redact(data)
+        try:
+            # Parsed once here (the units read it from the Reply): a 200 that is not JSON
+            # (cut short, empty, an SSE body) is the provider failing, not an answer to relay unbilled.
+            parsed = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            upstream.breaker.failure(time.monotonic())
+            log.warning("upstream.malformed_reply", upstream=upstream.name, status=status, bytes=len(data))
+            raise _Retryable(UpstreamError("The upstream provider sent a malformed response.", upstream=upstream.name)) from None
+        return Reply(status=status, headers=passthrough, body=data, _json=parsed)
 
     async def _failure(self, upstream: Upstream, response: UpstreamResponse) -> Reply:
         status = response.status

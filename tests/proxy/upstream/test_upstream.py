@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 
 import aiohttp
+import aiohttp.web
 import openai
 import pytest
 
@@ -236,3 +237,36 @@ async def test_a_provider_429_counts_as_an_upstream_error_not_a_gateway_rate_lim
         metrics = gw.gateway.metrics
         assert metrics.rate_limited._value.get() == 0
         assert metrics.upstream_errors.labels("default")._value.get() == 1
+
+
+async def _broken_reply(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
+    """200 with a body that is no completion: `x-broken: cut` truncated JSON, `empty` nothing, `reset` a connection reset mid-body."""
+    await request.read()
+    kind = request.headers.get("x-broken", "cut")
+    if kind == "reset":
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "500"})
+        await response.prepare(request)
+        await response.write(b'{"id": "x", "choices": [')
+        assert request.transport is not None
+        request.transport.abort()
+        return response
+    body = b"" if kind == "empty" else b'{"id": "x", "choices": [{"message": {"content": "hi"'
+    return aiohttp.web.Response(body=body, content_type="application/json")
+
+
+@pytest.mark.parametrize("kind", ["cut", "empty", "reset"])
+async def test_a_200_that_is_no_json_completion_fails_over_and_is_a_502_when_alone(mock, gateway_factory, kind):
+    """Such a body used to reach the client as a 200 (uncharged, since it has no usage), with no failover."""
+    async with provider(_broken_reply) as broken:
+        alone = await gateway_factory(make_settings(broken, admin_token=None, routing={"attempts": 1}))
+        with pytest.raises(openai.APIStatusError) as info:
+            await alone.openai().chat.completions.create(**BODY, extra_headers={"x-broken": kind})
+        assert info.value.status_code == 502 and info.value.code == "upstream_error"
+        settings = make_settings(
+            mock.url, admin_token=None,
+            upstreams={"broken": {"url": broken}, "default": {"url": mock.url}},
+            models={"sovereign-alpha": {"upstream": ["broken", "default"]}},
+        )
+        both = await gateway_factory(settings)
+        reply = await both.openai().chat.completions.create(**BODY, extra_headers={"x-broken": kind})
+    assert reply.choices[0].message.content and len(mock.requests) == 1

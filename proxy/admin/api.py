@@ -129,7 +129,8 @@ async def show_tenant(request: web.Request) -> web.Response:
 
 async def top_up(request: web.Request) -> web.Response:
     body = await _body(request, CreditTopUp)
-    key = body.idempotency_key or new_idempotency_key()
+    # An empty key is the client's mistake (400 from add_credits), not a request for a fresh one.
+    key = body.idempotency_key if body.idempotency_key is not None else new_idempotency_key()
     applied, tenant = await request.app[ACCOUNTS].add_credits(request.match_info["tenant"], body.amount, key)
     # A repeated idempotency key changed nothing; say so without changing the body's shape.
     return web.json_response(tenant, headers={"Idempotent-Replayed": "false" if applied else "true"})

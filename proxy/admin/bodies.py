@@ -6,7 +6,7 @@ schemas without importing the admin app (which imports the web layer).
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 
@@ -41,13 +41,18 @@ class CreditTopUp(AdminBody):
     idempotency_key: StrictStr | None = None  # default: a fresh one, so the top-up applies
 
 
+# A key's expiry: a time every formatter can print (up to 9999-12-31T23:59:59Z); milliseconds by mistake are a 400.
+LATEST_EXPIRY = 253_402_300_799
+UnixSeconds = Annotated[StrictInt, Field(ge=0, le=LATEST_EXPIRY)] | Annotated[StrictFloat, Field(ge=0, le=LATEST_EXPIRY)]
+
+
 class KeyCreate(AdminBody):
     tenant: StrictStr
     name: StrictStr = Field("", max_length=200)
     models: list[StrictStr] | None = None  # None or empty: every model
     rpm: StrictInt | None = Field(None, ge=1)
     max_concurrency: StrictInt | None = Field(None, ge=1)
-    expires_at: StrictInt | StrictFloat | None = Field(None, description="Unix seconds.")
+    expires_at: UnixSeconds | None = Field(None, description="Unix seconds (until the year 9999).")
     budget: Budget | None = None
 
 
@@ -58,7 +63,7 @@ class KeyUpdate(AdminBody):
     models: list[StrictStr] | None = None
     rpm: StrictInt | None = Field(None, ge=1)
     max_concurrency: StrictInt | None = Field(None, ge=1)
-    expires_at: StrictInt | StrictFloat | None = Field(None, description="Unix seconds.")
+    expires_at: UnixSeconds | None = Field(None, description="Unix seconds (until the year 9999).")
     budget: Budget | None = None
 
 

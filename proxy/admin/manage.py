@@ -17,9 +17,9 @@ import sys
 from collections.abc import Awaitable, Callable, Sequence
 from datetime import datetime, timezone
 from typing import Any
-from urllib.parse import urlsplit, urlunsplit
 
 import orjson
+from redis.exceptions import RedisError
 
 from proxy.store.accounts import Accounts
 from proxy.admin.bodies import CreditTopUp, KeyCreate, KeyUpdate, TenantCreate, TenantUpdate
@@ -30,7 +30,7 @@ from proxy.admin.api import (
     update_key_from,
 )
 from proxy.core.errors import ApiError, StoreUnavailable
-from proxy.core.settings import Settings
+from proxy.core.settings import Settings, masked_url
 from proxy.store.store import Store
 
 LoadSettings = Callable[[argparse.Namespace], Settings]
@@ -42,7 +42,10 @@ Operation = Callable[[Accounts, Settings, argparse.Namespace], Awaitable[tuple[A
 def _when(value: Any) -> str:
     if not value:
         return "-"
-    return datetime.fromtimestamp(float(value), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    try:
+        return datetime.fromtimestamp(float(value), tz=timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+    except (ValueError, OverflowError, OSError):  # a time no calendar prints (stored before expiries were bounded)
+        return str(value)
 
 
 def _cell(value: Any) -> str:
@@ -159,7 +162,7 @@ async def keys_create(accounts: Accounts, settings: Settings, args: argparse.Nam
         data["budget"] = _budget_arg(args)
     plaintext, record = await create_key_from(accounts, parse_body(KeyCreate, data), settings)
     public = record.public()
-    text = f"{plaintext}\n\nThis key is shown once; store it now.\n\n" + table(KEY_HEADER, [_key_row(public)])
+    text = f"{plaintext}\n\nThis key is shown once; store it now.\n\n" + (table(KEY_HEADER, [_key_row(public)]) if not args.json else "")
     return {**public, "key": plaintext}, text
 
 
@@ -192,16 +195,6 @@ async def keys_revoke(accounts: Accounts, settings: Settings, args: argparse.Nam
 
 
 # -- plumbing ----------------------------------------------------------------------
-def _safe_url(url: str) -> str:
-    """The store URL without its password, for messages."""
-    split = urlsplit(url)
-    if split.password is None:
-        return url
-    host = split.hostname or ""
-    netloc = f"{split.username or ''}:***@{host}" + (f":{split.port}" if split.port else "")
-    return urlunsplit(split._replace(netloc=netloc))
-
-
 async def _run(settings: Settings, op: Operation, args: argparse.Namespace) -> tuple[Any, str]:
     store = Store(settings.store)
     try:
@@ -223,11 +216,14 @@ def _command(op: Operation, load: LoadSettings) -> Callable[[argparse.Namespace]
         try:
             data, text = asyncio.run(_run(settings, op, args))
         except StoreUnavailable as exc:
-            print(f"sovereign: cannot reach the store at {_safe_url(settings.store.url)}: {exc.__cause__ or exc}", file=sys.stderr)
+            print(f"sovereign: cannot reach the store at {masked_url(settings.store.url)}: {exc.__cause__ or exc}", file=sys.stderr)
             return 1
         except ApiError as error:
             where = f" (param: {error.param})" if error.param else ""
             print(f"sovereign: {error.message}{where}", file=sys.stderr)
+            return 1
+        except RedisError as exc:  # answered, but refused us: wrong password, ACL, a replica
+            print(f"sovereign: cannot use the store at {masked_url(settings.store.url)}: {exc}", file=sys.stderr)
             return 1
         if args.json:
             sys.stdout.write(orjson.dumps(data, option=orjson.OPT_INDENT_2).decode() + "\n")

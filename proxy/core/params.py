@@ -13,9 +13,17 @@ from collections.abc import Mapping, Sequence
 from proxy.core.errors import InvalidRequest, invalid_request
 
 
+# The segments pydantic adds to a location for the member of a union that failed
+# (`expires_at.int`): its own names, not the client's fields.
+_UNION_MEMBERS = frozenset({"int", "float", "str", "bool", "constrained-int", "constrained-float", "constrained-str"})
+
+
 def field_path(loc: Sequence[int | str]) -> str:
+    """A pydantic error location as the field path a client or operator wrote (`messages[2].content`)."""
     path = ""
     for part in loc:
+        if isinstance(part, str) and (part in _UNION_MEMBERS or part.startswith("function-")):
+            continue
         path += f"[{part}]" if isinstance(part, int) else (f".{part}" if path else str(part))
     return path
 

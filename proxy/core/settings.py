@@ -17,6 +17,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import urlsplit, urlunsplit
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
@@ -164,14 +165,28 @@ class LedgerSettings(Section):
 
 
 class WebhookSettings(Section):
-    url: str | None = Field(None, description="Where events (`tenant.balance_low`, `key.budget_exhausted`, `tenant.credits_added`) are POSTed; unset: no events are recorded.")
-    secret: SecretStr | None = Field(None, description="Key of the `Sovereign-Signature` HMAC-SHA256 over `<t>.<body>`.")
+    url: str | None = Field(None, description="Where events (`tenant.balance_low`, `key.budget_exhausted`, `tenant.credits_added`) are POSTed (http or https); unset: no events are recorded.")
+    secret: SecretStr | None = Field(None, description="Key of the `Sovereign-Signature` HMAC-SHA256 over `<t>.<body>`; required with `url`.")
     timeout_seconds: float = Field(10.0, gt=0, description="Seconds one delivery attempt may take.")
     retry_seconds: float = Field(1.0, gt=0, description="First pause after a failed delivery; doubles per failure up to `max_retry_seconds`.")
     max_retry_seconds: float = Field(300.0, gt=0, description="Longest pause between delivery attempts.")
     max_age_seconds: float = Field(86400.0, gt=0, description="An event still undelivered after this long is dropped (logged as an error).")
     poll_seconds: float = Field(1.0, gt=0, description="How often the delivering replica looks for new events.")
     lease_seconds: float = Field(15.0, gt=0, description="Lease that makes one replica at a time the deliverer; another takes over when it lapses.")
+
+    @field_validator("url")
+    @classmethod
+    def _http(cls, value: str | None) -> str | None:
+        if value is not None and not value.startswith(("http://", "https://")):
+            raise ValueError("must be an http:// or https:// URL")
+        return value
+
+    @model_validator(mode="after")
+    def _signed(self) -> WebhookSettings:
+        # Unsigned (an empty key) anyone could forge an event the receiver trusts.
+        if self.url is not None and (self.secret is None or not self.secret.get_secret_value()):
+            raise ValueError("webhooks.secret is required with webhooks.url: receivers check the Sovereign-Signature with it")
+        return self
 
 
 class MetricsSettings(Section):
@@ -429,8 +444,23 @@ class Settings(Section):
         return public, entry
 
     def masked(self) -> dict[str, Any]:
-        """The effective settings as plain data with every secret masked."""
-        return _mask(self.model_dump(mode="python"))
+        """The effective settings as plain data with every secret masked (URL passwords and the webhook URL's path too)."""
+        data = _mask(self.model_dump(mode="python"))
+        url = data["webhooks"]["url"]
+        if url:  # chat-tool webhook URLs carry their token in the path
+            split = urlsplit(url)
+            data["webhooks"]["url"] = urlunsplit(split._replace(path="/********" if split.path not in ("", "/") else split.path, query=""))
+        return data
+
+
+def masked_url(url: str) -> str:
+    """`url` without the password of its userinfo (`redis://user:***@host:6379/0`), for messages and check-config."""
+    split = urlsplit(url)
+    if split.password is None:
+        return url
+    host = split.hostname or ""
+    netloc = f"{split.username or ''}:***@{host}" + (f":{split.port}" if split.port else "")
+    return urlunsplit(split._replace(netloc=netloc))
 
 
 def _mask(value: Any) -> Any:
@@ -440,7 +470,16 @@ def _mask(value: Any) -> Any:
         return {k: _mask(v) for k, v in value.items()}
     if isinstance(value, list):
         return [_mask(v) for v in value]
+    if isinstance(value, str) and "://" in value and "@" in value:
+        try:
+            return masked_url(value)
+        except ValueError:  # not a URL after all
+            return value
     return value
+
+
+# A message that starts with a field path of its own: `models.x.upstream: …`, `upstreams[0]: …`.
+_NAMES_A_FIELD = re.compile(r"^[A-Za-z_][\w-]*(?:\.[\w-]+|\[\d+\])+: ")
 
 
 def format_validation_error(error: ValidationError) -> str:
@@ -448,7 +487,10 @@ def format_validation_error(error: ValidationError) -> str:
     for item in error.errors():
         path = field_path(item["loc"])
         msg = item["msg"].removeprefix("Value error, ")
-        lines.append(f"{path or '(top level)'}: {msg}")
+        if not path and _NAMES_A_FIELD.match(msg):
+            lines.append(msg)  # a whole-settings check that names its own field (`models.x.upstream: …`)
+        else:
+            lines.append(f"{path or '(top level)'}: {msg}")
     return "invalid configuration:\n  " + "\n  ".join(lines)
 
 

@@ -40,6 +40,8 @@ KEY_PREFIX = "sk-sov-live-"
 KEY_RANDOM_CHARS = 40
 _BASE62 = string.ascii_letters + string.digits
 MAX_CREDITS = 10**15  # keeps every sum well inside Lua's exact integer range
+# The largest balance a top-up may reach: with charges and one more top-up, still below 2**53.
+MAX_BALANCE = 4 * 10**15
 
 
 def random_base62(length: int) -> str:
@@ -249,10 +251,12 @@ class Accounts:
         entry_id = f"topup:{idempotency_key}"
         entry = _entry_prefix({"id": entry_id, "type": "topup", "credits": amount, "created_at": int(time.time())})
         keys = [*self.tenant_keys(tenant), events_key(self.store, tenant)]
-        args = [amount, entry_id, entry, "1" if self.events else "", int(time.time())]
+        args = [amount, entry_id, entry, "1" if self.events else "", int(time.time()), MAX_BALANCE]
         status, _, pushed = await self.store.run(TENANT_CREDIT, keys, args)
         if status == -1:
             raise not_found("tenant")
+        if status == -2:
+            raise invalid_request(f"This top-up would take the balance above {MAX_BALANCE:,} credits.", param="amount")
         if pushed:
             await mark_pending(self.store, tenant)
         return status == 1, await self.tenant(tenant)

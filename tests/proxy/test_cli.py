@@ -44,6 +44,31 @@ def test_check_config_prints_the_effective_config_with_secrets_masked():
     assert "sovereign-alpha" in config["models"]
 
 
+def test_check_config_masks_url_passwords_and_the_webhook_path():
+    """The Redis password and a chat-tool webhook's token (in its path) used to be printed in clear."""
+    result = run_cli("check-config", env={
+        "SOVEREIGN_STORE_URL": "redis://default:hunter2-redis-pass@10.0.0.5:6379/0",
+        "SOVEREIGN_WEBHOOKS__URL": "https://hooks.example.com/services/T000/B000/XXXXsecretXXXX?token=abc",
+        "SOVEREIGN_WEBHOOKS__SECRET": "whsec-0123456789",
+    })
+    assert result.returncode == 0, result.stderr
+    for secret in ("hunter2-redis-pass", "XXXXsecretXXXX", "token=abc", "whsec-0123456789"):
+        assert secret not in result.stdout
+    config = yaml.safe_load(result.stdout)
+    assert config["store"]["url"] == "redis://default:***@10.0.0.5:6379/0"
+    assert config["webhooks"]["url"] == "https://hooks.example.com/********"
+
+
+@pytest.mark.parametrize("webhooks, field", [
+    ({"SOVEREIGN_WEBHOOKS__URL": "https://hooks.example.com/in"}, "webhooks.secret is required"),
+    ({"SOVEREIGN_WEBHOOKS__URL": "not a url", "SOVEREIGN_WEBHOOKS__SECRET": "s"}, "webhooks.url: must be an http"),
+], ids=["unsigned", "not_a_url"])
+def test_webhooks_need_a_secret_and_an_http_url(webhooks, field):
+    """Without a secret every event was signed with an empty key: anyone could forge one."""
+    result = run_cli("check-config", env=webhooks)
+    assert result.returncode == 2 and field in result.stderr, result.stderr
+
+
 def test_invalid_config_exits_non_zero_naming_the_field(tmp_path):
     bad = tmp_path / "bad.yaml"
     bad.write_text("models:\n  m:\n    upstream: default\n    price: {output_per_million: lots}\n")

@@ -53,7 +53,10 @@ def esc(value: Any) -> str:
 def when(value: Any) -> str:
     if not value:
         return "—"
-    return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(float(value)))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime(float(value)))
+    except (ValueError, OverflowError, OSError):  # a time no calendar prints (stored before expiries were bounded)
+        return str(value)
 
 
 def render(title: str, body: str, *, csrf: str = "", nav: str = "", home: str = "/console/", status: int = 200) -> web.Response:

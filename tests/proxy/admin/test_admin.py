@@ -167,3 +167,21 @@ async def test_separate_admin_port(mock, redis_prefix, tmp_path):
     finally:
         proc.signal(15)
         proc.wait(15)
+
+
+async def test_top_up_edges_an_empty_idempotency_key_and_the_largest_balance(admin):
+    from proxy.store.accounts import MAX_BALANCE, MAX_CREDITS
+
+    assert (await call(admin, "POST", "/admin/tenants", json={"id": "edge", "credits": MAX_CREDITS - 10}))[0] == 201
+    # "" used to mean "make one up", so each repeat was credited again.
+    for _ in range(2):
+        assert_error(*await call(admin, "POST", "/admin/tenants/edge/credits", json={"amount": 5, "idempotency_key": ""}),
+                     400, "idempotency_key")
+    for n in range(3):
+        assert (await call(admin, "POST", "/admin/tenants/edge/credits", json={"amount": MAX_CREDITS, "idempotency_key": f"big-{n}"}))[0] == 200
+    # A fifth 10^15 would pass the largest balance (sums must stay exact): refused, its key not spent.
+    assert_error(*await call(admin, "POST", "/admin/tenants/edge/credits", json={"amount": MAX_CREDITS, "idempotency_key": "big-3"}),
+                 400, "amount")
+    status, after = await call(admin, "POST", "/admin/tenants/edge/credits", json={"amount": 7, "idempotency_key": "big-3"})
+    assert (status, after["balance"]) == (200, MAX_BALANCE - 3)
+    assert_error(*await call(admin, "POST", "/admin/keys", json={"tenant": "edge", "expires_at": 1e308}), 400, "expires_at")

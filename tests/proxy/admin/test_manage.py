@@ -125,3 +125,18 @@ def test_budgets_and_thresholds_from_the_shell(sovereign):
     assert cleared_key["budget"] is None and cleared_key["rpm"] is None
     assert "budget.credits" in sovereign("keys", "update", key["id"], "--budget", "-5", ok=False).stderr
     assert "No such key" in sovereign("keys", "update", "key_nope", "--name", "x", ok=False).stderr
+
+
+def test_a_store_that_refuses_the_credentials_is_one_line_not_a_traceback(sovereign):
+    # The shared test Redis has no password: AUTH is refused (a ResponseError, not a connection error).
+    url = REDIS_URL.replace("redis://", "redis://:wrong-password@", 1)
+    failed = sovereign("tenants", "show", "acme", ok=False, store_url=url)
+    assert "Traceback" not in failed.stderr and "wrong-password" not in failed.stderr
+    assert failed.stderr.startswith("sovereign: cannot use the store at redis://:***@"), failed.stderr
+
+
+def test_an_expiry_in_milliseconds_is_refused_before_any_key_is_made(sovereign):
+    sovereign("tenants", "create", "far", "--credits", "10")
+    refused = sovereign("keys", "create", "--tenant", "far", "--expires-at", "1800000000000", ok=False)
+    assert "expires_at" in refused.stderr and "Traceback" not in refused.stderr
+    assert json.loads(sovereign("keys", "list", "--tenant", "far", "--json").stdout)["data"] == []

@@ -10,7 +10,9 @@ gateway replicas on one Redis share a single limit:
 - ``max_concurrency`` counts requests in flight as leases that expire after
   ``concurrency_lease_seconds``, so a replica killed mid-request leaks no
   slot for longer than that. A slot is released when the reply is complete:
-  at once for JSON, when the stream ends (completed, failed or cut) for SSE.
+  at once for JSON, when the stream ends (completed, failed or cut) for SSE;
+  a release the store cannot take (Redis restarting) is retried until the
+  store answers or the lease has expired anyway.
 
 Exceeded: 429 ``rate_limit_exceeded`` with ``Retry-After`` (whole seconds,
 at least 1). Keys without limits cost no Redis round trip.
@@ -28,9 +30,11 @@ import asyncio
 import itertools
 import math
 import os
+import time
 from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
+import structlog
 from pydantic import Field
 
 from proxy.core.call import Call, Next, Reply
@@ -40,6 +44,12 @@ from proxy.core.streams import EventStream
 from proxy.store.store import Script
 
 RATELIMIT = Script.load("middleware.rate_limit", "ratelimit")
+# A slot release the store did not take is retried: first pause, longest pause (seconds).
+RETRY_FIRST, RETRY_MAX = 0.1, 5.0
+# Longest a reply waits for its slot's release (then it goes on in the background).
+RELEASE_WAIT = 2.0
+
+log = structlog.get_logger("sovereign")
 
 if TYPE_CHECKING:
     from proxy.core.gateway import Gateway
@@ -87,7 +97,7 @@ class RateLimitUnit(Unit):
         except StoreUnavailable:
             # The script may have run before the reply was lost: this request is
             # not served, so take back what it may have recorded (a no-op otherwise).
-            self.gateway.spawn(_forget(store, (rpm_key, lease_key), member), "rate_limit.forget")
+            self.gateway.spawn(_remove(store, (rpm_key, lease_key), member, self._expiry()), "rate_limit.forget")
             raise
         if rpm:
             headers = call.response_headers
@@ -99,7 +109,7 @@ class RateLimitUnit(Unit):
             raise RateLimited(REFUSALS[refused].format(limit=limit), retry_after=max(1, math.ceil(retry_ms / 1000)))
         if not concurrency:
             return await next(call)
-        release = _Release(self.gateway, lease_key, member)
+        release = _Release(self.gateway, lease_key, member, self._expiry())
         try:
             reply = await next(call)
         except BaseException:
@@ -110,6 +120,11 @@ class RateLimitUnit(Unit):
         else:
             reply.events = EventStream(reply.events, on_close=lambda _completed: release())
         return reply
+
+
+    def _expiry(self) -> float:
+        """When a slot taken now expires by itself (monotonic): retrying its removal past that is pointless."""
+        return time.monotonic() + self.settings.concurrency_lease_seconds
 
 
 def duration(ms: int) -> str:
@@ -127,20 +142,37 @@ def duration(ms: int) -> str:
     return f"{seconds}s"
 
 
-async def _forget(store: Any, keys: tuple[str, str], member: str) -> None:
+async def _remove(store: Any, keys: tuple[str, ...], member: str, until: float) -> None:
+    """Take `member` out of `keys`, retried while the store is down, until the slot would have expired anyway.
+
+    One attempt was not enough: a release during a Redis restart left the slot
+    taken for the whole lease (11 minutes by default), and a key with
+    ``max_concurrency: 1`` got 429 all that time.
+    """
+    pause = RETRY_FIRST
     for key in keys:
-        await store.redis.zrem(key, member)
+        while True:
+            try:
+                await store.redis.zrem(key, member)
+                break
+            except StoreUnavailable:
+                if time.monotonic() + pause >= until:
+                    log.warning("rate_limit.release_failed", key=key, message="the slot frees itself when its lease expires")
+                    return
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, RETRY_MAX)
 
 
 class _Release:
     """Frees one concurrency slot, once, even when the request is being cancelled."""
 
-    __slots__ = ("gateway", "key", "member", "done")
+    __slots__ = ("gateway", "key", "member", "until", "done")
 
-    def __init__(self, gateway: Gateway, key: str, member: str) -> None:
+    def __init__(self, gateway: Gateway, key: str, member: str, until: float) -> None:
         self.gateway = gateway
         self.key = key
         self.member = member
+        self.until = until
         self.done = False
 
     async def __call__(self) -> None:
@@ -148,9 +180,8 @@ class _Release:
             return
         self.done = True
         # A background task survives the client's cancellation; shield lets us
-        # still wait for it on the normal path. A failure (store down) is
-        # logged by spawn and the lease expires on its own.
-        task = self.gateway.spawn(self.gateway.store.redis.zrem(self.key, self.member), "rate_limit.release")
-        with suppress(Exception):
-            await asyncio.shield(task)
-
+        # still wait for it on the normal path, but not through the retries of
+        # a store that is down (the reply must not wait for Redis to come back).
+        task = self.gateway.spawn(_remove(self.gateway.store, (self.key,), self.member, self.until), "rate_limit.release")
+        with suppress(Exception, TimeoutError):
+            await asyncio.wait_for(asyncio.shield(task), RELEASE_WAIT)

@@ -113,6 +113,12 @@ class Upstream:
         return data
 
 
+# A chunk with a finish reason (a string, not null), in either spacing providers use.
+FINISHED = b'"finish_reason":"'
+FINISHED_SPACED = b'"finish_reason": "'
+DONE = b"data: [DONE]"  # (bytes, not SSEEvent.is_done: no parse of every event on the pass-through path)
+
+
 class _Retryable(Exception):
     def __init__(self, error: ApiError, retry_after: float | None = None) -> None:
         self.error = error
@@ -276,14 +282,25 @@ class UpstreamRouter:
 
     @staticmethod
     async def _events(upstream: Upstream, response: UpstreamResponse) -> AsyncIterator[SSEEvent]:
-        """The provider's events, its transport failures as `UpstreamError`s."""
+        """The provider's events, its transport failures as `UpstreamError`s.
+
+        A stream that closes cleanly before it finished (no ``[DONE]`` and no
+        ``finish_reason``: an empty body, a provider that gave up) is a failure
+        too, so the client gets the error event rather than a silent end.
+        """
+        finished = False
         try:
             async for event in split_events(response.chunks(), upstream.secret):
+                if not finished:
+                    raw = event.raw
+                    finished = FINISHED in raw or FINISHED_SPACED in raw or DONE in raw
                 yield event
         except TimeoutError:
             raise UpstreamError("The upstream provider stopped sending.", timeout=True, upstream=upstream.name) from None
         except UpstreamConnectionError:
             raise UpstreamError("The upstream provider broke off the stream.", upstream=upstream.name) from None
+        if not finished:
+            raise UpstreamError("The upstream provider ended the stream early.", upstream=upstream.name)
 
 
 def _retry_after(value: str | None) -> float | None:

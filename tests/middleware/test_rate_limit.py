@@ -237,3 +237,39 @@ async def test_a_lease_recorded_after_a_store_timeout_is_taken_back(mock, gatewa
         assert reply.choices
     finally:
         own.kill()
+
+
+async def test_a_slot_released_while_redis_restarts_is_free_once_it_is_back(mock, gateway_factory, tmp_path):
+    """The release used to be one attempt: a stream ending during the outage kept its slot for the whole lease (429 for 11 minutes)."""
+    from tests.support import OwnRedis
+
+    own = OwnRedis(tmp_path)
+    await asyncio.to_thread(own.start)
+    try:
+        settings = make_settings(mock.url, store_url=own.url, pipeline=["auth", "rate_limit"], admin_token=None,
+                                 store={"url": own.url, "prefix": "restart", "timeout": 0.3})
+        running = await gateway_factory(settings)
+        accounts = Accounts(running.gateway.store)
+        await accounts.create_tenant("acme", 0)
+        key, record = await accounts.create_key("acme", max_concurrency=1)
+        client = running.openai(key)
+        stream = await client.chat.completions.create(**CHAT, stream=True, extra_headers={"x-mock-delay-ms": "200"})
+        await asyncio.to_thread(own.kill)  # down while the stream runs: its release at the end fails
+        async for _ in stream:
+            pass
+        await asyncio.to_thread(own.start)
+        lease_key = running.gateway.store.tenant_key("acme", "rl", record.id, "inflight")
+
+        async def freed() -> bool:
+            try:
+                return await running.gateway.store.redis.zcard(lease_key) == 0
+            except Exception:
+                return False
+
+        deadline = time.monotonic() + 15
+        while not await freed():
+            assert time.monotonic() < deadline, "the slot was never released"
+            await asyncio.sleep(0.1)
+        assert (await client.chat.completions.create(**CHAT)).choices  # the only slot is free again
+    finally:
+        own.kill()

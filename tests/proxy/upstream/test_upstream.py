@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 
 import aiohttp
 import aiohttp.web
@@ -270,3 +271,28 @@ async def test_a_200_that_is_no_json_completion_fails_over_and_is_a_502_when_alo
         both = await gateway_factory(settings)
         reply = await both.openai().chat.completions.create(**BODY, extra_headers={"x-broken": kind})
     assert reply.choices[0].message.content and len(mock.requests) == 1
+
+
+@pytest.mark.parametrize("chunks", [0, 2], ids=["empty", "cut_cleanly"])
+async def test_a_chat_stream_that_closes_before_it_finished_ends_with_the_error_event(gateway_factory, chunks):
+    """No [DONE] and no finish_reason, but a clean close: the client used to see a silent end (or nothing at all)."""
+    async def gives_up(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
+        await request.read()
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for i in range(chunks):
+            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                     "choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}]}
+            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await response.write_eof()
+        return response
+
+    async with provider(gives_up) as url:
+        gw = await gateway_factory(make_settings(url, admin_token=None))
+        async with aiohttp.ClientSession() as session:
+            async with session.post(gw.v1 + "/chat/completions", json={**BODY, "stream": True}) as resp:
+                assert resp.status == 200
+                events = [block for block in (await resp.read()).decode().split("\n\n") if block]
+    assert len(events) == chunks + 1
+    error = json.loads(events[-1].removeprefix("data: "))["error"]
+    assert error["code"] == "upstream_error" and "ended the stream early" in error["message"]

@@ -29,7 +29,7 @@ from proxy.admin.api import (
     parse_body,
     update_key_from,
 )
-from proxy.core.errors import ApiError, StoreUnavailable
+from proxy.core.errors import ApiError, StoreUnavailable, invalid_request
 from proxy.core.settings import Settings, masked_url
 from proxy.store.store import Store
 
@@ -80,6 +80,7 @@ def _tenant_text(t: dict[str, Any]) -> str:
             ("balance", t["balance"]),
             ("reserved", t["reserved"]),
             ("available", t["available"]),
+            ("low-balance threshold", t.get("low_balance_threshold") if t.get("low_balance_threshold") is not None else "-"),
             ("created", _when(t["created_at"])),
         ]
     )
@@ -106,6 +107,8 @@ KEY_HEADER = ["ID", "NAME", "STATUS", "MODELS", "RPM", "CONCURRENCY", "BUDGET", 
 def _budget_arg(args: argparse.Namespace) -> dict[str, Any] | None:
     """The budget the flags give; without --budget-period, the API's default (total, or the key's own on update)."""
     if args.budget is None:
+        if args.budget_period is not None:  # it used to be ignored without a word
+            raise invalid_request("--budget-period needs --budget (the credits of the period).", param="budget_period")
         return None
     return {"credits": args.budget, **({"period": args.budget_period} if args.budget_period else {})}
 
@@ -158,8 +161,9 @@ async def keys_create(accounts: Accounts, settings: Settings, args: argparse.Nam
     for field in ("rpm", "max_concurrency", "expires_at"):
         if getattr(args, field) is not None:
             data[field] = getattr(args, field)
-    if args.budget is not None:
-        data["budget"] = _budget_arg(args)
+    budget = _budget_arg(args)
+    if budget is not None:
+        data["budget"] = budget
     plaintext, record = await create_key_from(accounts, parse_body(KeyCreate, data), settings)
     public = record.public()
     text = f"{plaintext}\n\nThis key is shown once; store it now.\n\n" + (table(KEY_HEADER, [_key_row(public)]) if not args.json else "")
@@ -175,8 +179,9 @@ async def keys_update(accounts: Accounts, settings: Settings, args: argparse.Nam
     for field in ("rpm", "max_concurrency", "expires_at"):
         if getattr(args, field) is not None:
             data[field] = getattr(args, field) or None  # 0 clears the limit
-    if args.budget is not None:
-        data["budget"] = _budget_arg(args)
+    budget = _budget_arg(args)
+    if budget is not None:
+        data["budget"] = budget
     if args.clear_budget:
         data["budget"] = None
     record = await update_key_from(accounts, args.key_id, parse_body(KeyUpdate, data), settings)
@@ -252,8 +257,10 @@ def add_management_commands(subparsers: Any, load: LoadSettings) -> None:
 
     p = t_sub.add_parser("update", help="change a tenant's low-balance threshold")
     p.add_argument("id")
-    p.add_argument("--low-balance-threshold", type=int)
-    p.add_argument("--clear-low-balance-threshold", action="store_true", help="no more tenant.balance_low events")
+    # Exactly one: an update without either used to clear the threshold without a word.
+    change = p.add_mutually_exclusive_group(required=True)
+    change.add_argument("--low-balance-threshold", type=int)
+    change.add_argument("--clear-low-balance-threshold", action="store_true", help="no more tenant.balance_low events")
     p.set_defaults(func=_command(tenants_update, load))
 
     p = t_sub.add_parser("show", help="balance and reserved credits")

@@ -140,3 +140,16 @@ def test_an_expiry_in_milliseconds_is_refused_before_any_key_is_made(sovereign):
     refused = sovereign("keys", "create", "--tenant", "far", "--expires-at", "1800000000000", ok=False)
     assert "expires_at" in refused.stderr and "Traceback" not in refused.stderr
     assert json.loads(sovereign("keys", "list", "--tenant", "far", "--json").stdout)["data"] == []
+
+
+def test_updates_that_would_silently_do_the_wrong_thing_are_refused(sovereign):
+    sovereign("tenants", "create", "quiet", "--credits", "10", "--low-balance-threshold", "200")
+    # No flag used to clear the threshold (the text output never showed it).
+    assert "one of the arguments" in sovereign("tenants", "update", "quiet", ok=False).stderr
+    shown = sovereign("tenants", "show", "quiet").stdout
+    assert "low-balance threshold" in shown and "200" in shown
+    key = json.loads(sovereign("keys", "create", "--tenant", "quiet", "--budget", "100", "--json").stdout)
+    refused = sovereign("keys", "update", key["id"], "--budget-period", "day", ok=False)
+    assert "--budget-period needs --budget" in refused.stderr
+    listed = json.loads(sovereign("keys", "list", "--tenant", "quiet", "--json").stdout)["data"]
+    assert listed[0]["budget"]["period"] == "total"  # unchanged

@@ -40,6 +40,8 @@ from proxy.web.usage import usage_response
 
 SESSIONS = web.AppKey("console_sessions", Sessions)
 CONSOLE_ACCOUNTS = web.AppKey("console_accounts", Accounts)
+# Whether this console app serves the tenant view too (not on a separate admin.port).
+TENANT_VIEW = web.AppKey("console_tenant_view", bool)
 STATIC = {"console.css": "text/css", "console.js": "text/javascript"}
 LEDGER_PAGE = 50
 PAGE = Template(resources.files(__package__).joinpath("page.html").read_text())
@@ -112,8 +114,9 @@ async def _admin(request: web.Request) -> tuple[Session, str] | None:
     return (session, await sessions.csrf_token(session)) if session else None
 
 
-def _admin_nav(csrf: str) -> str:
-    return '<a href="/console/">Tenants</a> <a href="/console/tenant">Tenant view</a> ' + logout_form("/console/logout", csrf)
+def _admin_nav(request: web.Request, csrf: str) -> str:
+    tenant_view = '<a href="/console/tenant">Tenant view</a> ' if request.app[TENANT_VIEW] else ""
+    return '<a href="/console/">Tenants</a> ' + tenant_view + logout_form("/console/logout", csrf)
 
 
 async def home(request: web.Request) -> web.Response:
@@ -145,7 +148,7 @@ async def home(request: web.Request) -> web.Response:
     <tbody>{rows}</tbody>
   </table></div>
 </section>"""
-    return render("Tenants", body, csrf=csrf, nav=_admin_nav(csrf))
+    return render("Tenants", body, csrf=csrf, nav=_admin_nav(request, csrf))
 
 
 async def login(request: web.Request) -> web.Response:
@@ -172,6 +175,8 @@ async def _logout(request: web.Request, kind: str, cookie: str, to: str) -> web.
     form = await read_form(request)
     if session is not None and not await sessions.csrf_ok(request, session, str(form.get("csrf", ""))):
         raise web.HTTPForbidden(text="CSRF token missing or wrong.")
+    if session is not None:
+        await sessions.end(session)  # not only the browser's copy: the cookie itself stops working
     response = see_other(to)
     response.del_cookie(cookie, path="/")
     return response
@@ -258,7 +263,7 @@ async def tenant_page(request: web.Request) -> web.Response:
     try:
         tenant = await accounts.tenant(tenant_id)
     except ApiError:
-        return render("No such tenant", '<p><a href="/console/">Back to the tenants</a></p>', csrf=csrf, nav=_admin_nav(csrf), status=404)
+        return render("No such tenant", '<p><a href="/console/">Back to the tenants</a></p>', csrf=csrf, nav=_admin_nav(request, csrf), status=404)
     keys = [await accounts.public_key(r) for r in await accounts.list_keys(tenant_id)]
     cursor = request.query.get("cursor") or None
     try:
@@ -316,7 +321,7 @@ async def tenant_page(request: web.Request) -> web.Response:
   <div class="scroll"><table id="ledger">{LEDGER_HEAD}<tbody>{_ledger_rows(entries)}</tbody></table></div>
   <p>{older}</p>
 </section>"""
-    return render(f"Tenant {tenant_id}", body, csrf=csrf, nav=_admin_nav(csrf))
+    return render(f"Tenant {tenant_id}", body, csrf=csrf, nav=_admin_nav(request, csrf))
 
 
 # -- the tenant view --------------------------------------------------------------
@@ -398,6 +403,7 @@ def create_console_app(gateway: Gateway, *, admin: bool, tenant: bool) -> web.Ap
     token = gateway.settings.admin.token
     app[SESSIONS] = Sessions(gateway.store, token.get_secret_value() if admin and token else None)
     app[CONSOLE_ACCOUNTS] = Accounts(gateway.store, events=bool(gateway.settings.webhooks.url))
+    app[TENANT_VIEW] = tenant
     routes = [web.get("/static/{name}", static)]
     if admin:
         routes += [

@@ -6,7 +6,9 @@ HMAC-SHA256 with a random secret kept in Redis (``console_secret``, created
 once, shared by every replica), over the fields plus, for admin sessions, a
 hash of the admin token, so changing the token ends every admin session.
 Tenant sessions are re-checked against the key record on every request, so
-revoking or expiring the key ends them.
+revoking or expiring the key ends them. Logging out ends the cookie itself:
+its digest is kept in Redis (``console_ended:<digest>``) until it would have
+expired, and a cookie found there is no session, whoever presents it.
 
 Cookies are ``HttpOnly`` (scripts cannot read them), ``SameSite=Strict``
 (other sites' pages cannot make the browser send them) and ``Secure`` when
@@ -79,7 +81,18 @@ class Sessions:
             return None
         if not hmac.compare_digest(signature, self._sign(await self.secret(), payload, kind)):
             return None
+        if await self.store.redis.exists(self._ended_key(value)):
+            return None  # logged out
         return Session(kind, subject, value)
+
+    async def end(self, session: Session) -> None:
+        """Log out: refuse this cookie from now on (until it would have expired anyway), on every replica."""
+        seconds = int(session.cookie.split(".")[2]) - int(time.time())
+        if seconds > 0:
+            await self.store.redis.set(self._ended_key(session.cookie), "1", ex=seconds)
+
+    def _ended_key(self, cookie: str) -> str:
+        return self.store.global_key("console_ended", hashlib.sha256(cookie.encode()).hexdigest())
 
     async def csrf_token(self, session: Session) -> str:
         return hmac.new(await self.secret(), f"csrf|{session.cookie}".encode(), hashlib.sha256).hexdigest()[:40]

@@ -164,6 +164,11 @@ async def test_separate_admin_port(mock, redis_prefix, tmp_path):
             assert (status, tenant["id"]) == (201, "acme")
             async with session.get(f"http://127.0.0.1:{port}/admin/tenants/acme", headers={"Authorization": "Bearer x"}) as resp:
                 assert resp.status == 401 and resp.headers["X-Request-ID"]
+        # The console there links no tenant view: that one is served on the client port only (it was a 404 link).
+        async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as browser:  # (unsafe: an IP host)
+            async with browser.post(f"http://127.0.0.1:{port}/console/login", data={"token": ADMIN_TOKEN}) as resp:
+                page = await resp.text()
+            assert 'id="tenants"' in page and 'href="/console/tenant"' not in page
     finally:
         proc.signal(15)
         proc.wait(15)

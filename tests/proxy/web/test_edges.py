@@ -228,3 +228,27 @@ async def test_a_forged_console_cookie_with_odd_digits_is_no_session_not_a_crash
         for path in ("/console/", "/console/tenant"):
             async with session.get(full.base_url + path, allow_redirects=False) as resp:
                 assert resp.status < 500, (path, resp.status, await resp.text())
+
+
+async def test_logging_out_ends_the_console_session_not_only_the_browser_cookie(mock, gateway_factory, redis_prefix):
+    """The logged-out cookie kept full admin rights for its 12 hours (it was only deleted from the browser)."""
+    import re
+
+    from tests.support import ADMIN_TOKEN, REDIS_URL
+
+    running = await gateway_factory(make_settings(mock.url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=["auth"]))
+    base = running.base_url
+    async with aiohttp.ClientSession() as http:
+        async with http.post(base + "/console/login", data={"token": ADMIN_TOKEN}, allow_redirects=False) as resp:
+            assert resp.status == 303
+            cookie = resp.cookies["sov_admin"].value
+    jar = {"Cookie": f"sov_admin={cookie}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(base + "/console/", headers=jar) as resp:
+            csrf = re.search(r'name="csrf-token" content="([^"]+)"', await resp.text()).group(1)
+        async with http.post(base + "/console/logout", data={"csrf": csrf}, headers=jar, allow_redirects=False) as resp:
+            assert resp.status == 303
+        async with http.get(base + "/console/", headers=jar) as resp:
+            assert 'id="tenants"' not in await resp.text()  # the login page again
+        async with http.post(base + "/admin/tenants", json={"id": "after-logout"}, headers={**jar, "X-CSRF-Token": csrf}) as resp:
+            assert resp.status == 401

@@ -43,7 +43,7 @@ import orjson
 import structlog
 
 from proxy.store.accounts import Accounts
-from proxy.store.events import events_key, pending_key, tenants_key
+from proxy.store.events import WEBHOOKS_ON_SECONDS, announce_webhooks, events_key, pending_key, tenants_key
 from proxy.core.errors import StoreUnavailable
 from proxy.store.store import STORE_DOWN_ERRORS, Script
 
@@ -52,6 +52,8 @@ if TYPE_CHECKING:
 
 LEASE = Script.load("proxy.store.lua", "lease")
 SWEEP_SECONDS = 60.0
+# How often each replica with webhooks renews the store's "webhooks on" marker.
+ANNOUNCE_SECONDS = WEBHOOKS_ON_SECONDS / 12
 STORE_DOWN: tuple[type[BaseException], ...] = (StoreUnavailable, *STORE_DOWN_ERRORS)
 log = structlog.get_logger("sovereign")
 
@@ -75,6 +77,7 @@ class Housekeeper:
         self.paused_until: dict[str, float] = {}
         self.next_sweep = 0.0
         self.next_fold = 0.0
+        self.next_announce = 0.0
 
     @property
     def needed(self) -> bool:
@@ -83,6 +86,12 @@ class Housekeeper:
     async def start(self) -> None:
         if self.needed and self.task is None:
             self.task = asyncio.create_task(self._run(), name="housekeeping")
+
+    async def _announce(self, now: float) -> None:
+        """Keep the store's "webhooks on" marker alive, so the CLI records events too (proxy/store/events.py)."""
+        if self.webhooks.url and now >= self.next_announce:
+            self.next_announce = now + ANNOUNCE_SECONDS
+            await announce_webhooks(self.store)
 
     async def close(self) -> None:
         if self.task is not None:
@@ -97,6 +106,7 @@ class Housekeeper:
     async def _run(self) -> None:
         while True:
             try:
+                await self._announce(time.monotonic())
                 if await self._lease():
                     await self.step()
             except asyncio.CancelledError:

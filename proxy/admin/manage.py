@@ -31,6 +31,7 @@ from proxy.admin.api import (
 )
 from proxy.core.errors import ApiError, StoreUnavailable, invalid_request
 from proxy.core.settings import Settings, masked_url
+from proxy.store.events import webhooks_on
 from proxy.store.store import Store
 
 LoadSettings = Callable[[argparse.Namespace], Settings]
@@ -204,7 +205,9 @@ async def _run(settings: Settings, op: Operation, args: argparse.Namespace) -> t
     store = Store(settings.store)
     try:
         await store.connect()
-        return await op(Accounts(store, events=bool(settings.webhooks.url)), settings, args)
+        # The CLI rarely has the webhook settings: a gateway that delivers them says so in the store.
+        events = bool(settings.webhooks.url) or await webhooks_on(store)
+        return await op(Accounts(store, events=events), settings, args)
     finally:
         await store.close()
 

@@ -162,3 +162,29 @@ async def test_without_webhooks_no_events_are_kept(mock, gateway_factory, redis_
     await chat(running.base_url, key, 2)
     await running.gateway.drain()
     assert await accounts.store.redis.llen(events_key(accounts.store, "acme")) == 0
+
+
+async def test_a_top_up_made_with_the_cli_is_an_event_too(mock, gateway_factory, redis_prefix):
+    """The CLI is given the store's URL, not the webhook settings: its top-ups used to record no event."""
+    import os
+    import subprocess
+    import sys
+
+    from tests.support import REPO
+
+    receiver = Receiver()
+    runner, url = await serve(receiver)
+    try:
+        (replica,) = await replicas_with_webhooks(gateway_factory, mock, redis_prefix, url, n=1)
+        tenant = "t-" + uuid.uuid4().hex[:8]
+        await Accounts(replica.gateway.store).create_tenant(tenant, 10)
+        env = {**os.environ, "SOVEREIGN_STORE_URL": REDIS_URL, "SOVEREIGN_STORE__PREFIX": redis_prefix}
+        env.pop("SOVEREIGN_CONFIG", None)
+        cli = await asyncio.to_thread(subprocess.run, [sys.executable, "-m", "proxy", "tenants", "topup", tenant, "500"],
+                                      cwd=REPO, env=env, capture_output=True, text=True, timeout=30)
+        assert cli.returncode == 0, cli.stderr
+        await until(lambda: receiver.of("tenant.credits_added"), timeout=10)
+        (event,) = receiver.of("tenant.credits_added")
+        assert event["data"]["tenant"] == tenant and event["data"]["amount"] == 500
+    finally:
+        await runner.cleanup()

@@ -1,7 +1,8 @@
 """Holds whose replica died: found through a deadline index and settled at their checkpoints, on every replica.
 
 A stream's hold is checkpointed every ``checkpoint_seconds`` (`hold_checkpoint`:
-credits so far and the ledger entry to write, plus a later expiry). If its
+credits so far, the ledger entry to write and what its settlement adds to the
+usage aggregates, the key's budget and the events, plus a later expiry). If its
 replica dies, nobody settles it; when it expires it must be *charged* at its
 checkpoint, not released — even if its tenant never sends another request.
 
@@ -29,10 +30,12 @@ import zlib
 from collections import defaultdict
 from typing import Any
 
+import orjson
 import structlog
 
 from proxy.core.errors import StoreUnavailable
 from proxy.store.accounts import now_ms
+from proxy.store.events import mark_pending
 from proxy.store.store import Script, Store
 
 log = structlog.get_logger("sovereign")
@@ -47,7 +50,8 @@ BATCH = 500  # index entries read per shard and round
 def checkpoint_keys(store: Store, tenant: str) -> list[str]:
     """Keys of hold_expire: the tenant's credit keys, then its checkpointed holds and their checkpoints."""
     k = store.tenant_key
-    parts = ("tenant", "holds", "hold_amounts", "ledger", "ledger_ids", "checkpointed_holds", "hold_checkpoints")
+    parts = ("tenant", "holds", "hold_amounts", "ledger", "ledger_ids", "checkpointed_holds", "hold_checkpoints",
+             "hold_checkpoint_tails")
     return [k(tenant, part) for part in parts]
 
 
@@ -101,10 +105,21 @@ class HoldSweeper:
                 tenant, _, hold = member.partition("/")
                 by_tenant[tenant].append(hold)
             for tenant, holds in by_tenant.items():
-                expiries = await self.store.run(HOLD_EXPIRE, checkpoint_keys(self.store, tenant), [now, *holds])
-                await self._update(key, tenant, holds, expiries)
+                keys = checkpoint_keys(self.store, tenant)
+                answer = await self.store.run(HOLD_EXPIRE, keys + await self._tail_keys(keys[7], holds), [now, *holds])
+                await self._update(key, tenant, holds, answer[:-1])
+                if int(answer[-1]):
+                    await mark_pending(self.store, tenant)  # a low-balance or budget event to deliver
             handled += len(members)
         return handled
+
+    async def _tail_keys(self, tails_key: str, holds: list[str]) -> list[str]:
+        """The keys the due holds' settlement tails name, for hold_expire to declare (a script may touch only those)."""
+        keys: dict[str, None] = {}
+        for tail in await self.store.redis.hmget(tails_key, holds):
+            if tail:
+                keys.update(dict.fromkeys(orjson.loads(tail)["k"]))
+        return list(keys)
 
     async def _update(self, key: str, tenant: str, holds: list[str], expiries: list[Any]) -> None:
         gone = [f"{tenant}/{hold}" for hold, expiry in zip(holds, expiries, strict=True) if not int(expiry)]

@@ -719,6 +719,9 @@ class MeteringUnit(Unit):
         call, pricing = ticket.call, ticket.pricing
         output_tokens = min(output_estimate(chunks, chars), ticket.output_limit)
         cost = pricing.cost(ticket.prompt, output_tokens)
+        created = int(time.time())
+        # What a settlement adds besides the charge (usage, the key's budget, events), for the sweeper to add too.
+        tail_keys, tail_args = settle_tail(self.store, self.gateway.settings, call.principal, ticket.model, ticket.prompt, output_tokens, created)
         entry = orjson.dumps(
             {
                 "type": "charge",
@@ -732,16 +735,17 @@ class MeteringUnit(Unit):
                 "estimated": True,
                 "reason": "replica_lost",
                 "kind": call.ledger_kind,
-                "created_at": int(time.time()),
+                "created_at": created,
             }
         ).decode()
         tenant = call.principal.tenant
         keys = checkpoint_keys(self.store, tenant)
         expires = now_ms() + self.hold_ms
-        args = [ticket.hold_id, cost, f"req:{call.request_id}", entry, expires]
+        tail = orjson.dumps({"k": tail_keys, "a": tail_args}).decode()
+        args = [ticket.hold_id, cost, f"req:{call.request_id}", entry, expires, tail]
         # Both deferred: they go out together with the next write on the connection.
         results: tuple[Any, ...] = await asyncio.gather(
-            self.store.run(HOLD_CHECKPOINT, [keys[1], keys[2], keys[5], keys[6]], args, deferred=True),
+            self.store.run(HOLD_CHECKPOINT, [keys[1], keys[2], keys[5], keys[6], keys[7]], args, deferred=True),
             self.sweeper.register(tenant, ticket.hold_id, expires),
             return_exceptions=True,
         )

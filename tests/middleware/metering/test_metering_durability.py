@@ -29,6 +29,7 @@ from middleware.metering.sweeper import SHARDS
 from proxy.core.settings import StoreSettings
 from proxy.store.accounts import Accounts
 from proxy.store.store import Store
+from proxy.store.usage import query_usage
 from proxy.web.workers import WORKER_HEADER
 from tests.middleware.metering.test_metering import MESSAGES, PIPELINE, assert_ledger_matches, new_tenant
 from tests.proxy.web.test_workers import served_by
@@ -372,7 +373,9 @@ async def test_a_sigkilled_replica_s_streams_are_charged_at_their_checkpoints(mo
     [(survivor, _)] = await replicas(data, name="survivor")
     store = shared_store
     accounts = Accounts(store)
-    tenant, key = await new_tenant(accounts, 10_000_000)
+    tenant, _ = await new_tenant(accounts, 10_000_000)
+    # A key with a budget: what the sweeper charges must count in it, and in the usage aggregates.
+    key, record = await accounts.create_key(tenant, budget_credits=10**9, budget_period="total")
     async with aiohttp.ClientSession() as http:
         opened = [Streamed() for _ in range(20)]
         tasks = [asyncio.create_task(stream(http, base + "/v1", key, 1000, 50, 2000, s)) for s in opened]  # 50 s each
@@ -403,7 +406,13 @@ async def test_a_sigkilled_replica_s_streams_are_charged_at_their_checkpoints(mo
         assert floor <= entry["output_tokens"] <= ceiling, (floor, entry["output_tokens"], ceiling)
     view = await assert_ledger_matches(accounts, tenant)
     assert view["reserved"] == 0
-    for part in ("holds", "hold_amounts", "checkpointed_holds", "hold_checkpoints"):
+    # Counted like any settlement (they used to be in the ledger only): usage, and the key's budget, its holds released.
+    charged = -sum(e["credits"] for e in by_request.values())
+    hour = int(time.time()) // 3600 * 3600
+    usage = await query_usage(store, tenant, start=hour - 3600, end=hour + 3600)
+    assert (sum(row["requests"] for row in usage), sum(row["credits"] for row in usage)) == (20, charged)
+    assert await accounts.key_spending(record) == {"spent": charged, "held": 0}
+    for part in ("holds", "hold_amounts", "checkpointed_holds", "hold_checkpoints", "hold_checkpoint_tails"):
         assert not await store.redis.exists(store.tenant_key(tenant, part)), part
     index = [store.global_key("hold_deadlines", "{%d}" % shard) for shard in range(SHARDS)]
     assert not [m for k in index for m in await store.redis.zrange(k, 0, -1) if m.startswith(tenant + "/")]

@@ -66,6 +66,7 @@ class Gateway:
         self.draining = False
         self.started = False
         self.in_flight = 0  # pipeline requests being served now (drain waits for them)
+        self.relays: set[asyncio.Task[Any]] = set()  # the tasks relaying a stream now (cut_streams ends them)
         self._background: set[asyncio.Task[Any]] = set()
         # 2. units
         self.units: list[Unit] = build_units(self)
@@ -164,6 +165,18 @@ class Gateway:
         """
         return await self._entries[self.units.index(after) + 1](call)
 
+    async def cut_streams(self, timeout: float) -> None:
+        """At the end of a drain that ran out: end every open stream with the in-band `draining` error, not a cut.
+
+        Each relay, cancelled with `CUT_AT_SHUTDOWN`, writes its protocol's
+        error event and the end of the body; this waits for them at most `timeout`.
+        """
+        relays = list(self.relays)
+        for task in relays:
+            task.cancel(CUT_AT_SHUTDOWN)
+        if relays:
+            await asyncio.wait(relays, timeout=timeout)
+
     async def wait_idle(self, timeout: float) -> bool:
         """Wait until no pipeline request is in flight; False if the grace ran out."""
         deadline = time.monotonic() + timeout
@@ -171,6 +184,9 @@ class Gateway:
             await asyncio.sleep(0.05)
         return self.in_flight == 0
 
+
+# The cancellation message of a relay that `Gateway.cut_streams` ends.
+CUT_AT_SHUTDOWN = "sovereign: stream cut at shutdown"
 
 # The application key under which the gateway lives.
 GATEWAY = web.AppKey("gateway", Gateway)

@@ -17,7 +17,8 @@ from contextlib import suppress
 from aiohttp import web
 
 from proxy.core.call import Call, Reply, SSEEvent
-from proxy.core.errors import ApiError
+from proxy.core.errors import ApiError, Draining
+from proxy.core.gateway import CUT_AT_SHUTDOWN, GATEWAY
 from proxy.core.streams import keepalive as keepalive_pings
 from proxy.web.middlewares import STREAM_OUTCOME
 
@@ -62,6 +63,10 @@ async def send_stream(
     response = web.StreamResponse(status=reply.status, headers=headers)
     events: AsyncIterator[SSEEvent | bytes] = reply.events
     request[STREAM_OUTCOME] = "completed"
+    gateway = request.app.get(GATEWAY)
+    task = asyncio.current_task()
+    if gateway is not None and task is not None:
+        gateway.relays.add(task)
     try:
         await response.prepare(request)
         if keepalive:
@@ -75,20 +80,34 @@ async def send_stream(
     except ApiError as error:
         # The provider failed after the stream started: tell the client in-band.
         request[STREAM_OUTCOME] = "upstream_error"
-        with suppress(*CLIENT_GONE):
-            render = reply.stream_error
-            await response.write(render(error) if render is not None else b"data: " + error.to_json() + b"\n\n")
+        await _write_error(response, reply, error)
     except CLIENT_GONE:
         request[STREAM_OUTCOME] = "client_disconnected"
-    except asyncio.CancelledError:
-        # aiohttp cancels the handler when the client goes away.
-        request[STREAM_OUTCOME] = "client_disconnected"
-        raise
+    except asyncio.CancelledError as cancelled:
+        if cancelled.args != (CUT_AT_SHUTDOWN,):
+            # aiohttp cancels the handler when the client goes away.
+            request[STREAM_OUTCOME] = "client_disconnected"
+            raise
+        # Gateway.cut_streams: the drain ran out. Say so in-band, as for a provider failure, and end cleanly.
+        current = asyncio.current_task()
+        if current is not None:
+            current.uncancel()
+        request[STREAM_OUTCOME] = "cut_at_shutdown"
+        await _write_error(response, reply, Draining())
     finally:
         if events is not reply.events:
             await events.aclose()  # type: ignore[attr-defined]  # Reply.events is typed AsyncIterator; every stream is an async generator or has aclose
         await reply.events.aclose()  # type: ignore[attr-defined]  # Reply.events is typed AsyncIterator; every stream is an async generator or has aclose
+        if gateway is not None and task is not None:
+            gateway.relays.discard(task)
     if request[STREAM_OUTCOME] != "client_disconnected":
         with suppress(*CLIENT_GONE):
             await response.write_eof()
     return response
+
+
+async def _write_error(response: web.StreamResponse, reply: Reply, error: ApiError) -> None:
+    """The in-band error event of the stream's protocol (chat's `data: {"error": …}` unless the reply says otherwise)."""
+    with suppress(*CLIENT_GONE):
+        render = reply.stream_error
+        await response.write(render(error) if render is not None else b"data: " + error.to_json() + b"\n\n")

@@ -143,6 +143,7 @@ async def serve_async(settings: Settings, ready: asyncio.Event | None = None, wo
     log.info("gateway.draining", grace_seconds=settings.server.drain_seconds, in_flight=gateway.in_flight)
     if not await gateway.wait_idle(settings.server.drain_seconds):
         log.warning("gateway.drain_timeout", cut_requests=gateway.in_flight)
+        await gateway.cut_streams(timeout=1.0)  # an error event and a clean end rather than a broken transfer
     # cleanup closes the listeners and connections, then runs on_cleanup,
     # which flushes pending settlements before the process exits.
     if admin_runner is not None:

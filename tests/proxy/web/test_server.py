@@ -40,6 +40,29 @@ async def test_sigterm_finishes_open_streams_refuses_new_requests_and_exits_zero
         proc.stop()
 
 
+async def test_streams_still_open_when_the_drain_runs_out_end_with_the_draining_event(mock, tmp_path):
+    """They used to be cut mid-transfer (aiohttp: "Not enough data to satisfy transfer length header")."""
+    import json
+
+    data = settings_data(mock.url, admin_token=None, server={"drain_seconds": 1})
+    proc, base = await spawn_gateway(data, tmp_path)
+    try:
+        async with aiohttp.ClientSession() as session:
+            # 100 chunks 100 ms apart: about 10 s, far past the 1 s drain.
+            stream = await session.post(
+                base + "/v1/chat/completions", json=BODY, headers={"x-mock-chunks": "100", "x-mock-delay-ms": "100"}
+            )
+            await stream.content.readuntil(b"\n\n")
+            proc.signal(signal.SIGTERM)
+            rest = await stream.read()  # a complete body: no ClientPayloadError
+        events = [block for block in rest.decode().split("\n\n") if block]
+        error = json.loads(events[-1].removeprefix("data: "))["error"]
+        assert error["code"] == "draining" and len(events) < 100
+        assert await asyncio.to_thread(proc.wait, 10) == 0
+    finally:
+        proc.stop()
+
+
 async def test_sse_keepalive_comments_while_the_provider_is_silent(mock, gateway_factory):
     gw = await gateway_factory(make_settings(mock.url, admin_token=None, server={"sse_keepalive_seconds": 0.2}))
     async with aiohttp.ClientSession() as session:

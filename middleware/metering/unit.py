@@ -797,7 +797,7 @@ class StreamMeter:
             self.unit.gateway.spawn(write, "metering.settle")
 
     def abandoned(self, rest: AsyncIterator[SSEEvent]) -> None:
-        self.unit.gateway.spawn(self._drain(rest), "metering.drain")
+        self.ticket.call.drain = self.unit.gateway.spawn(self._drain(rest), "metering.drain")
 
     async def _drain(self, rest: AsyncIterator[SSEEvent]) -> None:
         """Read the provider to its end (delivering nothing) for the exact usage."""

@@ -10,7 +10,9 @@ gateway replicas on one Redis share a single limit:
 - ``max_concurrency`` counts requests in flight as leases that expire after
   ``concurrency_lease_seconds``, so a replica killed mid-request leaks no
   slot for longer than that. A slot is released when the reply is complete:
-  at once for JSON, when the stream ends (completed, failed or cut) for SSE;
+  at once for JSON, when the stream ends (completed, failed or cut) for SSE
+  (under metering's ``on_disconnect: drain``, when the provider has finished
+  for a client that left);
   a release the store cannot take (Redis restarting) is retried until the
   store answers or the lease has expired anyway.
 
@@ -32,6 +34,7 @@ import math
 import os
 import time
 from contextlib import suppress
+from collections.abc import Awaitable
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -118,7 +121,7 @@ class RateLimitUnit(Unit):
         if reply.events is None:
             await release()
         else:
-            reply.events = EventStream(reply.events, on_close=lambda _completed: release())
+            reply.events = EventStream(reply.events, on_close=lambda _completed: release.after(call))
         return reply
 
 
@@ -174,6 +177,15 @@ class _Release:
         self.member = member
         self.until = until
         self.done = False
+
+    def after(self, call: Call) -> Awaitable[None] | None:
+        """At the end of the client's stream: now, or, while metering still reads the provider for
+        a client that left (`on_disconnect: drain`), once that ends; the provider is still at work."""
+        drain = call.drain
+        if drain is None or drain.done():
+            return self()
+        drain.add_done_callback(lambda _: self.gateway.spawn(self(), "rate_limit.release"))
+        return None
 
     async def __call__(self) -> None:
         if self.done:

@@ -9,6 +9,7 @@ their original bytes, so nothing is re-serialised unless a unit changed it.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -136,6 +137,7 @@ class Call:
         "session_id",
         "agent",
         "model_defaults_applied",
+        "drain",
     )
 
     def __init__(
@@ -164,6 +166,9 @@ class Call:
         self.state: dict[str, Any] = {}
         self.ledger_kind = "request"  # metering's ledger `kind` ("title" for session titles)
         self.session_id: str | None = None  # set by the sessions unit
+        # Metering's read of the provider to its end after the client left a stream
+        # (`on_disconnect: drain`): the request is in flight until it ends (rate limits wait for it).
+        self.drain: asyncio.Task[None] | None = None
         self.started_at = started_at
         # Filled on the way for logs and metrics.
         self.upstream: str | None = None  # name of the upstream that answered

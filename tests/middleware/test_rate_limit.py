@@ -273,3 +273,33 @@ async def test_a_slot_released_while_redis_restarts_is_free_once_it_is_back(mock
         assert (await client.chat.completions.create(**CHAT)).choices  # the only slot is free again
     finally:
         own.kill()
+
+
+async def test_under_drain_a_stream_the_client_left_keeps_its_slot_until_the_provider_is_done(mock, gateway_factory, redis_prefix):
+    """With `on_disconnect: drain` the provider keeps generating: the slot went back at once, so max_concurrency 1 let five run."""
+    import aiohttp
+
+    settings = make_settings(mock.url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=["auth", "rate_limit", "metering"],
+                             admin_token=None, units={"metering": {"on_disconnect": "drain"}})
+    running = await gateway_factory(settings)
+    accounts = Accounts(running.gateway.store)
+    await accounts.create_tenant("drainer", 10**9)
+    key, _ = await accounts.create_key("drainer", max_concurrency=1)
+    headers = {"Authorization": f"Bearer {key}", "x-mock-chunks": "20", "x-mock-delay-ms": "100"}  # about 2 s
+    async with aiohttp.ClientSession() as http:
+        async with http.post(running.v1 + "/chat/completions", json={**CHAT, "stream": True}, headers=headers) as resp:
+            assert resp.status == 200
+            await resp.content.readuntil(b"\n\n")
+        left = time.monotonic()  # the client is gone; the provider is not
+        await asyncio.sleep(0.3)
+        client = running.openai(key)
+        with pytest.raises(openai.RateLimitError):
+            await client.chat.completions.create(**CHAT)
+        while True:  # free once the drain has read the provider to its end
+            try:
+                await client.chat.completions.create(**CHAT)
+                break
+            except openai.RateLimitError:
+                assert time.monotonic() - left < 10
+                await asyncio.sleep(0.1)
+    assert time.monotonic() - left > 1.0  # not before the provider had finished

@@ -25,7 +25,7 @@ from pydantic import ValidationError
 from proxy.admin.bodies import AdminBody, CreditTopUp, KeyCreate, KeyUpdate, LedgerFold, TenantCreate, TenantUpdate
 from proxy.admin.console import create_console_app
 from proxy.admin.console.session import ADMIN_COOKIE, Sessions
-from proxy.store.accounts import Accounts
+from proxy.store.accounts import MAX_TENANTS_LISTED, Accounts
 from proxy.web.usage import usage_response
 from proxy.core.errors import ApiError, invalid_request, not_found
 from proxy.core.params import field_path, query_limit
@@ -111,7 +111,11 @@ async def create_tenant(request: web.Request) -> web.Response:
 
 
 async def list_tenants(request: web.Request) -> web.Response:
-    return web.json_response({"object": "list", "data": await request.app[ACCOUNTS].list_tenants()})
+    """By id, `limit` (1-1000, default 1000) at a time; `after` (the last id of a page) for the next."""
+    limit = query_limit(request.query, MAX_TENANTS_LISTED, MAX_TENANTS_LISTED)
+    tenants, more = await request.app[ACCOUNTS].list_tenants(limit, request.query.get("after") or None)
+    return web.json_response({"object": "list", "data": tenants, "has_more": more,
+                              "last_id": tenants[-1]["id"] if tenants else None})
 
 
 async def update_tenant(request: web.Request) -> web.Response:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import hashlib
 import re
+import bisect
 import secrets
 import string
 import time
@@ -213,16 +214,18 @@ class Accounts:
             await self.store.redis.hset(key, "low_balance_threshold", low_balance_threshold)
         return await self.tenant(tenant)
 
-    async def list_tenants(self) -> list[dict[str, Any]]:
-        """Every tenant's view, by id (at most MAX_TENANTS_LISTED)."""
-        ids = sorted(await self.store.redis.smembers(tenants_key(self.store)))[:MAX_TENANTS_LISTED]
+    async def list_tenants(self, limit: int = MAX_TENANTS_LISTED, after: str | None = None) -> tuple[list[dict[str, Any]], bool]:
+        """The views of up to `limit` tenants by id, after the id `after`; and whether more follow."""
+        ids = sorted(await self.store.redis.smembers(tenants_key(self.store)))
+        if after is not None:
+            ids = ids[bisect.bisect_right(ids, after):]
         views = []
-        for tenant in ids:
+        for tenant in ids[:limit]:
             try:
                 views.append(await self.tenant(tenant))
             except ApiError:
                 continue  # listed but gone
-        return views
+        return views, len(ids) > limit
 
     async def tenant(self, tenant: str) -> dict[str, Any]:
         """The tenant's public view; 404 when it does not exist."""

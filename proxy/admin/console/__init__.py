@@ -40,6 +40,8 @@ from proxy.web.usage import usage_response
 
 SESSIONS = web.AppKey("console_sessions", Sessions)
 CONSOLE_ACCOUNTS = web.AppKey("console_accounts", Accounts)
+# Tenants on one page of the operator console's list.
+TENANTS_PER_PAGE = 200
 # Whether this console app serves the tenant view too (not on a separate admin.port).
 TENANT_VIEW = web.AppKey("console_tenant_view", bool)
 STATIC = {"console.css": "text/css", "console.js": "text/javascript"}
@@ -124,7 +126,13 @@ async def home(request: web.Request) -> web.Response:
     if auth is None:
         return login_page("/console/login", "Admin token", "token")
     _, csrf = auth
-    tenants = await request.app[CONSOLE_ACCOUNTS].list_tenants()
+    after = request.query.get("after") or None
+    tenants, more = await request.app[CONSOLE_ACCOUNTS].list_tenants(TENANTS_PER_PAGE, after)
+    pages = ""
+    if after is not None:
+        pages += '<a href="/console/">First page</a> '
+    if more:
+        pages += f'<a rel="next" href="/console/?after={quote(tenants[-1]["id"])}">Next tenants</a>'
     rows = "".join(
         f'<tr><th scope="row"><a href="/console/tenants/{quote(t["id"])}">{esc(t["id"])}</a></th>'
         f'<td class="num">{t["balance"]}</td><td class="num">{t["reserved"]}</td><td class="num">{t["available"]}</td>'
@@ -147,6 +155,7 @@ async def home(request: web.Request) -> web.Response:
     <thead><tr><th scope="col">Tenant</th><th scope="col">Balance</th><th scope="col">Reserved</th><th scope="col">Available</th><th scope="col">Created</th></tr></thead>
     <tbody>{rows}</tbody>
   </table></div>
+  {f'<p class="pages">{pages}</p>' if pages else ""}
 </section>"""
     return render("Tenants", body, csrf=csrf, nav=_admin_nav(request, csrf))
 

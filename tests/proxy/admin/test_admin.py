@@ -190,3 +190,20 @@ async def test_top_up_edges_an_empty_idempotency_key_and_the_largest_balance(adm
     status, after = await call(admin, "POST", "/admin/tenants/edge/credits", json={"amount": 7, "idempotency_key": "big-3"})
     assert (status, after["balance"]) == (200, MAX_BALANCE - 3)
     assert_error(*await call(admin, "POST", "/admin/keys", json={"tenant": "edge", "expires_at": 1e308}), 400, "expires_at")
+
+
+async def test_tenants_are_listed_a_page_at_a_time(admin):
+    """The list used to stop at 1,000 without saying so."""
+    ids = [f"page-{i:02d}" for i in range(5)]
+    for tenant in ids:
+        assert (await call(admin, "POST", "/admin/tenants", json={"id": tenant}))[0] == 201
+    seen, after = [], ""
+    while True:
+        status, page = await call(admin, "GET", f"/admin/tenants?limit=2&after={after}")
+        assert status == 200 and len(page["data"]) <= 2
+        seen += [t["id"] for t in page["data"]]
+        if not page["has_more"]:
+            break
+        after = page["last_id"]
+    assert [t for t in seen if t.startswith("page-")] == ids
+    assert_error(*await call(admin, "GET", "/admin/tenants?limit=0"), 400, "limit")

@@ -158,6 +158,7 @@ class Housekeeper:
     # -- webhooks -------------------------------------------------------------
     async def _deliver_tenant(self, tenant: str) -> None:
         redis, key = self.store.redis, events_key(self.store, tenant)
+        await self._report_dropped(tenant)
         while True:
             raw = await redis.lindex(key, -1)  # the oldest
             if raw is None:
@@ -179,6 +180,15 @@ class Housekeeper:
             self.failures.pop(tenant, None)
             self.paused_until.pop(tenant, None)
             await redis.lrem(key, -1, raw)
+
+    async def _report_dropped(self, tenant: str) -> None:
+        """Log the events the 10,000 cap dropped (a receiver down for long) since the last report."""
+        tenant_key = self.store.tenant_key(tenant, "tenant")
+        dropped = int(await self.store.redis.hget(tenant_key, "events_dropped") or 0)
+        if dropped:
+            await self.store.redis.hincrby(tenant_key, "events_dropped", -dropped)
+            log.error("webhooks.dropped", tenant=tenant, count=dropped,
+                      message="more than 10000 events waited: the oldest were dropped undelivered")
 
     def _expired(self, raw: str) -> bool:
         try:

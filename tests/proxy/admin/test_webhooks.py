@@ -188,3 +188,23 @@ async def test_a_top_up_made_with_the_cli_is_an_event_too(mock, gateway_factory,
         assert event["data"]["tenant"] == tenant and event["data"]["amount"] == 500
     finally:
         await runner.cleanup()
+
+
+async def test_events_past_the_cap_are_dropped_and_logged(mock, gateway_factory, redis_prefix, capsys):
+    """A receiver down long enough: the oldest of more than 10,000 waiting events go, and now the log says how many."""
+    (replica,) = await replicas_with_webhooks(gateway_factory, mock, redis_prefix, "http://127.0.0.1:9/down", n=1)
+    store = replica.gateway.store
+    accounts = Accounts(store, events=True)
+    tenant = "t-" + uuid.uuid4().hex[:8]
+    await accounts.create_tenant(tenant, 0)
+    events = events_key(store, tenant)
+    # 9,998 waiting already (written directly: 10,000 top-ups would take long), then three top-ups.
+    async with store.redis.pipeline(transaction=False) as pipe:
+        for i in range(9_998):
+            pipe.lpush(events, orjson.dumps({"id": f"evt_old_{i}", "type": "tenant.credits_added", "created_at": int(time.time())}))
+        await pipe.execute()
+    for n in range(3):
+        await accounts.add_credits(tenant, 1, f"cap-{n}")
+    assert await store.redis.llen(events) == 10_000
+    await until(lambda: "webhooks.dropped" in capsys.readouterr().out, timeout=10)
+    assert int(await store.redis.hget(store.tenant_key(tenant, "tenant"), "events_dropped") or 0) == 0

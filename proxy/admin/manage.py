@@ -131,6 +131,20 @@ async def tenants_update(accounts: Accounts, settings: Settings, args: argparse.
     return tenant, _tenant_text(tenant)
 
 
+async def tenants_list(accounts: Accounts, settings: Settings, args: argparse.Namespace) -> tuple[Any, str]:
+    """Every tenant, by id (read page by page, as GET /admin/tenants serves them)."""
+    tenants: list[dict[str, Any]] = []
+    after = None
+    while True:
+        page, more = await accounts.list_tenants(after=after)
+        tenants += page
+        if not more or not page:
+            break
+        after = page[-1]["id"]
+    rows = [[t["id"], t["balance"], t["reserved"], t["available"], _when(t["created_at"])] for t in tenants]
+    return {"object": "list", "data": tenants}, table(["ID", "BALANCE", "RESERVED", "AVAILABLE", "CREATED"], rows)
+
+
 async def tenants_show(accounts: Accounts, settings: Settings, args: argparse.Namespace) -> tuple[Any, str]:
     tenant = await accounts.tenant(args.id)
     return tenant, _tenant_text(tenant)
@@ -265,6 +279,9 @@ def add_management_commands(subparsers: Any, load: LoadSettings) -> None:
     change.add_argument("--low-balance-threshold", type=int)
     change.add_argument("--clear-low-balance-threshold", action="store_true", help="no more tenant.balance_low events")
     p.set_defaults(func=_command(tenants_update, load))
+
+    p = t_sub.add_parser("list", help="every tenant with its balance")
+    p.set_defaults(func=_command(tenants_list, load))
 
     p = t_sub.add_parser("show", help="balance and reserved credits")
     p.add_argument("id")

@@ -153,3 +153,12 @@ def test_updates_that_would_silently_do_the_wrong_thing_are_refused(sovereign):
     assert "--budget-period needs --budget" in refused.stderr
     listed = json.loads(sovereign("keys", "list", "--tenant", "quiet", "--json").stdout)["data"]
     assert listed[0]["budget"]["period"] == "total"  # unchanged
+
+
+def test_tenants_list_shows_every_tenant(sovereign):
+    for tenant in ("list-b", "list-a"):
+        sovereign("tenants", "create", tenant, "--credits", "5")
+    listed = json.loads(sovereign("tenants", "list", "--json").stdout)["data"]
+    assert [t["id"] for t in listed if t["id"].startswith("list-")] == ["list-a", "list-b"]
+    text = sovereign("tenants", "list").stdout
+    assert text.splitlines()[0].split() == ["ID", "BALANCE", "RESERVED", "AVAILABLE", "CREATED"] and "list-a" in text

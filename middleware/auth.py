@@ -188,6 +188,12 @@ class AuthUnit(Unit):
     async def credits(self, request: web.Request) -> web.Response:
         principal = await self.authenticate(request.headers)
         tenant = await self.accounts.tenant(principal.tenant)
+        budget = None
+        if principal.budget_credits is not None:
+            budget = {"credits": principal.budget_credits, "period": principal.budget_period, "spent": 0, "held": 0}
+            record = await self.accounts.get_key(principal.key_id)
+            if record is not None:
+                budget.update(await self.accounts.key_spending(record))  # what is left of it, as the client wants to know
         body = {
             "object": "credits",
             "tenant": principal.tenant,
@@ -201,9 +207,7 @@ class AuthUnit(Unit):
                 "rpm": principal.rpm,
                 "max_concurrency": principal.max_concurrency,
                 "expires_at": int(principal.expires_at) if principal.expires_at else None,
-                "budget": {"credits": principal.budget_credits, "period": principal.budget_period}
-                if principal.budget_credits is not None
-                else None,
+                "budget": budget,
             },
         }
         return web.json_response(body)

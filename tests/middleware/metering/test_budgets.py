@@ -113,5 +113,9 @@ async def test_released_and_expired_holds_give_the_budget_back(mock, gateway_fac
     await running.gateway.drain()
     spending = await accounts.key_spending(await accounts.get_key(record.id))
     assert spending["held"] == 0 and 0 < spending["spent"] < 60
+    # The client sees what is left of its budget (it used to see the budget without what was spent).
+    async with aiohttp.ClientSession(base_url=running.base_url, headers=headers) as client:
+        async with client.get("/v1/credits") as resp:
+            assert (await resp.json())["key"]["budget"] == {"credits": 60, "period": "month", **spending}
     assert time.strftime("m:%Y%m", time.gmtime()) == (await running.gateway.store.redis.hget(
         running.gateway.store.tenant_key(tenant, "budget", record.id), "period"))

@@ -49,8 +49,6 @@ from proxy.store.store import Script
 RATELIMIT = Script.load("middleware.rate_limit", "ratelimit")
 # A slot release the store did not take is retried: first pause, longest pause (seconds).
 RETRY_FIRST, RETRY_MAX = 0.1, 5.0
-# Longest a reply waits for its slot's release (then it goes on in the background).
-RELEASE_WAIT = 2.0
 
 log = structlog.get_logger("sovereign")
 
@@ -81,6 +79,43 @@ class RateLimitUnit(Unit):
         # Members of the Redis sets: unique across replicas without a random call per request.
         self._instance = os.urandom(6).hex()
         self._seq = itertools.count().__next__  # `next` is the pipeline's parameter name here
+        # Removals the store did not take, retried in the background (ended at shutdown).
+        self._retrying: set[asyncio.Task[None]] = set()
+
+    async def shutdown(self) -> None:
+        # A store still down at exit: the slots free themselves when their leases expire.
+        for task in list(self._retrying):
+            task.cancel()
+        await asyncio.gather(*self._retrying, return_exceptions=True)
+
+    async def remove(self, keys: tuple[str, ...], member: str, until: float) -> None:
+        """Take `member` out of `keys`; if the store is down, keep retrying in the background.
+
+        One attempt was not enough: a release during a Redis restart left the slot
+        taken for the whole lease (11 minutes by default), and a key with
+        ``max_concurrency: 1`` got 429 all that time. The retries run until the
+        store answers or the slot would have expired anyway (or the process exits).
+        """
+        try:
+            await _zrem_all(self.gateway.store, keys, member)
+        except StoreUnavailable:
+            task = asyncio.get_running_loop().create_task(self._retry(keys, member, until))
+            self._retrying.add(task)
+            task.add_done_callback(self._retrying.discard)
+
+    async def _retry(self, keys: tuple[str, ...], member: str, until: float) -> None:
+        pause = RETRY_FIRST
+        while True:
+            if time.monotonic() + pause >= until:
+                log.warning("rate_limit.release_failed", keys=list(keys), message="the slot frees itself when its lease expires")
+                return
+            await asyncio.sleep(pause)
+            pause = min(pause * 2, RETRY_MAX)
+            try:
+                await _zrem_all(self.gateway.store, keys, member)
+                return
+            except StoreUnavailable:
+                continue
 
     async def __call__(self, call: Call, next: Next) -> Reply:
         principal = call.principal
@@ -100,7 +135,7 @@ class RateLimitUnit(Unit):
         except StoreUnavailable:
             # The script may have run before the reply was lost: this request is
             # not served, so take back what it may have recorded (a no-op otherwise).
-            self.gateway.spawn(_remove(store, (rpm_key, lease_key), member, self._expiry()), "rate_limit.forget")
+            self.gateway.spawn(self.remove((rpm_key, lease_key), member, self._expiry()), "rate_limit.forget")
             raise
         if rpm:
             headers = call.response_headers
@@ -112,7 +147,7 @@ class RateLimitUnit(Unit):
             raise RateLimited(REFUSALS[refused].format(limit=limit), retry_after=max(1, math.ceil(retry_ms / 1000)))
         if not concurrency:
             return await next(call)
-        release = _Release(self.gateway, lease_key, member, self._expiry())
+        release = _Release(self, lease_key, member, self._expiry())
         try:
             reply = await next(call)
         except BaseException:
@@ -145,34 +180,19 @@ def duration(ms: int) -> str:
     return f"{seconds}s"
 
 
-async def _remove(store: Any, keys: tuple[str, ...], member: str, until: float) -> None:
-    """Take `member` out of `keys`, retried while the store is down, until the slot would have expired anyway.
-
-    One attempt was not enough: a release during a Redis restart left the slot
-    taken for the whole lease (11 minutes by default), and a key with
-    ``max_concurrency: 1`` got 429 all that time.
-    """
-    pause = RETRY_FIRST
+async def _zrem_all(store: Any, keys: tuple[str, ...], member: str) -> None:
     for key in keys:
-        while True:
-            try:
-                await store.redis.zrem(key, member)
-                break
-            except StoreUnavailable:
-                if time.monotonic() + pause >= until:
-                    log.warning("rate_limit.release_failed", key=key, message="the slot frees itself when its lease expires")
-                    return
-                await asyncio.sleep(pause)
-                pause = min(pause * 2, RETRY_MAX)
+        await store.redis.zrem(key, member)
 
 
 class _Release:
     """Frees one concurrency slot, once, even when the request is being cancelled."""
 
-    __slots__ = ("gateway", "key", "member", "until", "done")
+    __slots__ = ("unit", "gateway", "key", "member", "until", "done")
 
-    def __init__(self, gateway: Gateway, key: str, member: str, until: float) -> None:
-        self.gateway = gateway
+    def __init__(self, unit: RateLimitUnit, key: str, member: str, until: float) -> None:
+        self.unit = unit
+        self.gateway = unit.gateway
         self.key = key
         self.member = member
         self.until = until
@@ -192,8 +212,8 @@ class _Release:
             return
         self.done = True
         # A background task survives the client's cancellation; shield lets us
-        # still wait for it on the normal path, but not through the retries of
-        # a store that is down (the reply must not wait for Redis to come back).
-        task = self.gateway.spawn(_remove(self.gateway.store, (self.key,), self.member, self.until), "rate_limit.release")
-        with suppress(Exception, TimeoutError):
-            await asyncio.wait_for(asyncio.shield(task), RELEASE_WAIT)
+        # still wait for it on the normal path (its first attempt; the retries
+        # of a store that is down go on without the reply).
+        task = self.gateway.spawn(self.unit.remove((self.key,), self.member, self.until), "rate_limit.release")
+        with suppress(Exception):
+            await asyncio.shield(task)

@@ -16,11 +16,11 @@ import os
 import re
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 from urllib.parse import urlsplit, urlunsplit
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, SecretStr, ValidationError, field_validator, model_validator
 
 from proxy.core.params import field_path
 
@@ -44,6 +44,16 @@ _NOT_SETTINGS = {"SOVEREIGN_CONFIG", "SOVEREIGN_TEST_REDIS_URL"}
 
 class ConfigError(Exception):
     """The configuration is invalid; the message names each bad field path."""
+
+
+def _http_url(value: str) -> str:
+    if not value.startswith(("http://", "https://")):
+        raise ValueError("must be an http:// or https:// URL")
+    return value
+
+
+# A URL setting that must be http(s) (webhooks, MCP servers).
+HttpURL = Annotated[str, AfterValidator(_http_url)]
 
 
 class Section(BaseModel):
@@ -165,7 +175,7 @@ class LedgerSettings(Section):
 
 
 class WebhookSettings(Section):
-    url: str | None = Field(None, description="Where events (`tenant.balance_low`, `key.budget_exhausted`, `tenant.credits_added`) are POSTed (http or https); unset: no events are recorded.")
+    url: HttpURL | None = Field(None, description="Where events (`tenant.balance_low`, `key.budget_exhausted`, `tenant.credits_added`) are POSTed (http or https); unset: no events are recorded.")
     secret: SecretStr | None = Field(None, description="Key of the `Sovereign-Signature` HMAC-SHA256 over `<t>.<body>`; required with `url`.")
     timeout_seconds: float = Field(10.0, gt=0, description="Seconds one delivery attempt may take.")
     retry_seconds: float = Field(1.0, gt=0, description="First pause after a failed delivery; doubles per failure up to `max_retry_seconds`.")
@@ -173,13 +183,6 @@ class WebhookSettings(Section):
     max_age_seconds: float = Field(86400.0, gt=0, description="An event still undelivered after this long is dropped (logged as an error).")
     poll_seconds: float = Field(1.0, gt=0, description="How often the delivering replica looks for new events.")
     lease_seconds: float = Field(15.0, gt=0, description="Lease that makes one replica at a time the deliverer; another takes over when it lapses.")
-
-    @field_validator("url")
-    @classmethod
-    def _http(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
-        return value
 
     @model_validator(mode="after")
     def _signed(self) -> WebhookSettings:
@@ -295,7 +298,7 @@ TOOL_SERVER_LABEL = r"^[A-Za-z0-9_-]{1,48}$"
 class ToolServerSettings(Section):
     """One MCP server the gateway itself calls for agent models (`tool_servers.<label>`)."""
 
-    url: str | None = Field(None, description="Streamable-HTTP endpoint of the MCP server (`http(s)://…/mcp`); or give `command`.")
+    url: HttpURL | None = Field(None, description="Streamable-HTTP endpoint of the MCP server (`http(s)://…/mcp`); or give `command`.")
     headers: dict[str, SecretStr] = Field(default_factory=dict, description="HTTP headers sent to the server (e.g. `Authorization`).")
     command: list[str] | None = Field(None, description="Start the server as a child process over stdio: `[program, arg…]`.")
     env: dict[str, SecretStr] = Field(
@@ -305,13 +308,6 @@ class ToolServerSettings(Section):
     timeout_seconds: float = Field(30.0, gt=0, description="Seconds one tool call may take before it counts as failed.")
     max_result_bytes: int = Field(65536, ge=1, description="Tool results are cut to this many bytes before the model sees them.")
     price_per_call: int = Field(0, ge=0, description="Credits charged per call of this server's tools (0: free).")
-
-    @field_validator("url")
-    @classmethod
-    def _http(cls, value: str | None) -> str | None:
-        if value is not None and not value.startswith(("http://", "https://")):
-            raise ValueError("must be an http:// or https:// URL")
-        return value
 
     @model_validator(mode="after")
     def _one_transport(self) -> ToolServerSettings:

@@ -33,8 +33,8 @@ import itertools
 import math
 import os
 import time
-from contextlib import suppress
 from collections.abc import Awaitable
+from contextlib import suppress
 from typing import TYPE_CHECKING, Any
 
 import structlog
@@ -158,7 +158,6 @@ class RateLimitUnit(Unit):
         else:
             reply.events = EventStream(reply.events, on_close=lambda _completed: release.after(call))
         return reply
-
 
     def _expiry(self) -> float:
         """When a slot taken now expires by itself (monotonic): retrying its removal past that is pointless."""

@@ -403,7 +403,8 @@ class MeteringUnit(Unit):
             prompt = prompt_estimate(size, 0, self.settings.chars_per_token)
             return Ticket(call, pricing, model, self._keys(call.principal.tenant), "", 0, prompt, 0, size, False)
         messages = body.get("messages")
-        prompt = prompt_estimate(size, len(messages) if isinstance(messages, list) else 0, self.settings.chars_per_token)
+        count = len(messages) if isinstance(messages, list) else 0
+        prompt = prompt_estimate(size, count, self.settings.chars_per_token)
         n = choices(body)
         cap = output_cap(body)
         if cap is None:
@@ -416,7 +417,7 @@ class MeteringUnit(Unit):
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 call.set("stream_options", {**(options if isinstance(options, dict) else {}), "include_usage": True})
                 added_usage = True
-        input_limit = prompt_estimate(size, len(messages) if isinstance(messages, list) else 0, 1)
+        input_limit = prompt_estimate(size, count, 1)  # the strict bound: a token is at least one byte
         ticket = Ticket(call, pricing, model, self._keys(call.principal.tenant), "", 0, prompt, cap * n, input_limit, added_usage)
         ticket.budget = budget_tail(self.store, call.principal)
         return ticket

@@ -4,9 +4,10 @@
 body: `system` (a string or text blocks) becomes the leading system message;
 user turns keep their text, and their `tool_result` blocks become `tool`
 messages (placed first, right after the assistant turn that called them, as
-chat requires); assistant turns keep their text, and their `tool_use` blocks
-become `tool_calls` with the `input` serialised as `arguments`. `thinking`
-blocks are dropped (chat providers take no reasoning input); `cache_control`
+chat requires; one with `is_error` says so first, as chat has no such
+flag); assistant turns keep their text, and their `tool_use` blocks become
+`tool_calls` with the `input` serialised as `arguments`. `thinking` blocks
+are dropped (chat providers take no reasoning input); `cache_control`
 is ignored wherever it appears. `tools` (`input_schema`) become function
 tools, a name over the 64 characters chat providers take shortened to a
 head and a hash (`provider_tool_name`; the reply maps it back); `tool_choice`
@@ -35,6 +36,8 @@ from proxy.core.errors import ApiError, invalid_request
 # (`mcp__<server>__<tool>`) often need more than 64.
 CHAT_NAME_LIMIT = 64
 _DIGEST = 8
+# What a tool message starts with for a `tool_result` with `is_error: true`.
+TOOL_ERROR = "Error"
 
 
 def provider_tool_name(name: str) -> str:
@@ -119,6 +122,9 @@ def _tool_result(block: dict[str, Any], param: str) -> dict[str, Any]:
                 raise _media(part.get("type"), where)
             texts.append(_text(part, where))
         text = "\n".join(texts)
+    if block.get("is_error") is True:
+        # Chat tool messages have no error flag: the model learns the call failed from the text.
+        text = f"{TOOL_ERROR}: {text}" if text else TOOL_ERROR
     return {"role": "tool", "tool_call_id": call_id, "content": text}
 
 

@@ -7,6 +7,15 @@ are numbered densely in the order they open: `thinking` (reasoning deltas as
 `thinking_delta`), `text` (`text_delta`), `tool_use` (one per provider tool
 call, its argument fragments as `input_json_delta`). A block is stopped when
 the next one starts, so at most one is open at a time, as Anthropic streams them.
+
+Tool calls: a block cannot start before its name is known, and a stopped block
+cannot take more input. Providers differ on both: some send a call's name in a
+later fragment than its id, some interleave the fragments of parallel calls
+(index 0, 1, 0, 1 …). So the first call streams live once named, and every
+other call's fragments are kept and sent at the end, each as one whole block:
+the input of each call is complete and in its own block whatever the
+provider's order, and a provider that streams calls one after another (OpenAI)
+still streams the first live.
 The provider's `refusal` text (structured outputs send it instead of content)
 is a `text` block, and the stop reason is then `refusal`.
 
@@ -42,6 +51,18 @@ class _Block:
         self.kind = kind  # "thinking", "text" or "tool_use"
 
 
+class _ToolUse:
+    """One provider tool call: what its fragments said so far, and its block once started."""
+
+    __slots__ = ("id", "name", "arguments", "block")
+
+    def __init__(self) -> None:
+        self.id: str | None = None
+        self.name: str | None = None
+        self.arguments: list[str] = []  # fragments not yet sent
+        self.block: _Block | None = None
+
+
 class StreamTranslator(ChunkTranslator):
     """Chat chunks in, Anthropic events out."""
 
@@ -54,7 +75,8 @@ class StreamTranslator(ChunkTranslator):
         self.input_estimate = input_estimate
         self.blocks = 0  # blocks opened so far (the next block's index)
         self.open: _Block | None = None
-        self.calls: dict[int, _Block] = {}  # provider tool-call index → its block
+        self.calls: dict[Any, _ToolUse] = {}  # provider tool-call index → the call, in the order first seen
+        self.live: _ToolUse | None = None  # the call whose block is open and streams as it comes
         self.finish_reason: Any = None
         self.matched: Any = None  # the provider's `stop_reason` (vLLM: the stop string hit)
         self.usage: Any = None
@@ -98,6 +120,7 @@ class StreamTranslator(ChunkTranslator):
         if self.open is not None:
             yield _event({"type": "content_block_stop", "index": self.open.index})
             self.open = None
+            self.live = None
 
     def _text(self, kind: str, text: str) -> Iterator[SSEEvent]:
         if self.open is None or self.open.kind != kind:
@@ -112,22 +135,48 @@ class StreamTranslator(ChunkTranslator):
     def on_tool_call(self, call: dict[str, Any]) -> Iterator[SSEEvent]:
         function: dict[str, Any] = call["function"] if isinstance(call.get("function"), dict) else {}
         index = call.get("index", 0)
-        block = self.calls.get(index)
-        if block is None:
-            start: dict[str, Any] = {"type": "tool_use", "id": call.get("id") or "toolu_" + os.urandom(12).hex(),
-                                      "name": client_tool_name(function.get("name"), self.names), "input": {}}
-            yield from self._start_block("tool_use", start)
-            assert self.open is not None
-            block = self.calls[index] = self.open
+        tool = self.calls.get(index)
+        if tool is None:
+            tool = self.calls[index] = _ToolUse()
+        if tool.id is None and isinstance(call.get("id"), str) and call["id"]:
+            tool.id = call["id"]
+        name = function.get("name")
+        if tool.name is None and isinstance(name, str) and name:
+            tool.name = name
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
-            yield _event({"type": "content_block_delta", "index": block.index,
-                          "delta": {"type": "input_json_delta", "partial_json": arguments}})
+            if tool is self.live:
+                yield self._input(tool, arguments)
+            elif tool.block is None:
+                tool.arguments.append(arguments)
+            # (else: its block was stopped by text the provider sent between its fragments; nothing can reopen it)
+        if tool.block is None and tool.name is not None and self.live is None and len(self.calls) == 1:
+            # The first call, named: it streams live (any later call waits for the end, see the module docstring).
+            yield from self._start_tool(tool)
+            self.live = tool
+
+    def _start_tool(self, tool: _ToolUse) -> Iterator[SSEEvent]:
+        """The block of `tool`: its start, and the input kept so far as one delta."""
+        start = {"type": "tool_use", "id": tool.id or "toolu_" + os.urandom(12).hex(),
+                 "name": client_tool_name(tool.name, self.names), "input": {}}
+        yield from self._start_block("tool_use", start)
+        tool.block = self.open
+        if tool.arguments:
+            yield self._input(tool, "".join(tool.arguments))
+            tool.arguments.clear()
+
+    def _input(self, tool: _ToolUse, partial_json: str) -> SSEEvent:
+        assert tool.block is not None
+        return _event({"type": "content_block_delta", "index": tool.block.index,
+                       "delta": {"type": "input_json_delta", "partial_json": partial_json}})
 
     def finish(self) -> Iterator[SSEEvent]:
         """Close the open block, then `message_delta` and `message_stop`."""
         if self.finish_reason is None and not self.saw_done:
             raise UpstreamError("The upstream provider ended the stream early.")
+        for tool in self.calls.values():
+            if tool.block is None:  # kept for the end: after the first call, or never named
+                yield from self._start_tool(tool)
         yield from self._stop_open()
         finish = self.finish_reason
         if finish in (None, "stop") and self.calls:

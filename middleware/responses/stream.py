@@ -300,7 +300,7 @@ class StreamTranslator(ChunkTranslator):
         return item.kind == "reasoning" and self.reasoning_mode != "summary"
 
     def on_tool_call(self, call: dict[str, Any]) -> Iterator[SSEEvent]:
-        function = call.get("function") or {}
+        function: dict[str, Any] = call["function"] if isinstance(call.get("function"), dict) else {}
         index = call.get("index", 0)
         item = self.calls.get(index)
         if item is None:
@@ -310,6 +310,8 @@ class StreamTranslator(ChunkTranslator):
                 "function_call", call.get("id") or new_id("call_"), function.get("name") or "")
             yield self._event({"type": "response.output_item.added", "output_index": item.index,
                                "item": item.announced()})
+        elif not item.name and isinstance(function.get("name"), str):
+            item.name = function["name"]  # some providers name a call in a later fragment than its first
         arguments = function.get("arguments")
         if isinstance(arguments, str) and arguments:
             item.parts.append(arguments)

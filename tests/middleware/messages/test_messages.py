@@ -210,6 +210,62 @@ async def test_tool_round_trip(gateway_factory, redis_prefix):
             assert text == "It is sunny."
 
 
+async def test_interleaved_parallel_calls_named_late_stream_as_whole_blocks(gateway_factory, redis_prefix):
+    """A provider that interleaves two calls' fragments and names the first after its id (vLLM-style parsers)."""
+    seen: list[dict] = []
+
+    async def interleaving(request: web.Request) -> web.StreamResponse:
+        seen.append(await request.json())
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        head = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
+        fragments = [
+            {"index": 0, "id": "call_a", "type": "function", "function": {"arguments": ""}},
+            {"index": 0, "function": {"name": "get_weather", "arguments": '{"city": '}},
+            {"index": 1, "id": "call_b", "type": "function", "function": {"name": "get_weather", "arguments": '{"ci'}},
+            {"index": 0, "function": {"arguments": '"Paris"}'}},
+            {"index": 1, "function": {"arguments": 'ty": "Rome"}'}},
+        ]
+        for fragment in fragments:
+            chunk = {**head, "choices": [{"index": 0, "delta": {"tool_calls": [fragment]}, "finish_reason": None}]}
+            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+        await response.write(b"data: " + orjson.dumps({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}) + b"\n\n")
+        await response.write(b"data: " + orjson.dumps({**head, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}}) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    async with provider(interleaving) as url:
+        running, accounts = await gateway(gateway_factory, url, redis_prefix)
+        tenant, key = await tenant_key(accounts)
+        async with anthropic.AsyncAnthropic(base_url=running.base_url, api_key=key, max_retries=0) as client:
+            question = {"role": "user", "content": "Weather in Paris and Rome?"}
+            async with client.messages.stream(model=MODEL, max_tokens=200, messages=[question], tools=[WEATHER]) as stream:
+                events = [event async for event in stream]
+                final = await stream.get_final_message()
+            # Each block is started, filled and stopped before the next starts.
+            blocks = [(e.type, e.index) for e in events if e.type.startswith("content_block_")]
+            assert blocks == [("content_block_start", 0), ("content_block_delta", 0), ("content_block_delta", 0),
+                              ("content_block_stop", 0), ("content_block_start", 1), ("content_block_delta", 1),
+                              ("content_block_stop", 1)]
+            assert [(b.type, b.id, b.name, b.input) for b in final.content] == [
+                ("tool_use", "call_a", "get_weather", {"city": "Paris"}),
+                ("tool_use", "call_b", "get_weather", {"city": "Rome"}),
+            ]
+            assert final.stop_reason == "tool_use"
+
+            # The failed call's result tells the model so (chat has no is_error).
+            turns = [question, {"role": "assistant", "content": final.content},
+                     {"role": "user", "content": [
+                         {"type": "tool_result", "tool_use_id": "call_a", "content": "sunny"},
+                         {"type": "tool_result", "tool_use_id": "call_b", "content": "city not found", "is_error": True}]}]
+            async with client.messages.stream(model=MODEL, max_tokens=200, messages=turns, tools=[WEATHER]) as stream:
+                await stream.get_final_message()
+            assert seen[-1]["messages"][-2:] == [
+                {"role": "tool", "tool_call_id": "call_a", "content": "sunny"},
+                {"role": "tool", "tool_call_id": "call_b", "content": "Error: city not found"},
+            ]
+
+
 async def test_ping_while_the_model_is_silent_then_the_stream(gateway_factory, redis_prefix):
     async def slow(request: web.Request) -> web.StreamResponse:
         response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})

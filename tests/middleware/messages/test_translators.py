@@ -32,7 +32,7 @@ def test_tool_results_go_first_and_choices_map():
     assert [c["id"] for c in chat["messages"][1]["tool_calls"]] == ["t1", "t2"]
     assert chat["messages"][2:] == [
         {"role": "tool", "tool_call_id": "t1", "content": "one"},
-        {"role": "tool", "tool_call_id": "t2", "content": ""},
+        {"role": "tool", "tool_call_id": "t2", "content": "Error"},
         {"role": "user", "content": "here:"},
     ]
     assert to_chat({"model": "m", "messages": [{"role": "user", "content": "x"}], "tools": [{"name": "a", "input_schema": {}}],
@@ -95,6 +95,22 @@ def test_stream_parallel_tool_calls_are_dense_blocks():
     ]
     assert events[-2]["delta"] == {"stop_reason": "tool_use", "stop_sequence": None}
     assert events[-2]["usage"]["input_tokens"] == 5 and events[-2]["usage"]["output_tokens"] == 2
+
+
+def test_stream_first_call_streams_live_and_a_call_named_late_waits_for_its_name():
+    translator = StreamTranslator("msg_1", "m", None, 1)
+    out = []
+    for fragment in [{"index": 0, "id": "a", "function": {"arguments": '{"x"'}},  # no name yet: nothing to start
+                     {"index": 0, "function": {"name": "f", "arguments": ": 1"}},
+                     {"index": 0, "function": {"arguments": "}"}}]:
+        out.append([e.json() for e in translator.chunk(_chunk({"tool_calls": [fragment]}))])
+    assert out[0] == []
+    assert [e["type"] for e in out[1]] == ["content_block_start", "content_block_delta"]
+    assert out[1][0]["content_block"] == {"type": "tool_use", "id": "a", "name": "f", "input": {}}
+    assert out[1][1]["delta"]["partial_json"] == '{"x": 1'  # what was kept, then the fragment
+    assert out[2][0]["delta"]["partial_json"] == "}"  # live from then on
+    list(translator.chunk(_chunk(finish="tool_calls")))
+    assert [e.json()["type"] for e in translator.finish()] == ["content_block_stop", "message_delta", "message_stop"]
 
 
 def test_stream_failures_raise_for_the_relay():

@@ -191,6 +191,22 @@ def test_provider_done_without_finish_reason_completes():
     assert events[-1]["response"]["output"][0]["content"][0]["text"] == "hi"
 
 
+def test_a_call_named_in_a_later_fragment_keeps_its_name():
+    """Some providers send a tool call's id first and its name in the next fragment."""
+    translator = StreamTranslator(skeleton({}, "resp_x", MODEL, [], False))
+    list(translator.start())
+    for fragment in [{"index": 0, "id": "call_1", "function": {"arguments": ""}},
+                     {"index": 0, "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'}}]:
+        list(translator.chunk({"choices": [{"index": 0, "delta": {"tool_calls": [fragment]}}]}))
+    list(translator.chunk({"choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}))
+    events = [event.json() for event in translator.finish()]
+    (done,) = [e for e in events if e["type"] == "response.function_call_arguments.done"]
+    assert done["name"] == "get_weather"
+    (call,) = events[-1]["response"]["output"]
+    assert (call["type"], call["call_id"], call["name"], call["arguments"]) == (
+        "function_call", "call_1", "get_weather", '{"city": "Paris"}')
+
+
 async def test_leaving_at_the_opening_events_closes_the_chat_stream():
     """A client gone at `response.created` must still close what lies beneath (provider, metering)."""
     import asyncio as _asyncio

@@ -253,13 +253,19 @@ class Accounts:
             raise invalid_request("`idempotency_key` is a string of 1-200 characters.", param="idempotency_key")
         entry_id = f"topup:{idempotency_key}"
         entry = _entry_prefix({"id": entry_id, "type": "topup", "credits": amount, "created_at": int(time.time())})
-        keys = [*self.tenant_keys(tenant), events_key(self.store, tenant)]
+        keys = [*self.tenant_keys(tenant), events_key(self.store, tenant), self.store.tenant_key(tenant, "topups")]
         args = [amount, entry_id, entry, "1" if self.events else "", int(time.time()), MAX_BALANCE]
         status, _, pushed = await self.store.run(TENANT_CREDIT, keys, args)
         if status == -1:
             raise not_found("tenant")
         if status == -2:
             raise invalid_request(f"This top-up would take the balance above {MAX_BALANCE:,} credits.", param="amount")
+        if status == -3:
+            # As the IETF Idempotency-Key draft says: a reused key with another payload is the client's error.
+            raise ApiError(
+                422, "This idempotency key was already used for a top-up of a different amount; nothing changed.",
+                code="idempotency_key_reused", param="idempotency_key",
+            )
         if pushed:
             await mark_pending(self.store, tenant)
         return status == 1, await self.tenant(tenant)

@@ -5,6 +5,7 @@
 --   hold_amounts  HASH  hold id -> credits held
 --   ledger        LIST  JSON entries, newest first
 --   ledger_ids    SET   ids of applied entries (idempotency: "topup:<key>", "req:<request id>")
+--   topups        HASH  "topup:<key>" -> the amount that top-up applied (a reused key must repeat it)
 
 -- Drop holds whose expiry has passed and give their credits back.
 local function sweep_holds(tenant_key, holds_key, amounts_key, now_ms)

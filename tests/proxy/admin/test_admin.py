@@ -47,6 +47,10 @@ async def test_tenant_credit_and_ledger_contract(admin):
     for _ in range(3):  # one idempotency key applies once
         status, after = await call(admin, "POST", "/admin/tenants/acme/credits", json={"amount": 500, "idempotency_key": "inv-1"})
         assert (status, after["balance"]) == (200, 1500)
+    # The same key with another amount is refused (not replayed as if it matched), and changes nothing.
+    status, error = await call(admin, "POST", "/admin/tenants/acme/credits", json={"amount": 400, "idempotency_key": "inv-1"})
+    assert_error(status, error, 422, "idempotency_key")
+    assert error["error"]["code"] == "idempotency_key_reused"
     status, after = await call(admin, "POST", "/admin/tenants/acme/credits", json={"amount": 5})
     assert after["balance"] == 1505
     assert_error(*await call(admin, "POST", "/admin/tenants/nobody/credits", json={"amount": 5}), 404)

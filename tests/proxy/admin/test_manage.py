@@ -36,6 +36,8 @@ def test_tenant_and_key_workflow(sovereign):
     assert "added 250" in first.stdout and "1250" in first.stdout
     again = sovereign("tenants", "topup", "acme", "250", "--idempotency-key", "inv-7", "--json")
     assert json.loads(again.stdout)["balance"] == 1250  # applied once
+    other = sovereign("tenants", "topup", "acme", "300", "--idempotency-key", "inv-7", ok=False)
+    assert "different amount" in other.stderr and "Traceback" not in other.stderr
     auto = sovereign("tenants", "topup", "acme", "5")
     assert "idempotency key: auto-" in auto.stderr
 

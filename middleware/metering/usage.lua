@@ -13,6 +13,18 @@ local function usage_add(bucket_key, expire_at, prefix, input, output, credits)
   redis.call('EXPIREAT', bucket_key, expire_at)
 end
 
+-- A budget period id (budgets.py: d:YYYYMMDD, m:YYYYMM, t) as the event's fields:
+-- "period" as the key's budget names it, and the UTC day or month it covers.
+local function period_fields(id)
+  local kind = id:sub(1, 1)
+  if kind == 'd' then
+    return ',"period":"day","period_start":"' .. id:sub(3, 6) .. '-' .. id:sub(7, 8) .. '-' .. id:sub(9, 10) .. '"'
+  elseif kind == 'm' then
+    return ',"period":"month","period_start":"' .. id:sub(3, 6) .. '-' .. id:sub(7, 8) .. '"'
+  end
+  return ',"period":"total"'
+end
+
 -- The trailing arguments (after hold_settle's own), in this order:
 -- KEYS: usage hour bucket, usage day bucket, events, budget, budget_holds
 -- ARGV: "usage", key id, model, input tokens, output tokens, hour expire-at, day expire-at,
@@ -39,7 +51,7 @@ local function settle_extras(keys, argv, hold_id, cost, balance)
   end
   if exhausted then
     pushed = pushed + event_push(keys[k + 2], keys[1], 'key.budget_exhausted',
-      '"key_id":"' .. argv[a + 1] .. '","budget":' .. as_int(limit) .. ',"spent":' .. as_int(spent) .. ',"period":"' .. argv[a + 9] .. '"', created)
+      '"key_id":"' .. argv[a + 1] .. '","budget":' .. as_int(limit) .. ',"spent":' .. as_int(spent) .. period_fields(argv[a + 9]), created)
   end
   return pushed
 end

@@ -149,7 +149,15 @@ async def test_a_failing_receiver_is_retried_and_budget_exhaustion_is_sent(mock,
         assert len({body for _, body in receiver.attempts}) == 1 and verify(*receiver.attempts[0])
         (event,) = receiver.of("key.budget_exhausted")
         assert event["data"]["key_id"] == record.id and event["data"]["budget"] == 30 and event["data"]["spent"] >= 30
-        assert event["data"]["period"] == time.strftime("d:%Y%m%d", time.gmtime())
+        assert (event["data"]["period"], event["data"]["period_start"]) == ("day", time.strftime("%Y-%m-%d", time.gmtime()))
+
+        for period, start in (("month", time.strftime("%Y-%m", time.gmtime())), ("total", None)):
+            key, record = await accounts.create_key(tenant, budget_credits=30, budget_period=period)
+            while (await chat(replicas[0].base_url, key, 1)) == [200]:
+                await replicas[0].gateway.drain()
+            await until(lambda: any(e["data"]["key_id"] == record.id for e in receiver.of("key.budget_exhausted")), timeout=10)
+            (event,) = [e for e in receiver.of("key.budget_exhausted") if e["data"]["key_id"] == record.id]
+            assert (event["data"]["period"], event["data"].get("period_start")) == (period, start)
     finally:
         await runner.cleanup()
 

@@ -208,7 +208,7 @@ class LegacyFunctionsUnit(Unit):
 def _legacy_event(event: SSEEvent) -> SSEEvent | None:
     """A chat chunk as a legacy client reads it (None: nothing left to send)."""
     # Cheap filter: only events mentioning tool_calls can need a change.
-    if b"tool_calls" not in event.raw:
+    if event.raw.find(b"tool_calls") == -1:  # (not `in`: see proxy/upstream/router.py, Upstream.redact)
         return event
     chunk = event.json()
     if not isinstance(chunk, dict):

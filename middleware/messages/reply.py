@@ -104,8 +104,11 @@ def to_message(
         content.append({"type": "tool_use", "id": call.get("id") or "toolu_" + os.urandom(12).hex(),
                         "name": client_tool_name(function.get("name"), names), "input": tool_input(function.get("arguments"))})
     finish = choice.get("finish_reason")
-    if finish == "stop" and any(block["type"] == "tool_use" for block in content):
+    called = any(block["type"] == "tool_use" for block in content)
+    if finish == "stop" and called:
         finish = "tool_calls"  # some providers finish a tool call with "stop"
+    elif finish in ("tool_calls", "function_call") and not called:
+        finish = "stop"  # tool_use promises a tool_use block (tool loops rely on it)
     result = message_skeleton(message_id, model, usage_of(completion.get("usage")))
     result["content"] = content
     result["stop_reason"], result["stop_sequence"] = (

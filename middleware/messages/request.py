@@ -14,7 +14,9 @@ head and a hash (`provider_tool_name`; the reply maps it back); `tool_choice`
 auto/any/tool/none becomes auto/required/the named function/none;
 `stop_sequences`, `max_tokens`, `temperature`, `top_p` and
 `metadata.user_id` map onto `stop`, `max_completion_tokens`, `temperature`,
-`top_p` and `user`. `top_k`, `thinking` and `service_tier` have no chat
+`top_p` and `user`; `output_config.format` (structured outputs) becomes a
+strict `json_schema` `response_format`, a tool's `strict` its function's.
+`top_k`, `thinking` and `service_tier` have no chat
 equivalent every provider accepts and are not forwarded.
 
 The validation unit has already checked the body against
@@ -202,7 +204,7 @@ def chat_tools(tools: Any) -> list[dict[str, Any]]:
         raise _bad("`tools` is a list.", "tools")
     chat = []
     for i, tool in enumerate(tools):
-        kind = tool.get("type", "custom") if isinstance(tool, dict) else None
+        kind = (tool.get("type") or "custom") if isinstance(tool, dict) else None  # (type may be null)
         if kind != "custom":
             raise ApiError(
                 400,
@@ -218,6 +220,8 @@ def chat_tools(tools: Any) -> list[dict[str, Any]]:
         function: dict[str, Any] = {"name": provider_tool_name(name), "parameters": schema}
         if isinstance(tool.get("description"), str):
             function["description"] = tool["description"]
+        if isinstance(tool.get("strict"), bool):
+            function["strict"] = tool["strict"]
         chat.append({"type": "function", "function": function})
     return chat
 
@@ -235,6 +239,18 @@ def chat_tool_choice(choice: Any) -> tuple[Any, bool | None]:
     if kind == "tool" and isinstance(choice.get("name"), str):
         return {"type": "function", "function": {"name": provider_tool_name(choice["name"])}}, parallel
     raise _bad("`tool_choice.type` is auto, any, tool (with a `name`) or none.", "tool_choice.type")
+
+
+def chat_response_format(output_format: Any) -> dict[str, Any]:
+    """`output_config.format` (structured outputs) → chat's `response_format`.
+
+    Anthropic guarantees the schema (constrained decoding), which chat asks
+    for with `strict: true`; the schema needs no name there, chat's does.
+    """
+    schema = output_format.get("schema") if isinstance(output_format, dict) else None
+    if not isinstance(output_format, dict) or output_format.get("type") != "json_schema" or not isinstance(schema, dict):
+        raise _bad("`output_config.format` is `{\"type\": \"json_schema\", \"schema\": {…}}`.", "output_config.format")
+    return {"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": True}}
 
 
 def to_chat(body: dict[str, Any]) -> dict[str, Any]:
@@ -258,6 +274,9 @@ def to_chat(body: dict[str, Any]) -> dict[str, Any]:
     metadata = body.get("metadata")
     if isinstance(metadata, dict) and isinstance(metadata.get("user_id"), str):
         chat["user"] = metadata["user_id"]
+    output_format = body.get("output_config", {}).get("format") if isinstance(body.get("output_config"), dict) else None
+    if output_format is not None:
+        chat["response_format"] = chat_response_format(output_format)
     if body.get("stream") is True:
         chat["stream"] = True
         # message_delta carries the output usage, so always ask the provider for it.

@@ -75,7 +75,8 @@ class StreamTranslator(ChunkTranslator):
         self.input_estimate = input_estimate
         self.blocks = 0  # blocks opened so far (the next block's index)
         self.open: _Block | None = None
-        self.calls: dict[Any, _ToolUse] = {}  # provider tool-call index → the call, in the order first seen
+        self.calls: dict[Any, _ToolUse] = {}  # provider tool-call index → its latest call
+        self.tools: list[_ToolUse] = []  # every call, in the order first seen
         self.live: _ToolUse | None = None  # the call whose block is open and streams as it comes
         self.finish_reason: Any = None
         self.matched: Any = None  # the provider's `stop_reason` (vLLM: the stop string hit)
@@ -135,11 +136,14 @@ class StreamTranslator(ChunkTranslator):
     def on_tool_call(self, call: dict[str, Any]) -> Iterator[SSEEvent]:
         function: dict[str, Any] = call["function"] if isinstance(call.get("function"), dict) else {}
         index = call.get("index", 0)
+        call_id = call["id"] if isinstance(call.get("id"), str) and call["id"] else None
         tool = self.calls.get(index)
-        if tool is None:
+        # Another id at a known index is another call: Ollama numbers parallel calls all 0, some adapters send no index.
+        if tool is None or (call_id is not None and tool.id is not None and call_id != tool.id):
             tool = self.calls[index] = _ToolUse()
-        if tool.id is None and isinstance(call.get("id"), str) and call["id"]:
-            tool.id = call["id"]
+            self.tools.append(tool)
+        if tool.id is None:
+            tool.id = call_id
         name = function.get("name")
         if tool.name is None and isinstance(name, str) and name:
             tool.name = name
@@ -150,7 +154,7 @@ class StreamTranslator(ChunkTranslator):
             elif tool.block is None:
                 tool.arguments.append(arguments)
             # (else: its block was stopped by text the provider sent between its fragments; nothing can reopen it)
-        if tool.block is None and tool.name is not None and self.live is None and len(self.calls) == 1:
+        if tool.block is None and tool.name is not None and self.live is None and len(self.tools) == 1:
             # The first call, named: it streams live (any later call waits for the end, see the module docstring).
             yield from self._start_tool(tool)
             self.live = tool
@@ -170,22 +174,29 @@ class StreamTranslator(ChunkTranslator):
         return _event({"type": "content_block_delta", "index": tool.block.index,
                        "delta": {"type": "input_json_delta", "partial_json": partial_json}})
 
-    def finish(self) -> Iterator[SSEEvent]:
-        """Close the open block, then `message_delta` and `message_stop`."""
+    def finish(self, billed: Any = None) -> Iterator[SSEEvent]:
+        """Close the open block, then `message_delta` and `message_stop`.
+
+        `billed` is the usage metering charged (`Call.usage`), reported when
+        the provider reported none (an estimate then).
+        """
         if self.finish_reason is None and not self.saw_done:
             raise UpstreamError("The upstream provider ended the stream early.")
-        for tool in self.calls.values():
+        for tool in self.tools:
             if tool.block is None:  # kept for the end: after the first call, or never named
                 yield from self._start_tool(tool)
         yield from self._stop_open()
         finish = self.finish_reason
-        if finish in (None, "stop") and self.calls:
+        if finish in (None, "stop") and self.tools:
             finish = "tool_calls"  # some providers finish a tool call with "stop"
+        elif finish in ("tool_calls", "function_call") and not self.tools:
+            finish = "stop"  # tool_use promises a tool_use block (tool loops rely on it)
         reason, sequence = stop_reason(finish or "stop", self.matched, self.stop_sequences)
         if self.refused:
             reason, sequence = "refusal", None
-        usage = usage_of(self.usage)
-        if self.usage is None:
-            usage["input_tokens"] = self.input_estimate  # nothing better was reported
+        reported = self.usage if self.usage is not None else billed
+        usage = usage_of(reported)
+        if reported is None:
+            usage["input_tokens"] = self.input_estimate  # nothing better was reported or billed
         yield _event({"type": "message_delta", "delta": {"stop_reason": reason, "stop_sequence": sequence}, "usage": usage})
         yield _event({"type": "message_stop"})

@@ -88,18 +88,20 @@ class MessagesUnit(Unit):
             if reply.events is None:  # the provider's OpenAI-shaped 4xx, in Anthropic's shape
                 reply.set_json(errors.from_openai(reply.status, reply.body_bytes(), call.request_id))
             return reply
-        if reply.events is not None:
+        if reply.events is not None:  # (also a provider's completion the router streams, when it ignored `stream`)
             translator = StreamTranslator(message_id, model, stop_sequences, self.estimate(chat), names)
-            reply.events = EventStream(reply.events, transform=lambda chunks: self._translate(chunks, translator))
+            reply.events = EventStream(reply.events, transform=lambda chunks: self._translate(chunks, translator, call))
             reply.stream_error = errors.stream_event
             return reply
         completion = reply.json()
         if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
             raise not_a_completion(completion)
+        if not isinstance(completion.get("usage"), dict) and isinstance(call.usage, dict):
+            completion["usage"] = call.usage  # none reported: what metering billed (its estimate)
         reply.set_json(to_message(completion, message_id, model, stop_sequences, names))
         return reply
 
-    async def _translate(self, chunks: AsyncIterator[SSEEvent], translator: StreamTranslator) -> AsyncIterator[SSEEvent]:
+    async def _translate(self, chunks: AsyncIterator[SSEEvent], translator: StreamTranslator, call: Call) -> AsyncIterator[SSEEvent]:
         """The Anthropic events for the chat chunks (an `EventStream` transform: it closes `chunks`)."""
         for event in translator.start():
             yield event
@@ -114,5 +116,7 @@ class MessagesUnit(Unit):
                     yield event
             elif chunk_event.is_done:
                 translator.saw_done = True
-        for event in translator.finish():
+        # Metering has settled by now (the stream under this one ended): without
+        # reported usage, call.usage is the estimate it billed, which the client sees too.
+        for event in translator.finish(call.usage):
             yield event

@@ -853,7 +853,7 @@ class StreamMeter:
         for field in USAGE_NULL_FIELDS:
             # Cutting the field out of the provider's bytes gives exactly what it
             # sends without include_usage, and costs no re-serialisation.
-            if field in event.raw:
+            if event.raw.find(field) != -1:  # (not `in`: see proxy/upstream/router.py, Upstream.redact)
                 return SSEEvent.with_json(event.raw.replace(field, b"", 1), rest)
         return SSEEvent.from_json(rest)
 

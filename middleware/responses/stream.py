@@ -2,8 +2,8 @@
 
 `skeleton` builds the Response object echoed from the request; `complete`
 fills it from a `chat.completion` body; `StreamTranslator` turns a stream of
-`chat.completion.chunk` events (`as_chunk`: a finished completion as one, for
-a provider that ignored `stream`) into the Responses event sequence
+`chat.completion.chunk` events (also those the router makes of a provider's
+completion when it ignored `stream`) into the Responses event sequence
 (`response.created` … `response.completed`), with `sequence_number` from 0
 and dense `output_index` in the order items are announced.
 
@@ -152,19 +152,6 @@ def complete(response: dict[str, Any], completion: dict[str, Any], reasoning_mod
         output[-1]["status"] = status
     response["output"] = output
     _finish(response, finish_reason, completion.get("usage"))
-
-
-def as_chunk(completion: dict[str, Any]) -> dict[str, Any]:
-    """A finished `chat.completion` as the one chunk its stream adds up to: choice 0's message as the delta."""
-    choices = completion.get("choices")
-    choice = choices[0] if isinstance(choices, list) and choices and isinstance(choices[0], dict) else {}
-    message = choice.get("message")
-    delta = dict(message) if isinstance(message, dict) else {}
-    calls = delta.get("tool_calls")
-    if isinstance(calls, list):
-        delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(calls) if isinstance(call, dict)]
-    return {"choices": [{"index": 0, "delta": delta, "finish_reason": choice.get("finish_reason")}],
-            "usage": completion.get("usage")}
 
 
 def assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:

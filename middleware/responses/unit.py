@@ -46,7 +46,7 @@ from middleware.responses import mcp
 from middleware.responses.request import item_not_found, referenced_ids, to_chat
 from proxy.core.ids import new_id
 from middleware.responses.store import ResponseStore
-from middleware.responses.stream import StreamTranslator, as_chunk, assistant_message, complete, skeleton
+from middleware.responses.stream import StreamTranslator, assistant_message, complete, skeleton
 from proxy.core.chat_deltas import not_a_completion
 
 log = structlog.get_logger("sovereign")
@@ -99,13 +99,6 @@ class ResponsesUnit(Unit):
         completion = reply.json()
         if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
             raise not_a_completion(completion)
-        if body.get("stream") is True:
-            # A provider that ignored `stream`: the client still gets the event sequence.
-            reply.events = EventStream(
-                _one_chunk(completion),
-                transform=lambda events: self._translate(events, response, tenant, conversation, input_items),
-            )
-            return reply
         complete(response, completion, self.settings.reasoning)
         mcp.add_items(response, call.agent)  # agent models: the MCP tool calls they ran
         raw = orjson.dumps(response)  # once, for the record and the reply
@@ -229,6 +222,3 @@ class ResponsesUnit(Unit):
         return web.Response(body=orjson.dumps(listing), headers=_JSON)
 
 
-
-async def _one_chunk(completion: dict[str, Any]) -> AsyncIterator[SSEEvent]:
-    yield SSEEvent.from_json(as_chunk(completion))

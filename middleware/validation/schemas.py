@@ -50,7 +50,8 @@ class Strict(BaseModel):
 def tagged(field: str, choices: dict[str, Any], *, default: str | None = None, other: Any = None) -> Any:
     """A union picked by the string value of `field` (e.g. ``type``, ``role``).
 
-    `default` is the tag assumed when the field is absent; `other`, if given,
+    `default` is the tag assumed when the field is absent or null (the
+    Anthropic SDK types `tools[].type` as optional); `other`, if given,
     validates every unlisted tag (otherwise those are a `BAD_TAG` error).
     """
     expected = tuple(choices)
@@ -58,7 +59,9 @@ def tagged(field: str, choices: dict[str, Any], *, default: str | None = None, o
     def pick(value: Any) -> str:
         if not isinstance(value, dict):
             return _NOT_OBJECT
-        tag = value.get(field, default)
+        tag = value.get(field)
+        if tag is None:
+            tag = default
         if tag is None:
             return _NO_TAG
         if isinstance(tag, str) and tag in choices:
@@ -564,6 +567,18 @@ class AnthropicCustomTool(Strict):
     name: Annotated[str, Field(pattern=r"^[a-zA-Z0-9_-]{1,128}$")]
     description: str | None = None
     input_schema: JsonObject
+    strict: bool | None = None
+
+
+class AnthropicOutputFormat(Strict):
+    """`output_config.format`: structured outputs, a JSON schema the reply follows."""
+
+    type: Literal["json_schema"]
+    schema_: Annotated[JsonObject, Field(alias="schema")]
+
+
+class AnthropicOutputConfig(Strict):
+    format: AnthropicOutputFormat | None = None
 
 
 class AnthropicServerTool(Strict):
@@ -622,6 +637,7 @@ class MessagesRequest(CountTokensRequest):
     stream: bool | None = None
     metadata: AnthropicMetadata | None = None
     service_tier: str | None = None
+    output_config: AnthropicOutputConfig | None = None
 
 
 # ---------------------------------------------------------------- embeddings

@@ -17,6 +17,8 @@ Responses, Messages) read them here:
 - `token_logprobs(logprobs)`: a choice's content logprobs, when asked for;
 - `not_a_completion(body)`: the 502 for a 200 reply that holds no completion
   (OpenRouter-style ``{"error": …}`` bodies), for the units that translate it;
+- `as_chunks(completion)`: a finished completion as the chunks its stream adds
+  up to, for the router to stream a reply from a provider that ignored ``stream``;
 - `ChunkTranslator`: the chunk reading of the translators into another
   API's events (Responses, Messages): each part of choice 0 to a hook;
 - `ToolCalls`: tool-call fragments assembled by their ``index`` (ids, names
@@ -53,6 +55,33 @@ def not_a_completion(body: Any) -> UpstreamError:
     if isinstance(message, str) and message:
         return UpstreamError(f"The upstream provider answered without a completion: {message[:500]}")
     return UpstreamError("The upstream provider answered without a completion.")
+
+
+def as_chunks(completion: dict[str, Any]) -> list[dict[str, Any]]:
+    """A finished `chat.completion` as the chunks its stream adds up to (for a provider that ignored `stream`).
+
+    One chunk with every choice's message as its delta (tool calls numbered
+    by their position, as chunks number them), then, when the completion has
+    usage, the usage chunk that ``include_usage`` adds (no choices).
+    """
+    choices = completion.get("choices")
+    deltas = []
+    for position, choice in enumerate(choices if isinstance(choices, list) else ()):
+        if not isinstance(choice, dict):
+            continue
+        message = choice.get("message")
+        delta = dict(message) if isinstance(message, dict) else {}
+        calls = delta.get("tool_calls")
+        if isinstance(calls, list):
+            delta["tool_calls"] = [{**call, "index": i} for i, call in enumerate(calls) if isinstance(call, dict)]
+        deltas.append({"index": choice.get("index", position), "delta": delta, "logprobs": choice.get("logprobs"),
+                       "finish_reason": choice.get("finish_reason")})
+    head = {"id": completion.get("id"), "object": "chat.completion.chunk", "created": completion.get("created"),
+            "model": completion.get("model")}
+    chunks = [{**head, "choices": deltas}]
+    if isinstance(completion.get("usage"), dict):
+        chunks.append({**head, "choices": [], "usage": completion["usage"]})
+    return chunks
 
 
 def token_logprobs(logprobs: Any) -> Sequence[dict[str, Any]]:

@@ -38,6 +38,6 @@ async def split_events(chunks: AsyncIterable[bytes], redact: bytes | None = None
 
 
 def _event(raw: bytes, redact: bytes | None) -> SSEEvent:
-    if redact is not None and redact in raw:
+    if redact is not None and raw.find(redact) != -1:  # (not `in`: see Upstream.redact)
         raw = raw.replace(redact, b"[redacted]")
     return SSEEvent(raw)

@@ -575,3 +575,90 @@ async def test_a_200_error_body_from_the_provider_is_an_anthropic_502(gateway_fa
                 await client.messages.create(model=MODEL, max_tokens=10, messages=[{"role": "user", "content": "x"}])
     assert info.value.status_code == 502
     assert info.value.body["type"] == "error" and "Provider returned error" in info.value.body["error"]["message"]
+
+
+def _scenario_provider():
+    """A provider whose reply the last user message picks: `same-index` (Ollama numbers parallel calls all 0),
+    `tool-stop-no-call` (finish_reason tool_calls, no call), `no-usage` (text, no usage reported)."""
+    seen: list[dict] = []
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = await request.json()
+        seen.append(body)
+        scenario = body["messages"][-1]["content"]
+        head = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
+        if scenario == "same-index":
+            deltas = [{"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
+                                       "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
+                      {"tool_calls": [{"index": 0, "id": "call_b", "type": "function",
+                                       "function": {"name": "get_weather", "arguments": '{"city":"Rome"}'}}]}]
+            finish = "tool_calls"
+        elif scenario == "tool-stop-no-call":
+            deltas, finish = [{"content": "Nothing to call."}], "tool_calls"
+        else:
+            deltas, finish = [{"content": "twelve chars"}], "stop"
+        if not body.get("stream"):
+            message = {"role": "assistant", "content": "".join(d.get("content", "") for d in deltas) or None}
+            return web.json_response({"id": "c", "object": "chat.completion", "model": "m",
+                                      "choices": [{"index": 0, "message": message, "finish_reason": finish}]})
+        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        for delta in deltas:
+            await response.write(b"data: " + orjson.dumps({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}) + b"\n\n")
+        await response.write(b"data: " + orjson.dumps({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}) + b"\n\n")
+        await response.write(b"data: [DONE]\n\n")
+        return response
+
+    return handler, seen
+
+
+async def test_provider_quirks_give_well_formed_messages(gateway_factory, redis_prefix):
+    handler, seen = _scenario_provider()
+    async with provider(handler) as url:
+        running, accounts = await gateway(gateway_factory, url, redis_prefix)
+        tenant, key = await tenant_key(accounts)
+        async with anthropic.AsyncAnthropic(base_url=running.base_url, api_key=key, max_retries=0) as client:
+            def ask(text):
+                return {"model": MODEL, "max_tokens": 100, "tools": [WEATHER], "messages": [{"role": "user", "content": text}]}
+
+            # Two calls at one index (distinct ids) are two tool_use blocks; the second used to be merged into the first.
+            async with client.messages.stream(**ask("same-index")) as stream:
+                final = await stream.get_final_message()
+            assert [(b.id, b.input) for b in final.content] == [("call_a", {"city": "Paris"}), ("call_b", {"city": "Rome"})]
+
+            # finish_reason tool_calls without a call: end_turn (tool_use promises a tool_use block).
+            message = await client.messages.create(**ask("tool-stop-no-call"))
+            async with client.messages.stream(**ask("tool-stop-no-call")) as stream:
+                streamed = await stream.get_final_message()
+            assert message.stop_reason == streamed.stop_reason == "end_turn"
+
+            # No usage reported: the usage shown is what was billed (the estimate), not zeros.
+            for stream_it in (False, True):
+                before = (await accounts.tenant(tenant))["balance"]
+                if stream_it:
+                    async with client.messages.stream(**ask("no-usage")) as stream:
+                        shown = (await stream.get_final_message()).usage
+                else:
+                    shown = (await client.messages.create(**ask("no-usage"))).usage
+                await running.gateway.drain()
+                (charge, *_) = [e for e in await accounts.ledger(tenant) if e["type"] == "charge"]
+                assert charge["usage_source"] == "estimated" and charge["output_tokens"] == 3  # ceil(12 characters / 4)
+                assert (shown.input_tokens, shown.output_tokens) == (charge["input_tokens"], charge["output_tokens"])
+                assert before - (await accounts.tenant(tenant))["balance"] == shown.input_tokens + 2 * shown.output_tokens
+
+
+async def test_structured_outputs_strict_tools_and_a_null_tool_type_reach_the_provider(setup, mock):
+    running, accounts, tenant, key, client = setup
+    schema = {"type": "object", "properties": {"answer": {"type": "string"}}, "required": ["answer"], "additionalProperties": False}
+    await client.messages.create(
+        model=MODEL, max_tokens=50, messages=[{"role": "user", "content": "hi"}],
+        tools=[{**WEATHER, "type": None, "strict": True}],
+        extra_body={"output_config": {"format": {"type": "json_schema", "schema": schema}}},
+    )
+    body = mock.requests[-1]["body"]
+    assert body["response_format"] == {"type": "json_schema", "json_schema": {"name": "output", "schema": schema, "strict": True}}
+    assert body["tools"][0]["function"]["strict"] is True
+    with pytest.raises(anthropic.BadRequestError) as info:
+        await client.messages.create(model=MODEL, max_tokens=50, messages=[{"role": "user", "content": "hi"}],
+                                     extra_body={"output_config": {"format": {"type": "xml"}}})
+    assert "output_config.format" in info.value.message

@@ -429,3 +429,36 @@ async def test_usage_above_what_the_request_could_use_is_charged_at_the_bound(ga
     clamped = running.gateway.metrics.usage_clamped
     assert clamped.labels("output", "sovereign-alpha")._value.get() == 1
     assert clamped.labels("input", "sovereign-alpha")._value.get() == 1
+
+
+@pytest.mark.parametrize("include_usage", [False, True])
+async def test_a_provider_that_ignores_stream_is_streamed_to_the_client_and_charged(gateway_factory, redis_prefix, include_usage):
+    """The client asked for a stream and the provider sent a JSON completion.
+
+    The SDK used to find no `data:` line in it and yield nothing, while the
+    completion was charged.
+    """
+    usage = {"prompt_tokens": 9, "completion_tokens": 3, "total_tokens": 12}
+
+    async def ignores_stream(request: web.Request) -> web.Response:
+        await request.read()
+        return web.json_response({"id": "c", "object": "chat.completion", "created": 1, "model": "m", "usage": usage,
+                                  "choices": [{"index": 0, "message": {"role": "assistant", "content": "one two three"},
+                                               "finish_reason": "stop"}]})
+
+    async with provider(ignores_stream) as url:
+        settings = make_settings(url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=PIPELINE, admin_token=None)
+        running = await gateway_factory(settings)
+        accounts = Accounts(running.gateway.store)
+        tenant, key = await new_tenant(accounts, 1000)
+        options = {"stream_options": {"include_usage": True}} if include_usage else {}
+        chunks = [chunk async for chunk in await running.openai(key).chat.completions.create(
+            model="sovereign-alpha", messages=MESSAGES, max_tokens=5, stream=True, **options)]
+        await running.gateway.drain()
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "one two three"
+    assert [c.choices[0].finish_reason for c in chunks if c.choices] == ["stop"]
+    assert [c.usage.total_tokens for c in chunks if c.usage] == ([12] if include_usage else [])
+    (entry,) = [e for e in await accounts.ledger(tenant) if e["type"] == "charge"]
+    assert (entry["input_tokens"], entry["output_tokens"], entry["usage_source"]) == (9, 3, "reported")
+    view = await assert_ledger_matches(accounts, tenant)
+    assert view["balance"] == 1000 - 9 - 3 * 2 and view["reserved"] == 0

@@ -241,9 +241,13 @@ async def test_a_provider_429_counts_as_an_upstream_error_not_a_gateway_rate_lim
 
 
 async def _broken_reply(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
-    """200 with a body that is no completion: `x-broken: cut` truncated JSON, `empty` nothing, `reset` a connection reset mid-body."""
+    """No completion: `x-broken: cut` truncated JSON, `empty` nothing, `reset` a connection reset mid-body,
+    `error` a 200 whose body is an error (OpenRouter), `payment` a 402 (the operator's provider account is out of funds)."""
     await request.read()
     kind = request.headers.get("x-broken", "cut")
+    if kind in ("error", "payment"):
+        error = {"error": {"message": "Provider returned error", "code": 402}}
+        return aiohttp.web.json_response(error, status=200 if kind == "error" else 402)
     if kind == "reset":
         response = aiohttp.web.StreamResponse(headers={"Content-Type": "application/json", "Content-Length": "500"})
         await response.prepare(request)
@@ -255,9 +259,13 @@ async def _broken_reply(request: aiohttp.web.Request) -> aiohttp.web.StreamRespo
     return aiohttp.web.Response(body=body, content_type="application/json")
 
 
-@pytest.mark.parametrize("kind", ["cut", "empty", "reset"])
+@pytest.mark.parametrize("kind", ["cut", "empty", "reset", "error", "payment"])
 async def test_a_200_that_is_no_json_completion_fails_over_and_is_a_502_when_alone(mock, gateway_factory, kind):
-    """Such a body used to reach the client as a 200 (uncharged, since it has no usage), with no failover."""
+    """Such a body used to reach the client as a 200 (uncharged, since it has no usage), with no failover.
+
+    A provider's 402 used to reach the client as its own 402 (the Anthropic SDK's
+    billing_error), though it is the operator's provider account that is out of funds.
+    """
     async with provider(_broken_reply) as broken:
         alone = await gateway_factory(make_settings(broken, admin_token=None, routing={"attempts": 1}))
         with pytest.raises(openai.APIStatusError) as info:
@@ -271,6 +279,38 @@ async def test_a_200_that_is_no_json_completion_fails_over_and_is_a_502_when_alo
         both = await gateway_factory(settings)
         reply = await both.openai().chat.completions.create(**BODY, extra_headers={"x-broken": kind})
     assert reply.choices[0].message.content and len(mock.requests) == 1
+
+
+async def test_a_providers_error_event_is_the_streams_one_error(gateway_factory):
+    """A provider that sends its own error event and closes: the client used to get a second error after it."""
+    async def fails_in_band(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
+        await request.read()
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
+                 "choices": [{"index": 0, "delta": {"content": "w "}, "finish_reason": None}]}
+        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
+        await response.write(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
+        await response.write_eof()
+        return response
+
+    async with provider(fails_in_band) as url:
+        gw = await gateway_factory(make_settings(url, admin_token=None))
+        async with aiohttp.ClientSession() as session:
+            async with session.post(gw.v1 + "/chat/completions", json={**BODY, "stream": True}) as resp:
+                events = [block for block in (await resp.read()).decode().split("\n\n") if block]
+    assert len(events) == 2 and json.loads(events[1].removeprefix("data: "))["error"]["message"] == "overloaded"
+
+
+async def test_a_fractional_retry_after_is_rounded_up(gateway_factory):
+    """`Retry-After: 0.1` used to reach the client as 0, which the SDKs ignore."""
+    async def limited(request: aiohttp.web.Request) -> aiohttp.web.Response:
+        return aiohttp.web.json_response({"error": {"message": "slow down"}}, status=429, headers={"Retry-After": "0.1"})
+
+    async with provider(limited) as url:
+        gw = await gateway_factory(make_settings(url, admin_token=None, routing={"attempts": 1}))
+        status, headers, _ = await post(gw.v1, BODY)
+    assert (status, headers["Retry-After"]) == (429, "1")
 
 
 @pytest.mark.parametrize("chunks", [0, 2], ids=["empty", "cut_cleanly"])

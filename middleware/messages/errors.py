@@ -84,7 +84,6 @@ def from_openai(status: int, body: bytes, request_id: str | None = None) -> dict
     message = error.get("message") if isinstance(error, dict) else None
     if not isinstance(message, str) or not message:
         message = f"The upstream provider answered HTTP {status}."
-    param = error.get("param") if isinstance(error, dict) else None
-    if isinstance(param, str) and param and param not in message:
-        message = f"{param}: {message}"
+    # The provider's `param` is left out: it is a path in the translated chat
+    # body (`messages[3]` there is not the client's `messages[3]`).
     return error_body(status, message, request_id)

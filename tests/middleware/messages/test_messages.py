@@ -662,3 +662,20 @@ async def test_structured_outputs_strict_tools_and_a_null_tool_type_reach_the_pr
         await client.messages.create(model=MODEL, max_tokens=50, messages=[{"role": "user", "content": "hi"}],
                                      extra_body={"output_config": {"format": {"type": "xml"}}})
     assert "output_config.format" in info.value.message
+
+
+async def test_a_providers_400_names_no_path_of_the_translated_body(gateway_factory, redis_prefix):
+    """The provider's `param` is a path in the chat body (its indices are not the client's): it used to lead the message."""
+    async def refuses(request: web.Request) -> web.Response:
+        await request.read()
+        error = {"message": "Invalid content.", "type": "invalid_request_error", "param": "messages[2].content", "code": None}
+        return web.json_response({"error": error}, status=400)
+
+    async with provider(refuses) as url:
+        running, accounts = await gateway(gateway_factory, url, redis_prefix)
+        tenant, key = await tenant_key(accounts)
+        async with anthropic.AsyncAnthropic(base_url=running.base_url, api_key=key, max_retries=0) as client:
+            with pytest.raises(anthropic.BadRequestError) as info:
+                await client.messages.create(model=MODEL, max_tokens=10, system="be brief",
+                                             messages=[{"role": "user", "content": "hi"}])
+    assert info.value.body["error"] == {"type": "invalid_request_error", "message": "Invalid content."}

@@ -253,15 +253,16 @@ class UpstreamRouter:
             upstream.breaker.failure(time.monotonic())
             log.warning("upstream.malformed_reply", upstream=upstream.name, status=status, bytes=len(data))
             raise _Retryable(UpstreamError("The upstream provider sent a malformed response.", upstream=upstream.name))
-        if data.lstrip()[:8] == b'{"error"':
-            # OpenRouter-style failures come as a 200 whose body is only an error
-            # (no client SDK reads that as one): the provider failing, like a 5xx.
-            upstream.breaker.failure(time.monotonic())
-            raise _Retryable(not_a_completion(orjson.loads(data)))
-        if stream:
-            # A provider that ignored `stream`: the client still gets the stream it asked for.
-            completion = orjson.loads(data)
-            if not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
+        # OpenRouter-style failures come as a 200 whose body is only an error (no
+        # client SDK reads that as one): the provider failing, like a 5xx. A
+        # provider that ignored `stream` still gives the client the stream it asked for.
+        failed = data.lstrip()[:8] == b'{"error"'
+        if failed or stream:
+            try:
+                completion = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                completion = None
+            if failed or not isinstance(completion, dict) or not isinstance(completion.get("choices"), list):
                 upstream.breaker.failure(time.monotonic())
                 raise _Retryable(not_a_completion(completion))
             return Reply(status=status, headers=passthrough, events=_as_events(completion))

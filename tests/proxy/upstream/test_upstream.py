@@ -242,9 +242,11 @@ async def test_a_provider_429_counts_as_an_upstream_error_not_a_gateway_rate_lim
 
 async def _broken_reply(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
     """No completion: `x-broken: cut` truncated JSON, `empty` nothing, `reset` a connection reset mid-body,
-    `error` a 200 whose body is an error (OpenRouter), `payment` a 402 (the operator's provider account is out of funds)."""
+    `error` a 200 whose body is an error (OpenRouter), `garbled` one that is no JSON after all, `payment` a 402 (the operator's provider account is out of funds)."""
     await request.read()
     kind = request.headers.get("x-broken", "cut")
+    if kind == "garbled":  # an error body that is no JSON after all
+        return aiohttp.web.Response(body=b'{"error": Provider returned error}', content_type="application/json")
     if kind in ("error", "payment"):
         error = {"error": {"message": "Provider returned error", "code": 402}}
         return aiohttp.web.json_response(error, status=200 if kind == "error" else 402)
@@ -259,7 +261,7 @@ async def _broken_reply(request: aiohttp.web.Request) -> aiohttp.web.StreamRespo
     return aiohttp.web.Response(body=body, content_type="application/json")
 
 
-@pytest.mark.parametrize("kind", ["cut", "empty", "reset", "error", "payment"])
+@pytest.mark.parametrize("kind", ["cut", "empty", "reset", "error", "garbled", "payment"])
 async def test_a_200_that_is_no_json_completion_fails_over_and_is_a_502_when_alone(mock, gateway_factory, kind):
     """Such a body used to reach the client as a 200 (uncharged, since it has no usage), with no failover.
 

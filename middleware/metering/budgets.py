@@ -11,7 +11,9 @@ Budgets: a key with ``budget: {credits, period}`` is admitted while its
 spending in the current period plus its open holds is below ``credits``, so
 concurrent requests overshoot the budget by at most one hold. Periods are UTC
 days (``d:YYYYMMDD``), UTC months (``m:YYYYMM``) or the key's lifetime
-(``t``); spending starts from zero when the period changes. The budget itself
+(``t``); spending starts from zero when the period changes, and a budget set
+or changed mid-period starts from what the key was charged in it (the usage
+day buckets, `Accounts.update_key`). The budget itself
 travels with the key record, which the auth unit caches for
 ``units.auth.cache_seconds``: a changed budget applies within that bound.
 """

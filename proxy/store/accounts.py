@@ -13,6 +13,7 @@ a lookup starts from the key alone.
 
 from __future__ import annotations
 
+import calendar
 import hashlib
 import re
 import bisect
@@ -28,10 +29,12 @@ from proxy.core.call import Principal
 from proxy.core.errors import ApiError, invalid_request, not_found
 from proxy.store.events import events_key, mark_pending, tenants_key
 from proxy.store.store import Script, TENANT_ID, Store
+from proxy.store.usage import DAY, MAX_DAYS, bucket_key
 
 TENANT_CREATE = Script.load("proxy.store.lua", "tenant_create")
 TENANT_VIEW = Script.load("proxy.store.lua", "tenant_view")
 TENANT_CREDIT = Script.load("proxy.store.lua", "tenant_credit")
+BUDGET_SEED = Script.load("proxy.store.lua", "budget_seed")
 LEDGER_PAGE = Script.load("proxy.store.lua", "ledger_page")
 LEDGER_FOLD = Script.load("proxy.store.lua", "ledger_fold")
 BUDGET_PERIODS = ("day", "month", "total")
@@ -422,7 +425,23 @@ class Accounts:
         record = await self.get_key(key_id)
         if record is None:
             raise not_found("key")
+        if changes.get("budget"):
+            await self._seed_budget(record)
         return record
+
+    async def _seed_budget(self, record: KeyRecord) -> None:
+        """Start a budget just set (or changed) from what the key was charged in its period (budget_seed.lua)."""
+        now = time.time()
+        today = int(now) - int(now) % DAY
+        if record.budget_period == "day":
+            first = today
+        elif record.budget_period == "month":
+            first = int(calendar.timegm(time.gmtime(now)[:2] + (1, 0, 0, 0)))
+        else:  # the key's lifetime, as far back as the daily usage is kept
+            first = max(int(record.created_at) - int(record.created_at) % DAY, today - MAX_DAYS * DAY)
+        days = [bucket_key(self.store, record.tenant, "d", day) for day in range(first, today + DAY, DAY)]
+        budget_key, _ = budget_keys(self.store, record.tenant, record.id)
+        await self.store.run(BUDGET_SEED, [budget_key, *days], [period_id(record.budget_period, now), record.id])
 
     async def key_spending(self, record: KeyRecord) -> dict[str, int]:
         """What a key has spent in its budget's current period and holds open (0 without a budget)."""

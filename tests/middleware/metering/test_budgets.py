@@ -119,3 +119,37 @@ async def test_released_and_expired_holds_give_the_budget_back(mock, gateway_fac
             assert (await resp.json())["key"]["budget"] == {"credits": 60, "period": "month", **spending}
     assert time.strftime("m:%Y%m", time.gmtime()) == (await running.gateway.store.redis.hget(
         running.gateway.store.tenant_key(tenant, "budget", record.id), "period"))
+
+
+async def test_a_budget_set_mid_period_counts_what_the_key_already_spent(mock, gateway_factory, redis_prefix):
+    """Spending used to be counted only while a key had a budget: a budget set (or set again, or given
+    another period) after the key had spent started from zero, and the key could spend it on top."""
+    running = await gateway_factory(make_settings(
+        mock.url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=["auth", "metering"], units={"auth": {"cache_seconds": 0}},
+    ))
+    accounts = Accounts(running.gateway.store)
+    tenant = "t-" + uuid.uuid4().hex[:8]
+    await accounts.create_tenant(tenant, 100_000)
+    key, record = await accounts.create_key(tenant)  # no budget
+    other, _ = await accounts.create_key(tenant)  # the tenant's other key: its spending is not this key's
+    async with aiohttp.ClientSession(base_url=running.base_url) as client:
+        async def chat(plaintext: str) -> int:
+            headers = {"Authorization": f"Bearer {plaintext}", "Content-Type": "application/json"}
+            async with client.post("/v1/chat/completions", data=body(1), headers=headers) as resp:
+                await resp.read()
+                return resp.status
+
+        assert [await chat(key) for _ in range(3)] == [200] * 3
+        assert await chat(other) == 200
+        await running.gateway.drain()
+        spent = sum(-e["credits"] for e in await accounts.ledger(tenant) if e["type"] == "charge" and e["key_id"] == record.id)
+        assert spent > 0
+        for budget in ({"credits": spent + 1, "period": "day"}, {"credits": spent + 1, "period": "month"},
+                       {"credits": spent + 1, "period": "total"}, None, {"credits": spent, "period": "day"}):
+            updated = await accounts.update_key(record.id, {"budget": budget})
+            if budget is None:
+                continue
+            assert (await accounts.key_spending(updated))["spent"] == spent, budget
+        # What it spent before the budget counts: the budget is used up.
+        assert await chat(key) == 402
+        assert await chat(other) == 200

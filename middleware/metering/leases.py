@@ -135,7 +135,7 @@ class LeaseBook:
         self.tenant_keys = tenant_keys
         self.usage_retention = usage_retention
         self.events = events
-        self.on_written = on_written  # a written batch that pushed webhook events
+        self.on_written = on_written  # told each written batch's answer (the unit marks a tenant whose events it pushed)
         self.on_charged = on_charged  # a batch handed to the store (the metrics)
         self.on_leases = on_leases  # told how many leases are held whenever that changes (the gauge)
         self.ttl_ms = int(settings.lease_ttl_seconds * 1000)
@@ -303,8 +303,7 @@ class LeaseBook:
             return
         lease.size, lease.available = size, available
         lease.synced_at = time.monotonic()
-        if len(result) > 4 and result[4]:
-            await self.on_written(settlement, [1, result[3], result[4]])
+        await self.on_written(settlement, result)
         if not lease.returning:
             # A lease that cannot be topped up (the tenant nears exhaustion) is given back:
             # its requests hold one by one again.

@@ -118,6 +118,8 @@ HOLD_RELEASE = Script.load("middleware.metering", "hold_release")
 HOLD_CHECKPOINT = Script.load("middleware.metering", "hold_checkpoint")
 # Where hold_settle takes now_ms among its arguments (ARGV[5]); it is added when the write is sent.
 SETTLE_NOW_ARG = 4
+# Where the scripts that can push webhook events report how many they pushed, in their answer.
+PUSHED_AT = {HOLD_SETTLE.name: 2, LEASE_FLUSH.name: 4}
 
 if TYPE_CHECKING:
     from proxy.core.gateway import Gateway
@@ -508,8 +510,9 @@ class MeteringUnit(Unit):
             raise
 
     async def _written(self, settlement: Settlement, result: Any) -> None:
-        """A settle script that pushed webhook events marks its tenant for delivery."""
-        if settlement.script == HOLD_SETTLE.name and isinstance(result, list) and len(result) > 2 and result[2]:
+        """A settle script or a lease batch that pushed webhook events marks its tenant for delivery."""
+        pushed = PUSHED_AT.get(settlement.script)
+        if pushed is not None and isinstance(result, list) and len(result) > pushed and result[pushed]:
             try:
                 await mark_pending(self.store, settlement.tenant)
             except StoreUnavailable:

@@ -216,3 +216,36 @@ async def test_events_past_the_cap_are_dropped_and_logged(mock, gateway_factory,
     assert await store.redis.llen(events) == 10_000
     await until(lambda: "webhooks.dropped" in capsys.readouterr().out, timeout=10)
     assert int(await store.redis.hget(store.tenant_key(tenant, "tenant"), "events_dropped") or 0) == 0
+
+
+async def test_a_crossing_in_a_lease_batch_is_delivered_at_once(mock, gateway_factory, redis_prefix):
+    """A busy tenant's charges go in lease batches; their balance_low used to wait for the minute-long sweep."""
+    receiver = Receiver()
+    runner, url = await serve(receiver)
+    try:
+        settings = make_settings(
+            mock.url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=["auth", "metering"],
+            units={"auth": {"cache_seconds": 0}, "metering": {"lease_min_rate": 1}},
+            webhooks={"url": url, "secret": SECRET, "poll_seconds": 0.05, "retry_seconds": 0.1, "lease_seconds": 2},
+        )
+        running = await gateway_factory(settings)
+        accounts = Accounts(running.gateway.store)
+        tenant = "t-" + uuid.uuid4().hex[:8]
+        await accounts.create_tenant(tenant, 1_000_000)
+        key, _ = await accounts.create_key(tenant)
+        for _ in range(3):  # the tenant gets busy enough for a lease
+            assert set(await chat(running.base_url, key, 100)) == {200}
+        await asyncio.sleep(0.1)  # the last batch written (a drain would give the lease back)
+        leased = running.gateway.metrics.leased_charges._value.get()
+        assert leased > 0
+        threshold = (await accounts.tenant(tenant))["balance"] - 500  # ~20 credits a request: crossed in a batch
+        await accounts.update_tenant(tenant, threshold)
+        assert set(await chat(running.base_url, key, 100)) == {200}
+        assert running.gateway.metrics.leased_charges._value.get() > leased
+        async with asyncio.timeout(5):  # the sweep that used to find it runs every 60 s
+            while not receiver.of("tenant.balance_low"):
+                await asyncio.sleep(0.05)
+        (event,) = receiver.of("tenant.balance_low")
+        assert event["data"]["threshold"] == threshold and event["data"]["balance"] < threshold
+    finally:
+        await runner.cleanup()

@@ -43,7 +43,7 @@ from middleware.metering.unit import MeteringUnit
 from middleware.responses.mcp import MARKER
 from proxy.core.call import DONE_EVENT, MESSAGES, RESPONSES, Call, Next, Reply, SSEEvent
 from proxy.core.chat_deltas import ChoiceDelta, ToolCall, ToolCalls
-from proxy.core.errors import ApiError, UpstreamError, invalid_request
+from proxy.core.errors import ApiError, CreditsExhausted, UpstreamError, invalid_request
 from proxy.core.ids import unique_id
 from proxy.core.pipeline import Unit, UnitSettings
 from proxy.core.streams import EventStream
@@ -330,7 +330,15 @@ class AgentLoop:
 
     async def _send(self, last: bool) -> Reply:
         inner = self._provider_call(last)
-        reply = await self.next(inner)
+        try:
+            reply = await self.next(inner)
+        except CreditsExhausted as exc:
+            if self.iteration > 1:
+                # The client sees only this refusal: say that the steps before it were served, and charged.
+                exc.message += (f" The agent loop stopped before its provider call {self.iteration}; the calls"
+                                " and tool calls before it were served and are charged (see GET /v1/credits).")
+            raise
+
         self.call.upstream, self.call.upstream_latency = inner.upstream, inner.upstream_latency
         return reply
 

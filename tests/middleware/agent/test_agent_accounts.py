@@ -152,6 +152,8 @@ async def test_a_refused_hold_mid_loop_stops_it(mcp_http, agent_gateway, redis_p
             with pytest.raises(openai.APIStatusError) as failed:
                 await client.chat.completions.create(model=AGENT, messages=QUESTION, max_tokens=100)
             assert failed.value.status_code == 402
+        # The refusal is all the client sees: it says that the first call was served and charged.
+        assert "stopped before its provider call 2" in str(failed.value) and "are charged" in str(failed.value)
         await running.gateway.drain()
         view = await accounts.tenant(tenant)
     assert len(provider.requests) == 1  # the refused call never reached the provider

@@ -13,8 +13,10 @@ results, timeouts, an unreachable server, bad arguments) become the tool
 message's content, ``"error: …"``, for the model to handle.
 
 Streams: every provider call streams; text streams to the client as it comes,
-server tool calls are shown (``show_tool_calls``) as one complete
-``delta.tool_calls`` chunk each once the model has finished writing them,
+server tool calls are shown only with ``show_tool_calls`` (off by default:
+the SDKs accumulate any ``delta.tool_calls`` into the final message, and agent
+frameworks then run it themselves), as one complete ``delta.tool_calls``
+chunk each once the model has finished writing them,
 usage (when the client asked for it) is summed into one final usage chunk,
 and the stream ends with the final answer's ``finish_reason`` and one
 ``[DONE]``. Until the client has been sent something, a failure (a refused
@@ -489,8 +491,12 @@ class AgentLoop:
         return SSEEvent.from_json({**chunk, "choices": kept})
 
     def _choice(self, choice: dict[str, Any], slots: _TurnCalls, last: bool) -> dict[str, Any] | None:
-        part = ChoiceDelta(choice)
         delta = choice.get("delta")
+        if self.iteration > 1 and isinstance(delta, dict) and "role" in delta:
+            # One answer, one role: the SDKs concatenate every `role` delta they get ("assistantassistant").
+            delta = {k: v for k, v in delta.items() if k != "role"}
+            choice = {**choice, "delta": delta}
+        part = ChoiceDelta(choice)
         fragments = delta.get("tool_calls") if isinstance(delta, dict) else None
         finish = part.finish_reason
         if not fragments and finish != "tool_calls":

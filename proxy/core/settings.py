@@ -324,7 +324,10 @@ class AgentSettings(Section):
     model: str = Field(description="The public model that reasons (the agent is priced as it unless it has its own `price`).")
     tool_servers: list[str] = Field(min_length=1, description="Labels of the `tool_servers` whose tools this agent may call.")
     max_iterations: int = Field(30, ge=1, le=1000, description="Most provider calls per request; the last is sent with `tool_choice: \"none\"`.")
-    show_tool_calls: bool = Field(True, description="Stream each server tool call to the client as a `delta.tool_calls` chunk.")
+    show_tool_calls: bool = Field(
+        False,
+        description="Stream each server tool call to the client as a `delta.tool_calls` chunk (for a UI that shows progress; SDKs and agent frameworks take such a chunk as a call for them to run, so leave it off for them).",
+    )
     keep_tool_messages: bool = Field(
         False, description="Store the tool calls and results in the session (X-Session-ID) instead of only the final answer."
     )

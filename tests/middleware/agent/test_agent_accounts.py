@@ -105,7 +105,8 @@ async def test_a_priced_tool_call_the_client_left_during_is_not_charged(mcp_http
     before = len(mcp_http.calls())
     async with provider.serve() as url:
         running, accounts = await start(
-            agent_gateway, url, mcp_http, redis_prefix, servers={"tools": {"url": mcp_http.url, "price_per_call": 5}}
+            agent_gateway, url, mcp_http, redis_prefix, servers={"tools": {"url": mcp_http.url, "price_per_call": 5}},
+            show_tool_calls=True,  # the client reads until it sees the call
         )
         tenant, key = await new_tenant(accounts, 100_000)
         async with aiohttp.ClientSession() as http:
@@ -136,7 +137,7 @@ async def test_a_refused_hold_mid_loop_stops_it(mcp_http, agent_gateway, redis_p
 
     provider = ScriptedProvider(big_then_answer)
     async with provider.serve() as url:
-        running, accounts = await start(agent_gateway, url, mcp_http, redis_prefix)
+        running, accounts = await start(agent_gateway, url, mcp_http, redis_prefix, show_tool_calls=True)
         # Enough for the first call's hold; the second carries a 60 kB tool result (~20k tokens held).
         tenant, key = await new_tenant(accounts, 5_000)
         client = running.openai(key)

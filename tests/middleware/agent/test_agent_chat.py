@@ -12,6 +12,7 @@ import json
 import aiohttp
 import anthropic
 import pytest
+from agents import Agent, OpenAIChatCompletionsModel, Runner, set_tracing_disabled
 
 from tests.middleware.agent.support import (
     AGENT,
@@ -22,6 +23,8 @@ from tests.middleware.agent.support import (
     tool_call_completion,
 )
 from tests.support import until
+
+set_tracing_disabled(True)  # the Agents SDK would otherwise export traces to OpenAI
 
 PIPELINE = ["validation", "legacy_functions", "agent"]
 QUESTION = [{"role": "user", "content": "What is the weather in Oslo?"}]
@@ -65,7 +68,7 @@ async def test_json_runs_the_tool_and_returns_only_the_final_answer(mcp_http, ag
 async def test_stream_shows_the_tool_call_before_the_answer(mcp_http, agent_gateway):
     provider = ScriptedProvider(weather_then_answer)
     async with provider.serve() as url:
-        running = await agent_gateway(url, pipeline=PIPELINE, **agent_config({"tools": {"url": mcp_http.url}}))
+        running = await agent_gateway(url, pipeline=PIPELINE, **agent_config({"tools": {"url": mcp_http.url}}, show_tool_calls=True))
         client = running.openai()
         order = []
         async with client.chat.completions.stream(
@@ -91,7 +94,7 @@ async def test_stream_shows_the_tool_call_before_the_answer(mcp_http, agent_gate
 async def test_raw_stream_has_one_done_and_the_agent_api_delta_shape(mcp_http, agent_gateway):
     provider = ScriptedProvider(weather_then_answer)
     async with provider.serve() as url:
-        running = await agent_gateway(url, pipeline=PIPELINE, **agent_config({"tools": {"url": mcp_http.url}}))
+        running = await agent_gateway(url, pipeline=PIPELINE, **agent_config({"tools": {"url": mcp_http.url}}, show_tool_calls=True))
         async with aiohttp.ClientSession() as http:
             async with http.post(running.v1 + "/chat/completions", json={"model": AGENT, "messages": QUESTION, "stream": True}) as r:
                 text = await r.text()
@@ -108,16 +111,34 @@ async def test_raw_stream_has_one_done_and_the_agent_api_delta_shape(mcp_http, a
     assert len({c["id"] for c in chunks}) == 1  # one answer, one id
 
 
-async def test_hidden_tool_calls_are_not_streamed(mcp_http, agent_gateway):
-    provider = ScriptedProvider(weather_then_answer)
+async def test_by_default_server_calls_stay_out_of_the_stream_so_sdks_do_not_run_them(mcp_http, agent_gateway):
+    """Shown calls (the default before) were accumulated by the SDK's stream helper into the final message,
+    and the Agents SDK's streamed chat runner then failed with "Tool weather not found"; and every provider
+    call's first chunk carried `role`, which the SDK concatenated ("assistantassistant")."""
+    def each_request_calls_the_tool(body, n):
+        if not tool_messages(body):
+            return tool_call_completion([(f"call_w{n}", "weather", {"city": "Oslo"})])
+        return text_completion("It is sunny in Oslo.")
+
+    provider = ScriptedProvider(each_request_calls_the_tool)
     async with provider.serve() as url:
-        running = await agent_gateway(
-            url, pipeline=PIPELINE, **agent_config({"tools": {"url": mcp_http.url}}, show_tool_calls=False)
-        )
+        running = await agent_gateway(url, pipeline=PIPELINE, **agent_config({"tools": {"url": mcp_http.url}}))
         stream = await running.openai().chat.completions.create(model=AGENT, messages=QUESTION, stream=True)
         chunks = [chunk async for chunk in stream]
+        async with running.openai().chat.completions.stream(model=AGENT, messages=QUESTION) as helper:
+            final = await helper.get_final_completion()
+
+        agent = Agent(name="a", instructions="Answer.", model=OpenAIChatCompletionsModel(model=AGENT, openai_client=running.openai()))
+        result = Runner.run_streamed(agent, "Weather in Oslo?", max_turns=2)
+        async for _ in result.stream_events():
+            pass
     assert not any(c.choices and c.choices[0].delta.tool_calls for c in chunks)
     assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == "It is sunny in Oslo."
+    assert [c.choices[0].delta.role for c in chunks if c.choices and c.choices[0].delta.role] == ["assistant"]
+    message = final.choices[0].message
+    assert (message.role, message.content, message.tool_calls) == ("assistant", "It is sunny in Oslo.", None)
+    assert result.final_output == "It is sunny in Oslo."
+    assert len(provider.requests) == 6  # two provider calls per request: each ran the server tool once
 
 
 @pytest.mark.parametrize("stream", [False, True])
@@ -220,7 +241,7 @@ async def test_client_disconnect_mid_loop_stops_further_provider_calls(mcp_http,
     provider = ScriptedProvider(slow_tool)
     before = len(mcp_http.calls())
     async with provider.serve() as url:
-        running = await agent_gateway(url, pipeline=PIPELINE, **agent_config({"tools": {"url": mcp_http.url}}))
+        running = await agent_gateway(url, pipeline=PIPELINE, **agent_config({"tools": {"url": mcp_http.url}}, show_tool_calls=True))
         async with aiohttp.ClientSession() as http:
             response = await http.post(running.v1 + "/chat/completions", json={"model": AGENT, "messages": QUESTION, "stream": True})
             async for line in response.content:
@@ -246,7 +267,7 @@ async def test_client_disconnect_mid_loop_stops_further_provider_calls(mcp_http,
 async def test_through_the_simulated_provider(mock, mcp_http, agent_gateway, stream):
     """The shipped mock provider calls every offered tool until told `tool_choice: "none"`."""
     servers = {"tools": {"url": mcp_http.url, "tools": ["weather", "add"]}}
-    running = await agent_gateway(mock.url, pipeline=PIPELINE, **agent_config(servers, max_iterations=2))
+    running = await agent_gateway(mock.url, pipeline=PIPELINE, **agent_config(servers, max_iterations=2, show_tool_calls=True))
     before = len(mcp_http.calls())
     client = running.openai()
     if stream:

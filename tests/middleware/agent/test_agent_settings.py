@@ -35,7 +35,7 @@ def test_an_agent_is_routed_and_priced_as_its_model_unless_it_has_a_price():
     priced = load({"models": {"sorat-agent": {"price": {"input_per_million": 1, "output_per_million": 2}, **agent()["models"]["sorat-agent"]}}})
     assert pricing_table(priced)["sorat-agent"].input == 1
     agent_settings = settings.models["sorat-agent"].agent
-    assert (agent_settings.max_iterations, agent_settings.show_tool_calls, agent_settings.keep_tool_messages) == (30, True, False)
+    assert (agent_settings.max_iterations, agent_settings.show_tool_calls, agent_settings.keep_tool_messages) == (30, False, False)
     server = settings.tool_servers["search"]
     assert (server.timeout_seconds, server.max_result_bytes, server.price_per_call) == (30.0, 65536, 0)
 

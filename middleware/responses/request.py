@@ -133,6 +133,38 @@ def _function_output(item: dict[str, Any], param: str) -> tuple[dict[str, Any], 
     return {"role": "tool", "tool_call_id": call_id, "content": text}, stored
 
 
+def mcp_call_messages(item: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """An `mcp_call` item (a server tool the agent ran) → (chat tool call, its tool message).
+
+    Agent frameworks send a Response's output back as the next input, and a
+    chained response continues from it: the model then sees the call it made
+    and its result, as it did when it made it (the content an error gave it is
+    the agent's `error: …`).
+    """
+    call = {"id": item["id"], "type": "function", "function": {"name": item["name"], "arguments": item["arguments"]}}
+    output, error = item.get("output"), item.get("error")
+    if isinstance(output, str) and error is None:
+        text = output
+    elif isinstance(error, dict) and isinstance(error.get("content"), list):
+        # A tool's own error result: its content is the tool message the model got.
+        text = "".join(p["text"] for p in error["content"] if isinstance(p, dict) and isinstance(p.get("text"), str))
+    else:  # a protocol error (timeout, unreachable, bad arguments): the agent prefixed its message
+        message = error if isinstance(error, str) else error.get("message") if isinstance(error, dict) else None
+        text = f"error: {message if isinstance(message, str) and message else 'the tool call failed'}"
+    return call, {"role": "tool", "tool_call_id": item["id"], "content": text}
+
+
+def _mcp_call(item: dict[str, Any], param: str) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any]]:
+    """One `mcp_call` input item → (chat tool call, tool message, stored input item)."""
+    for field in ("id", "server_label", "name", "arguments"):
+        if not isinstance(item.get(field), str):
+            raise _bad(f"An mcp_call item needs a string `{field}`.", f"{param}.{field}")
+    call, result = mcp_call_messages(item)
+    stored = {key: item.get(key) for key in ("id", "type", "server_label", "name", "arguments", "output", "error")}
+    stored["status"] = item.get("status") or "completed"
+    return call, result, stored
+
+
 def _is_reference(item: dict[str, Any]) -> bool:
     # The spec lets a reference omit `type`, but an untyped item is an easy
     # input message everywhere else (the validation unit too), so a reference
@@ -205,6 +237,14 @@ def input_messages(
         elif kind == "function_call_output":
             message, stored = _function_output(item, param)
             messages.append(message)
+        elif kind == "mcp_call":
+            call, result, stored = _mcp_call(item, param)
+            last = messages[-1] if messages else None
+            if last is not None and last["role"] == "assistant" and not last.get("tool_calls"):
+                last["tool_calls"] = [call]  # the text the model wrote before it, the same turn
+            else:
+                messages.append({"role": "assistant", "content": None, "tool_calls": [call]})
+            messages.append(result)  # the result at once: a client call after it starts a turn of its own
         elif kind == "reasoning":
             continue  # chat providers take no reasoning input
         else:

@@ -32,6 +32,8 @@ from proxy.core.errors import ApiError, UpstreamError
 
 from proxy.core.ids import new_id
 
+from middleware.responses.request import mcp_call_messages
+
 # finish_reason → incomplete_details.reason; anything else counts as completed.
 _INCOMPLETE = {"length": "max_output_tokens", "content_filter": "content_filter"}
 # Item kinds while streaming; a "refusal" is a message item whose one part is a refusal.
@@ -154,11 +156,19 @@ def complete(response: dict[str, Any], completion: dict[str, Any], reasoning_mod
     _finish(response, finish_reason, completion.get("usage"))
 
 
-def assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
-    """The Response's output as one chat assistant message (for previous_response_id).
+def assistant_messages(output: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The Response's output as the chat messages of its turn (for previous_response_id).
 
-    A refusal is the assistant's text of that turn: every provider reads it as content.
+    The server tool calls an agent model ran (`mcp_call` items, first) are its
+    tool calls and their results; then one assistant message with the text and
+    the client's function calls. A refusal is the assistant's text of that
+    turn: every provider reads it as content.
     """
+    messages: list[dict[str, Any]] = []
+    for item in output:
+        if item["type"] == "mcp_call":
+            call, result = mcp_call_messages(item)
+            messages += [{"role": "assistant", "content": None, "tool_calls": [call]}, result]
     text = "".join(part["text"] if part["type"] == "output_text" else part["refusal"]
                    for item in output if item["type"] == "message" for part in item["content"])
     calls = [
@@ -169,7 +179,8 @@ def assistant_message(output: list[dict[str, Any]]) -> dict[str, Any]:
     message: dict[str, Any] = {"role": "assistant", "content": text or (None if calls else "")}
     if calls:
         message["tool_calls"] = calls
-    return message
+    messages.append(message)
+    return messages
 
 
 class _Item:

@@ -46,7 +46,7 @@ from middleware.responses import mcp
 from middleware.responses.request import item_not_found, referenced_ids, to_chat
 from proxy.core.ids import new_id
 from middleware.responses.store import ResponseStore
-from middleware.responses.stream import StreamTranslator, assistant_message, complete, skeleton
+from middleware.responses.stream import StreamTranslator, assistant_messages, complete, skeleton
 from proxy.core.chat_deltas import not_a_completion
 
 log = structlog.get_logger("sovereign")
@@ -103,7 +103,7 @@ class ResponsesUnit(Unit):
         mcp.add_items(response, call.agent)  # agent models: the MCP tool calls they ran
         raw = orjson.dumps(response)  # once, for the record and the reply
         if store:
-            await self._store(tenant, response, raw, input_items, [*conversation, assistant_message(response["output"])])
+            await self._store(tenant, response, raw, input_items, [*conversation, *assistant_messages(response["output"])])
         reply.set_json(response, raw)
         return reply
 
@@ -157,7 +157,7 @@ class ResponsesUnit(Unit):
         if response["store"]:
             # Stored before the final event goes out: a client that chains on the
             # id as soon as it sees `response.completed` finds it.
-            messages = [*conversation, assistant_message(response["output"])]
+            messages = [*conversation, *assistant_messages(response["output"])]
             await self._store(tenant, response, orjson.dumps(response), input_items, messages)
         for event in ending:
             yield event

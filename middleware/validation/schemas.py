@@ -400,6 +400,17 @@ class ReasoningItem(Strict):
     encrypted_content: str | None = None
 
 
+class McpCallItem(Strict):
+    """A server tool call an agent model ran (an `mcp_call` output item), sent back as history."""
+
+    id: str
+    server_label: str
+    name: str
+    arguments: str
+    output: str | None = None
+    error: str | JsonObject | None = None  # OpenAI's is a string, this gateway's an object
+
+
 class ItemReference(Strict):
     """An item of a stored response, by id (the responses unit resolves it)."""
 
@@ -416,6 +427,7 @@ else:
             "function_call": FunctionCallItem,
             "function_call_output": FunctionCallOutputItem,
             "reasoning": ReasoningItem,
+            "mcp_call": McpCallItem,
             "item_reference": ItemReference,
         },
         default="message",  # `{"role": "user", "content": "hi"}` is an easy input message

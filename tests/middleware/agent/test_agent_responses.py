@@ -122,3 +122,32 @@ async def test_client_mcp_tool_is_accepted_only_for_a_configured_label(mcp_http,
     # allowed_tools narrowed what the model was offered; the echoed tool keeps no headers.
     assert [t["function"]["name"] for t in provider.requests[0]["tools"]] == ["add"]
     assert response.tools[0].type == "mcp" and response.tools[0].headers is None
+
+
+async def test_its_mcp_calls_go_back_as_history_as_input_and_by_chain(mcp_http, agent_gateway):
+    """Agent frameworks send a Response's output back as input: `mcp_call` items used to be a 400, and
+    previous_response_id dropped them, so the model lost the calls it had made and their results."""
+    provider = ScriptedProvider(lambda body, n: weather_and_broken(body, n) if n == 1 else text_completion("Rainy in Bergen."))
+    async with provider.serve() as url:
+        running = await agent_gateway(url, pipeline=PIPELINE, **agent_config({"tools": {"url": mcp_http.url}}))
+        client = running.openai()
+        first = await client.responses.create(model=AGENT, input="Weather in Bergen?")
+        weather, broken, _ = first.output
+        history = [
+            {"role": "user", "content": "Weather in Bergen?"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": weather.id, "type": "function", "function": {"name": "weather", "arguments": weather.arguments}}]},
+            {"role": "tool", "tool_call_id": weather.id, "content": "sunny and 21 degrees in Bergen"},
+            {"role": "assistant", "content": None, "tool_calls": [
+                {"id": broken.id, "type": "function", "function": {"name": "broken", "arguments": broken.arguments}}]},
+            {"role": "tool", "tool_call_id": broken.id, "content": provider.requests[1]["messages"][-1]["content"]},
+            {"role": "assistant", "content": "Rainy in Bergen."},
+            {"role": "user", "content": "And tomorrow?"},
+        ]
+        assert history[4]["content"].startswith("error: ")  # what the model was given for the failed call
+        sent_back = [{"role": "user", "content": "Weather in Bergen?"},
+                     *(item.model_dump(exclude_none=True) for item in first.output), {"role": "user", "content": "And tomorrow?"}]
+        await client.responses.create(model=AGENT, input=sent_back)
+        assert provider.requests[-1]["messages"] == history
+        await client.responses.create(model=AGENT, previous_response_id=first.id, input="And tomorrow?")
+        assert provider.requests[-1]["messages"] == history

@@ -24,6 +24,7 @@ class ToolRun:
     # {code, message} or mcp_tool_execution_error {content}.
     error: dict[str, Any] | None = None
     item_id: str = ""  # the mcp_call item id in a Responses stream (set by the Responses unit)
+    credits: int = 0  # what the call was charged (its server's price_per_call, when it ran)
 
 
 @dataclass(slots=True)

@@ -191,7 +191,7 @@ class AgentUnit(Unit):
             )
             if hold_id and metering is not None:
                 charged = outcome in ("ok", "error", "timeout")  # the server did the work
-                cost = price if charged else 0  # 0: the hold is released
+                cost = run.credits = price if charged else 0  # 0: the hold is released
                 self.gateway.spawn(metering.settle_extra(call, hold_id, cost, _tool_entry(call, run, cost)), "agent.tool_charge")
 
 
@@ -309,6 +309,25 @@ class AgentLoop:
         self.headers: dict[str, str] = {}
         self.template: dict[str, Any] | None = None  # id/object/created/model of the client's chunks
         self.content: str | None = None  # text of the current provider call (for its assistant message)
+        self.inner: list[Call] = []  # the provider calls made, as metering settled them
+
+    def _account(self) -> None:
+        """The whole loop's tokens and credits on the request, for its access log line and metrics.
+
+        Each provider call was metered on its own call (settled by now: a JSON
+        reply at once, a stream when it closed); the tool calls add their prices.
+        """
+        call = self.call
+        if call.usage is None:  # (the client's stream carries no usage unless asked: metering's still counted)
+            usage = None
+            for inner in self.inner:
+                usage = translate.add_usage(usage, inner.usage)
+            call.usage = usage
+        charged = [inner for inner in self.inner if inner.credits is not None]
+        if charged or any(run.credits for run in self.trace.runs):
+            call.credits = sum(inner.credits or 0 for inner in charged) + sum(run.credits for run in self.trace.runs)
+            sources = {inner.usage_source for inner in charged}
+            call.usage_source = "estimated" if "estimated" in sources else "reported"
 
     # -- provider calls ------------------------------------------------------------
     def _provider_call(self, last: bool) -> Call:
@@ -342,6 +361,7 @@ class AgentLoop:
             raise
 
         self.call.upstream, self.call.upstream_latency = inner.upstream, inner.upstream_latency
+        self.inner.append(inner)
         return reply
 
     def _runs(self, calls: list[tuple[str, str, str]]) -> list[ToolRun]:
@@ -378,6 +398,7 @@ class AgentLoop:
                 _drop_calls(choice, "message", {id(c) for c in server})
             if self.usage is not None:
                 completion["usage"] = self.call.usage = self.usage  # the access log shows the loop's tokens
+            self._account()
             reply.set_json(completion)
             return reply
         raise AssertionError("unreachable: the last iteration always returns")
@@ -441,6 +462,7 @@ class AgentLoop:
                 for run in runs:
                     yield SSEEvent.from_json({"choices": [], MARKER: {"phase": "finished", "run": run}})
         self.call.usage = self.usage
+        self._account()
         if self.client_usage and self.usage is not None:
             yield SSEEvent.from_json(translate.usage_chunk(self._template(), self.usage))
         yield SSEEvent(DONE_EVENT)

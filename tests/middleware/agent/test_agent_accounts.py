@@ -8,6 +8,7 @@ import uuid
 import aiohttp
 import openai
 import pytest
+import structlog.testing
 
 from proxy.store.accounts import Accounts
 from tests.middleware.agent.support import (
@@ -32,11 +33,11 @@ def weather_then_answer(body, n):
     return text_completion("Sunny.")
 
 
-async def start(agent_gateway, url, mcp_http, redis_prefix, servers=None, **agent):
+async def start(agent_gateway, url, mcp_http, redis_prefix, servers=None, logging=None, **agent):
     servers = servers or {"tools": {"url": mcp_http.url}}
     running = await agent_gateway(
         url, store_url=REDIS_URL, prefix=redis_prefix, pipeline=PIPELINE, admin_token=None,
-        units={"sessions": {"titles": False}}, **agent_config(servers, **agent),
+        units={"sessions": {"titles": False}}, **({"logging": logging} if logging else {}), **agent_config(servers, **agent),
     )
     return running, Accounts(running.gateway.store)
 
@@ -206,3 +207,27 @@ async def test_sessions_store_the_final_answer_and_tenants_stay_apart(mcp_http, 
     # B's first provider call saw only B's message: nothing of A's session or responses.
     b_first = next(r for r in provider.requests if r["messages"][-1]["content"] == "B here")
     assert b_first["messages"] == [{"role": "user", "content": "B here"}]
+
+
+@pytest.mark.parametrize("stream", [False, True], ids=["json", "stream"])
+async def test_the_access_log_line_has_the_whole_loops_tokens_and_credits(mcp_http, agent_gateway, redis_prefix, stream):
+    """The line used to say credits null (and, for a stream, no tokens): the loop's calls were charged on their own."""
+    provider = ScriptedProvider(weather_then_answer)
+    async with provider.serve() as url:
+        running, accounts = await start(
+            agent_gateway, url, mcp_http, redis_prefix, servers={"tools": {"url": mcp_http.url, "price_per_call": 7}},
+            logging={"level": "info", "access_log": True},
+        )
+        tenant, key = await new_tenant(accounts, 100_000)
+        with structlog.testing.capture_logs() as logs:
+            reply = await running.openai(key).chat.completions.create(model=AGENT, messages=QUESTION, stream=stream)
+            if stream:
+                async for _ in reply:
+                    pass
+            await until(lambda: any(entry["event"] == "request" for entry in logs), timeout=5)
+        await running.gateway.drain()
+        charged = -sum(e["credits"] for e in await accounts.ledger(tenant) if e["type"] == "charge")
+    (line,) = [entry for entry in logs if entry["event"] == "request"]
+    assert charged == 2 * CALL_COST + 7
+    assert (line["credits"], line["usage_source"]) == (charged, "reported")
+    assert (line["input_tokens"], line["output_tokens"]) == (2 * USAGE["prompt_tokens"], 2 * USAGE["completion_tokens"])

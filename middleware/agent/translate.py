@@ -26,7 +26,8 @@ def exposed_names(tools_by_server: dict[str, list[str]], taken: set[str] | froze
 
     A tool keeps its own name unless another offered server has one of the
     same name, or a client tool (`taken`) does: then each such tool is
-    ``<label>__<tool>``.
+    ``<label>__<tool>`` (with ``_2``, ``_3`` … after it should a client tool
+    have that name too: the provider refuses two functions of one name).
     """
     seen: dict[str, int] = {}
     for tools in tools_by_server.values():
@@ -36,7 +37,11 @@ def exposed_names(tools_by_server: dict[str, list[str]], taken: set[str] | froze
     for label, tools in tools_by_server.items():
         for tool in tools:
             shared = seen[tool] > 1 or tool in taken
-            names[f"{label}{SEPARATOR}{tool}" if shared else tool] = (label, tool)
+            name = base = f"{label}{SEPARATOR}{tool}" if shared else tool
+            suffix = 2
+            while name in taken or name in names:
+                name, suffix = f"{base}_{suffix}", suffix + 1
+            names[name] = (label, tool)
     return names
 
 

@@ -84,6 +84,9 @@ def test_tool_servers_come_from_the_environment_and_headers_are_masked():
 def test_exposed_names_prefix_only_shared_names():
     names = translate.exposed_names({"a": ["search", "read"], "b": ["search", "write"]}, taken={"write"})
     assert names == {"a__search": ("a", "search"), "read": ("a", "read"), "b__search": ("b", "search"), "b__write": ("b", "write")}
+    # A client tool with the prefixed name too: the server's gets a suffix (two functions of one name are refused).
+    assert translate.exposed_names({"tools": ["weather"]}, taken={"weather", "tools__weather"}) == {
+        "tools__weather_2": ("tools", "weather")}
 
 
 def test_results_are_cut_on_a_character_boundary():

@@ -5,16 +5,19 @@ posts embeddings calls to the provider's `/embeddings` and every other call to
 its `/chat/completions` (a model of the other kind is a 400 naming it),
 applies the model's system prompt and defaults (unless metering already
 did), and returns the provider's reply
-untouched: a JSON body or a stream of raw SSE events.
+untouched: a JSON body or a stream of raw SSE events (a stream of several
+choices is checked to finish each, as the router checks one).
 """
 
 from __future__ import annotations
 
 import time
-from typing import TYPE_CHECKING
+from collections.abc import AsyncIterator
+from typing import TYPE_CHECKING, Any
 
-from proxy.core.call import EMBEDDINGS, MESSAGES, MESSAGES_COUNT_TOKENS, Call, Reply
-from proxy.core.errors import ApiError, model_not_found, wrong_model_kind
+from proxy.core.call import EMBEDDINGS, MESSAGES, MESSAGES_COUNT_TOKENS, Call, Reply, SSEEvent
+from proxy.core.errors import ApiError, UpstreamError, model_not_found, wrong_model_kind
+from proxy.core.streams import EventStream
 from proxy.upstream.router import EMBEDDINGS_PATH
 
 # Endpoints a unit must translate before the provider can serve them.
@@ -71,5 +74,27 @@ class Forwarder:
                 target.targets, call.body_bytes(), call.headers, call.request_id, call.stream, on_attempt
             )
         call.upstream_latency = time.monotonic() - started
+        n = call.body.get("n")
+        if reply.events is not None and type(n) is int and n > 1:
+            # The router takes a stream as finished at its first finish_reason (or [DONE]);
+            # with several choices, each must finish (rare enough to parse every chunk for).
+            reply.events = EventStream(reply.events, transform=lambda events: _every_choice_finishes(events, n, call.upstream))
         return reply
+
+
+async def _every_choice_finishes(events: AsyncIterator[SSEEvent], n: int, upstream: str | None) -> AsyncIterator[SSEEvent]:
+    """The stream as it comes; an error at its end when it closed before each of its `n` choices finished."""
+    finished: set[Any] = set()
+    done = False
+    async for event in events:
+        if event.is_done:
+            done = True
+        else:
+            chunk = event.json()
+            for choice in (chunk.get("choices") or ()) if isinstance(chunk, dict) else ():
+                if isinstance(choice, dict) and choice.get("finish_reason"):
+                    finished.add(choice.get("index", 0))
+        yield event
+    if not done and len(finished) < n:
+        raise UpstreamError("The upstream provider ended the stream early.", upstream=upstream)
 

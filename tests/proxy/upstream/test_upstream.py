@@ -338,3 +338,27 @@ async def test_a_chat_stream_that_closes_before_it_finished_ends_with_the_error_
     assert len(events) == chunks + 1
     error = json.loads(events[-1].removeprefix("data: "))["error"]
     assert error["code"] == "upstream_error" and "ended the stream early" in error["message"]
+
+
+async def test_a_stream_of_two_choices_that_closes_with_one_unfinished_ends_with_the_error_event(gateway_factory):
+    """n=2: choice 0 finished, choice 1 cut, no [DONE]: the client used to see a normal end."""
+    async def half_done(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
+        await request.read()
+        response = aiohttp.web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await response.prepare(request)
+        head = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+        for choices in ([{"index": 0, "delta": {"content": "a"}, "finish_reason": None},
+                         {"index": 1, "delta": {"content": "b"}, "finish_reason": None}],
+                        [{"index": 0, "delta": {}, "finish_reason": "stop"}]):
+            await response.write(b"data: " + json.dumps({**head, "choices": choices}).encode() + b"\n\n")
+        await response.write_eof()
+        return response
+
+    async with provider(half_done) as url:
+        gw = await gateway_factory(make_settings(url, admin_token=None))
+        stream = await gw.openai().chat.completions.create(**BODY, n=2, stream=True)
+        seen = []
+        with pytest.raises(openai.APIError, match="ended the stream early"):
+            async for chunk in stream:
+                seen.append(chunk)
+    assert len(seen) == 2

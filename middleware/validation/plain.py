@@ -10,6 +10,8 @@ field it does not know, any other shape or a value out of range answers False,
 which means "ask the schema", never "invalid". So the schema stays the one
 definition of what is valid and of every error message; this is a shortcut to
 its "yes" (tests/middleware/validation/test_plain.py checks the two agree).
+Every value it accepts is a scalar, but for the messages and `stream_options`:
+such a body nests three levels at most, so `validate_body` skips its depth check.
 """
 
 from __future__ import annotations

@@ -115,8 +115,8 @@ CAP_FIELDS = ("max_completion_tokens", "max_tokens")
 def output_cap(body: dict[str, Any]) -> int | None:
     """The client's output cap: max_completion_tokens, else max_tokens; None when absent."""
     for field in CAP_FIELDS:
-        value = positive_int(body.get(field))
-        if value is not None:
+        value = body.get(field)
+        if type(value) is int and value >= 0:  # positive_int, inline: this runs once per request
             return value
     return None
 

@@ -100,6 +100,7 @@ from middleware.metering.budgets import budget_tail, settle_tail
 from proxy.store.events import mark_pending
 from middleware.metering.pricing import (
     CAP_FIELDS,
+    TOKENS_PER_MESSAGE,
     Pricing,
     choices,
     embeddings_usage,
@@ -324,9 +325,10 @@ class MeteringUnit(Unit):
             return next(call)  # the forwarder answers unknown models
         if self.model_defaults and model in self.model_defaults:
             call.apply_model_defaults(*self.model_defaults[model])
-        ticket = self._size(call, model, pricing)
+        stream = call.stream
+        ticket = self._size(call, model, pricing, stream)
         hold = 0 if pricing.free else pricing.cost(ticket.prompt, ticket.output_limit)
-        if hold and self.leases is not None and not call.stream and not ticket.budget[0]:
+        if hold and self.leases is not None and not stream and not ticket.budget[0]:
             return self._leased(call, next, ticket, hold)
         return self._metered(call, next, ticket, hold)
 
@@ -397,7 +399,7 @@ class MeteringUnit(Unit):
         assert self.leases is not None
         return self.leases
 
-    def _size(self, call: Call, model: str, pricing: Pricing) -> Ticket:
+    def _size(self, call: Call, model: str, pricing: Pricing, stream: bool) -> Ticket:
         """Estimate the prompt, put the output cap on the request and ask for usage."""
         body = call.body
         size = len(call.body_bytes())  # the original bytes when no unit changed the body
@@ -414,14 +416,16 @@ class MeteringUnit(Unit):
         if not pricing.free:
             _cap_request(call, pricing.output_cap_param, cap)
         added_usage = False
-        if call.stream:
+        if stream:
             options = body.get("stream_options")
             if not (isinstance(options, dict) and options.get("include_usage") is True):
                 call.set("stream_options", {**(options if isinstance(options, dict) else {}), "include_usage": True})
                 added_usage = True
-        input_limit = prompt_estimate(size, count, 1)  # the strict bound: a token is at least one byte
+        # The strict bound, prompt_estimate at one byte a token: a token is at least one byte.
+        input_limit = size + TOKENS_PER_MESSAGE * count
         ticket = Ticket(call, pricing, model, self._keys(call.principal.tenant), "", 0, prompt, cap * n, input_limit, added_usage)
-        ticket.budget = budget_tail(self.store, call.principal)
+        if call.principal.budget_credits is not None:  # else the Ticket's default: no budget arguments
+            ticket.budget = budget_tail(self.store, call.principal)
         return ticket
 
     def _lease_keys(self, tenant: str) -> list[str]:

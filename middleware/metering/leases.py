@@ -188,7 +188,7 @@ class LeaseBook:
         now = time.monotonic()
         if now - lease.synced_at > self.stale_after:
             return None  # the store has not taken a flush for too long: fail closed
-        if lease.free < hold:
+        if lease.size - lease.open - lease.unwritten < hold:  # (`free`, inline: once per request)
             lease.short = True  # more concurrency than the slice covers: grow it
             self._wake.set()  # top it up soon
             return None
@@ -231,7 +231,7 @@ class LeaseBook:
 
     def remaining(self, lease: Lease) -> int:
         """Credits the tenant has left as this replica knows it (the x-sovereign-credits-remaining header)."""
-        remaining = lease.available + lease.free
+        remaining = lease.available + lease.size - lease.open - lease.unwritten  # (`free`, inline)
         return remaining if remaining > 0 else 0  # (per request: no max(), see Pricing.cost)
 
     # -- flushing ------------------------------------------------------------
@@ -343,23 +343,27 @@ class LeaseBook:
         bucket_index: dict[int, int] = {}  # hour start -> KEYS index (1-based) of its hour bucket
         fields: list[Any] = []
         hourly, daily = self.usage_retention
+        credits = 0
+        created = index = -1
         for charge in charges:
-            hour = charge.created - charge.created % 3600
-            index = bucket_index.get(hour)
-            if index is None:
-                buckets, expires = settle_buckets(self.store, lease.tenant, charge.created, hourly, daily)
-                index = bucket_index[hour] = len(keys) + 1
-                keys += buckets
-                expire_at += expires
+            if charge.created != created:  # (a batch's charges mostly share their second)
+                created = charge.created
+                hour = created - created % 3600
+                index = bucket_index.get(hour, -1)
+                if index == -1:
+                    buckets, expires = settle_buckets(self.store, lease.tenant, created, hourly, daily)
+                    index = bucket_index[hour] = len(keys) + 1
+                    keys += buckets
+                    expire_at += expires
             fields += (charge.marker, charge.entry_id, charge.credits, charge.entry, charge.prefix,
                        charge.input_tokens, charge.output_tokens, index)
+            credits += charge.credits
         args: list[Any] = [
             lease.id, self.ttl_ms, want, self.settings.lease_margin, "1" if self.events else "",
             len(bucket_index), *expire_at, f"batch:{lease.id}:{next(self._seq)}", *fields,
         ]
         return Settlement(
-            LEASE_FLUSH.name, keys, args, f"lease-batch:{lease.id}", lease.tenant,
-            sum(c.credits for c in charges), now_at=FLUSH_NOW_ARG,
+            LEASE_FLUSH.name, keys, args, f"lease-batch:{lease.id}", lease.tenant, credits, now_at=FLUSH_NOW_ARG,
         )
 
 

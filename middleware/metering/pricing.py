@@ -59,12 +59,12 @@ class Pricing:
         """Credits for a request, rounded up; 0 for a free model."""
         if self.free:
             return 0
-        # cached_tokens clamped to [0, input_tokens], without min()/max(): in 3.11 those parse
-        # their arguments generically (≈ 140 ns each), and this runs twice per request.
-        cached = 0 if cached_tokens < 0 else cached_tokens
-        if cached > input_tokens:
-            cached = input_tokens
-        micro = (input_tokens - cached) * self.input + cached * self.cached + output_tokens * self.output
+        micro = input_tokens * self.input + output_tokens * self.output
+        if cached_tokens > 0:  # (a hold has none): those input tokens at the cached price instead
+            # Clamped to input_tokens without min(): in 3.11 it parses its arguments
+            # generically (≈ 140 ns), and this runs twice per request.
+            cached = input_tokens if cached_tokens > input_tokens else cached_tokens
+            micro -= cached * (self.input - self.cached)
         return -(-micro // MILLION) + self.per_request
 
     def affordable_output(self, input_tokens: int, n: int, available: int) -> int:

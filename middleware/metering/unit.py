@@ -328,8 +328,9 @@ class MeteringUnit(Unit):
         stream = call.stream
         ticket = self._size(call, model, pricing, stream)
         hold = 0 if pricing.free else pricing.cost(ticket.prompt, ticket.output_limit)
-        if hold and self.leases is not None and not stream and not ticket.budget[0]:
-            return self._leased(call, next, ticket, hold)
+        book = self.leases
+        if hold and book is not None and not stream and not ticket.budget[0]:
+            return self._leased(call, next, ticket, hold, book)
         return self._metered(call, next, ticket, hold)
 
     async def _metered(self, call: Call, next: Next, ticket: Ticket, hold: int) -> Reply:
@@ -362,7 +363,7 @@ class MeteringUnit(Unit):
             self.gateway.spawn(write, "metering.settle")
         return reply
 
-    async def _leased(self, call: Call, next: Next, ticket: Ticket, hold: int) -> Reply:
+    async def _leased(self, call: Call, next: Next, ticket: Ticket, hold: int, book: LeaseBook) -> Reply:
         """A JSON request whose hold comes from the tenant's lease: no store round trip before or after.
 
         The lease is taken here, in the coroutine, not by `__call__`: a
@@ -370,7 +371,6 @@ class MeteringUnit(Unit):
         then takes nothing it could not give back. Without a usable lease the
         request holds on its own.
         """
-        book = self._book()
         lease = book.take(call.principal.tenant, hold)
         if lease is None:
             return await self._metered(call, next, ticket, hold)
@@ -393,11 +393,6 @@ class MeteringUnit(Unit):
         if write is not None:
             await write  # (nothing produced: the hold goes back to the lease, no I/O either)
         return reply
-
-    def _book(self) -> LeaseBook:
-        """The lease book, for a ticket that took its hold from a lease (there is one then)."""
-        assert self.leases is not None
-        return self.leases
 
     def _size(self, call: Call, model: str, pricing: Pricing, stream: bool) -> Ticket:
         """Estimate the prompt, put the output cap on the request and ask for usage."""
@@ -619,7 +614,8 @@ class MeteringUnit(Unit):
             principal = call.principal
             charge = Charge(ticket.hold_id, f"req:{call.request_id}", cost, entry, f"{principal.key_id}|{ticket.model}|",
                             input_tokens, output_tokens, created, ticket.model, source)
-            self._book().charge(ticket.lease, ticket.hold, charge)
+            assert self.leases is not None  # (the ticket took its hold from a lease)
+            self.leases.charge(ticket.lease, ticket.hold, charge)
             return None
         args = [ticket.hold_id, cost, f"req:{call.request_id}", entry]
         return self._write(ticket, HOLD_SETTLE, ticket.keys, args, cost, inline)
@@ -649,19 +645,22 @@ class MeteringUnit(Unit):
         self.gateway.metrics.leased_charges.inc(len(charges))
         sums: dict[tuple[str, str], list[int]] = {}
         for charge in charges:
-            totals = sums.get((charge.model, charge.source))
+            group = charge.model, charge.source
+            totals = sums.get(group)
             if totals is None:
-                totals = sums[(charge.model, charge.source)] = [0, 0, 0]
-            totals[0] += charge.input_tokens
-            totals[1] += charge.output_tokens
-            totals[2] += charge.credits
+                sums[group] = [charge.input_tokens, charge.output_tokens, charge.credits]
+            else:
+                totals[0] += charge.input_tokens
+                totals[1] += charge.output_tokens
+                totals[2] += charge.credits
         for (model, source), (input_tokens, output_tokens, cost) in sums.items():
             self._count(model, source, input_tokens, output_tokens, cost)
 
     async def _release(self, ticket: Ticket, inline: bool = True) -> None:
         ticket.done = True
         if ticket.lease is not None:
-            self._book().give_back(ticket.lease, ticket.hold)
+            assert self.leases is not None  # (the ticket took its hold from a lease)
+            self.leases.give_back(ticket.lease, ticket.hold)
             return
         if ticket.hold_id:
             await self._write(ticket, HOLD_RELEASE, ticket.keys[:3], [ticket.hold_id], 0, inline)

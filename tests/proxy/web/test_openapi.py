@@ -156,6 +156,7 @@ def _live_settings(mock_url: str) -> dict:
     return data
 
 
+FRAMING_HEADERS = frozenset({"content-length", "transfer-encoding", "host", "connection", "expect", "upgrade"})
 # The document of the full pipeline, request bodies generated from the real models; the `live` fixture
 # checks that the running gateway serves exactly this one.
 LIVE_DOCUMENT = document(Gateway(Settings.model_validate(_live_settings("http://127.0.0.1:9/v1"))).units)
@@ -167,6 +168,11 @@ schema = schemathesis.openapi.from_dict(LIVE_DOCUMENT)
 def test_the_running_gateway_honours_its_openapi_document(case, live):
     base, key = live
     token = ADMIN_TOKEN if case.path.startswith("/admin") else key
+    # Schemathesis may draw extra headers, once `content-length: c$M`: a message whose framing is
+    # broken is refused by aiohttp's HTTP parser (400 text/plain) before the gateway sees it, and
+    # no HTTP client lets its user set those headers; the framing stays the client library's.
+    if case.headers:
+        case.headers = {k: v for k, v in case.headers.items() if k.lower() not in FRAMING_HEADERS}
     case.call_and_validate(
         base_url=base,
         headers={"Authorization": f"Bearer {token}", "anthropic-version": "2023-06-01"},

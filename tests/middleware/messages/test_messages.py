@@ -122,6 +122,21 @@ async def test_stream_gives_the_anthropic_event_sequence(setup):
     assert final.usage.input_tokens == reported.usage.input_tokens  # the provider's count, not the estimate
 
 
+async def stream_deltas(request: web.Request, deltas: list[dict], finish: str, usage: dict | None = None) -> web.StreamResponse:
+    """A provider's chat stream: a chunk per delta of choice 0, the finish, the usage chunk when given, [DONE]."""
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    head = {"id": "c1", "object": "chat.completion.chunk", "model": "m"}
+    chunks = [{**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]} for delta in deltas]
+    chunks.append({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]})
+    if usage is not None:
+        chunks.append({**head, "choices": [], "usage": usage})
+    for chunk in chunks:
+        await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
+    await response.write(b"data: [DONE]\n\n")
+    return response
+
+
 def scripted_tools():
     """A provider that calls get_weather first and answers the tool result with text (exact usage)."""
     seen: list[dict] = []
@@ -138,9 +153,6 @@ def scripted_tools():
             return web.json_response({"id": "c1", "object": "chat.completion", "model": "m", "usage": usage,
                                       "choices": [{"index": 0, "message": message,
                                                    "finish_reason": "stop" if answered else "tool_calls"}]})
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        head = {"id": "c1", "object": "chat.completion.chunk", "model": "m"}
         deltas = [{"role": "assistant", "content": None}]
         if answered:
             deltas += [{"content": "It is "}, {"content": "sunny."}]
@@ -150,13 +162,7 @@ def scripted_tools():
                                         "function": {"name": "get_weather", "arguments": ""}}]},
                        {"tool_calls": [{"index": 0, "function": {"arguments": '{"city": '}}]},
                        {"tool_calls": [{"index": 0, "function": {"arguments": '"Paris"}'}}]}]
-        for delta in deltas:
-            await response.write(b"data: " + orjson.dumps({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}) + b"\n\n")
-        finish = "stop" if answered else "tool_calls"
-        await response.write(b"data: " + orjson.dumps({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}) + b"\n\n")
-        await response.write(b"data: " + orjson.dumps({**head, "choices": [], "usage": usage}) + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
-        return response
+        return await stream_deltas(request, deltas, "stop" if answered else "tool_calls", usage)
 
     return handler, seen
 
@@ -216,9 +222,6 @@ async def test_interleaved_parallel_calls_named_late_stream_as_whole_blocks(gate
 
     async def interleaving(request: web.Request) -> web.StreamResponse:
         seen.append(await request.json())
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        head = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
         fragments = [
             {"index": 0, "id": "call_a", "type": "function", "function": {"arguments": ""}},
             {"index": 0, "function": {"name": "get_weather", "arguments": '{"city": '}},
@@ -226,13 +229,8 @@ async def test_interleaved_parallel_calls_named_late_stream_as_whole_blocks(gate
             {"index": 0, "function": {"arguments": '"Paris"}'}},
             {"index": 1, "function": {"arguments": 'ty": "Rome"}'}},
         ]
-        for fragment in fragments:
-            chunk = {**head, "choices": [{"index": 0, "delta": {"tool_calls": [fragment]}, "finish_reason": None}]}
-            await response.write(b"data: " + orjson.dumps(chunk) + b"\n\n")
-        await response.write(b"data: " + orjson.dumps({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}) + b"\n\n")
-        await response.write(b"data: " + orjson.dumps({**head, "choices": [], "usage": {"prompt_tokens": 9, "completion_tokens": 4}}) + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
-        return response
+        deltas = [{"tool_calls": [fragment]} for fragment in fragments]
+        return await stream_deltas(request, deltas, "tool_calls", {"prompt_tokens": 9, "completion_tokens": 4})
 
     async with provider(interleaving) as url:
         running, accounts = await gateway(gateway_factory, url, redis_prefix)
@@ -586,7 +584,6 @@ def _scenario_provider():
         body = await request.json()
         seen.append(body)
         scenario = body["messages"][-1]["content"]
-        head = {"id": "c", "object": "chat.completion.chunk", "model": "m"}
         if scenario == "same-index":
             deltas = [{"tool_calls": [{"index": 0, "id": "call_a", "type": "function",
                                        "function": {"name": "get_weather", "arguments": '{"city":"Paris"}'}}]},
@@ -601,13 +598,7 @@ def _scenario_provider():
             message = {"role": "assistant", "content": "".join(d.get("content", "") for d in deltas) or None}
             return web.json_response({"id": "c", "object": "chat.completion", "model": "m",
                                       "choices": [{"index": 0, "message": message, "finish_reason": finish}]})
-        response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for delta in deltas:
-            await response.write(b"data: " + orjson.dumps({**head, "choices": [{"index": 0, "delta": delta, "finish_reason": None}]}) + b"\n\n")
-        await response.write(b"data: " + orjson.dumps({**head, "choices": [{"index": 0, "delta": {}, "finish_reason": finish}]}) + b"\n\n")
-        await response.write(b"data: [DONE]\n\n")
-        return response
+        return await stream_deltas(request, deltas, finish)
 
     return handler, seen
 

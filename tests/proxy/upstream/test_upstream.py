@@ -283,18 +283,24 @@ async def test_a_200_that_is_no_json_completion_fails_over_and_is_a_502_when_alo
     assert reply.choices[0].message.content and len(mock.requests) == 1
 
 
+async def _stream_then_close(request: aiohttp.web.Request, choices: list[list[dict]], tail: bytes = b"") -> aiohttp.web.StreamResponse:
+    """A provider's chat stream of one chunk per `choices` entry, then `tail`, then a clean close (no [DONE])."""
+    await request.read()
+    response = aiohttp.web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    head = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+    for chunk_choices in choices:
+        await response.write(b"data: " + json.dumps({**head, "choices": chunk_choices}).encode() + b"\n\n")
+    await response.write(tail)
+    await response.write_eof()
+    return response
+
+
 async def test_a_providers_error_event_is_the_streams_one_error(gateway_factory):
     """A provider that sends its own error event and closes: the client used to get a second error after it."""
     async def fails_in_band(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
-        await request.read()
-        response = aiohttp.web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                 "choices": [{"index": 0, "delta": {"content": "w "}, "finish_reason": None}]}
-        await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-        await response.write(b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
-        await response.write_eof()
-        return response
+        return await _stream_then_close(request, [[{"index": 0, "delta": {"content": "w "}, "finish_reason": None}]],
+                                        b'data: {"error": {"message": "overloaded", "type": "server_error"}}\n\n')
 
     async with provider(fails_in_band) as url:
         gw = await gateway_factory(make_settings(url, admin_token=None))
@@ -319,15 +325,8 @@ async def test_a_fractional_retry_after_is_rounded_up(gateway_factory):
 async def test_a_chat_stream_that_closes_before_it_finished_ends_with_the_error_event(gateway_factory, chunks):
     """No [DONE] and no finish_reason, but a clean close: the client used to see a silent end (or nothing at all)."""
     async def gives_up(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
-        await request.read()
-        response = aiohttp.web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        for i in range(chunks):
-            chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m",
-                     "choices": [{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}]}
-            await response.write(b"data: " + json.dumps(chunk).encode() + b"\n\n")
-        await response.write_eof()
-        return response
+        return await _stream_then_close(
+            request, [[{"index": 0, "delta": {"content": f"w{i} "}, "finish_reason": None}] for i in range(chunks)])
 
     async with provider(gives_up) as url:
         gw = await gateway_factory(make_settings(url, admin_token=None))
@@ -343,16 +342,9 @@ async def test_a_chat_stream_that_closes_before_it_finished_ends_with_the_error_
 async def test_a_stream_of_two_choices_that_closes_with_one_unfinished_ends_with_the_error_event(gateway_factory):
     """n=2: choice 0 finished, choice 1 cut, no [DONE]: the client used to see a normal end."""
     async def half_done(request: aiohttp.web.Request) -> aiohttp.web.StreamResponse:
-        await request.read()
-        response = aiohttp.web.StreamResponse(headers={"Content-Type": "text/event-stream"})
-        await response.prepare(request)
-        head = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "m"}
-        for choices in ([{"index": 0, "delta": {"content": "a"}, "finish_reason": None},
-                         {"index": 1, "delta": {"content": "b"}, "finish_reason": None}],
-                        [{"index": 0, "delta": {}, "finish_reason": "stop"}]):
-            await response.write(b"data: " + json.dumps({**head, "choices": choices}).encode() + b"\n\n")
-        await response.write_eof()
-        return response
+        return await _stream_then_close(request, [[{"index": 0, "delta": {"content": "a"}, "finish_reason": None},
+                                                   {"index": 1, "delta": {"content": "b"}, "finish_reason": None}],
+                                                  [{"index": 0, "delta": {}, "finish_reason": "stop"}]])
 
     async with provider(half_done) as url:
         gw = await gateway_factory(make_settings(url, admin_token=None))

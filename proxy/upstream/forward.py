@@ -74,11 +74,13 @@ class Forwarder:
                 target.targets, call.body_bytes(), call.headers, call.request_id, call.stream, on_attempt
             )
         call.upstream_latency = time.monotonic() - started
-        n = call.body.get("n")
-        if reply.events is not None and type(n) is int and n > 1:
-            # The router takes a stream as finished at its first finish_reason (or [DONE]);
-            # with several choices, each must finish (rare enough to parse every chunk for).
-            reply.events = EventStream(reply.events, transform=lambda events: _every_choice_finishes(events, n, call.upstream))
+        if reply.events is not None:
+            n = call.body.get("n")
+            if type(n) is int and n > 1:
+                # The router takes a stream as finished at its first finish_reason (or [DONE]);
+                # with several choices, each must finish (rare enough to parse every chunk for).
+                events = reply.events
+                reply.events = EventStream(events, transform=lambda chunks: _every_choice_finishes(chunks, n, call.upstream))
         return reply
 
 
